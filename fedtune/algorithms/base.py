@@ -1,0 +1,67 @@
+"""What every federated algorithm provides, and the registry that names them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from fedtune.algorithms.aggregate import State, weighted_mean
+from fedtune.config import Settings
+
+
+class Algorithm:
+    """A federated fine-tuning method.
+
+    Subclasses decide which model trains (its trainable parameters are exactly what
+    travels), the local learning rate, and how the server combines client states.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, used by `--algorithm`.
+    summary : str
+        One line for `fedtune algorithms`.
+    """
+
+    name: str = ""
+    summary: str = ""
+
+    def build_model(self, settings: Settings) -> nn.Module:
+        """The model a client trains; its trainable parameters travel."""
+        raise NotImplementedError
+
+    def learning_rate(self, settings: Settings) -> float:
+        """Peak local learning rate (scaled per round by `lr-schedule`)."""
+        raise NotImplementedError
+
+    def aggregate(self, states: list[State], weights: list[float]) -> State:
+        """Combine client states; default: weighted mean by number of examples."""
+        return weighted_mean(states, weights)
+
+
+_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: add an algorithm under `cls.name`; names are unique."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"algorithm {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]()
+
+
+def algorithm_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def describe_algorithms() -> str:
+    return "\n".join(f"{name:10s} {_REGISTRY[name].summary}" for name in algorithm_names())

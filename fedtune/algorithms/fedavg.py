@@ -1,0 +1,22 @@
+"""FedAvg: every weight trains and the whole model travels (McMahan et al. 2017)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedtune.algorithms.base import Algorithm, register
+from fedtune.config import Settings
+from fedtune.data import task_spec
+from fedtune.models import load_classifier
+
+
+@register
+class FedAvg(Algorithm):
+    name = "fedavg"
+    summary = "full fine-tuning; the whole model travels, averaged by examples"
+
+    def build_model(self, settings: Settings) -> nn.Module:
+        return load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
+
+    def learning_rate(self, settings: Settings) -> float:
+        return settings.full_lr

@@ -1,0 +1,23 @@
+"""FedLoRA: the base stays frozen; only LoRA A/B and the classification head travel."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedtune.algorithms.base import Algorithm, register
+from fedtune.config import Settings
+from fedtune.data import task_spec
+from fedtune.models import add_lora, load_classifier
+
+
+@register
+class FedLoRA(Algorithm):
+    name = "fedlora"
+    summary = "LoRA adapters + head travel, averaged by examples (A and B averaged separately)"
+
+    def build_model(self, settings: Settings) -> nn.Module:
+        model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
+        return add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
+
+    def learning_rate(self, settings: Settings) -> float:
+        return settings.lora_lr

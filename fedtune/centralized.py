@@ -1,0 +1,98 @@
+"""Centralized baselines: full fine-tuning, LoRA, and knowledge distillation into a LoRA student.
+
+All three train on the private rows (train minus the public slice): the same data a
+federation holds in total, so centralized and federated numbers compare directly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from fedtune.config import Settings
+from fedtune.console import print_table, progress_bar, say
+from fedtune.data import cached_task_data, make_loader, task_spec, tokenize
+from fedtune.metrics import primary_metric
+from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer
+from fedtune.runs import RunDir
+from fedtune.teacher import build_student, load_teacher, pretrain_teacher
+from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
+
+
+def kd_loss_fn(teacher: torch.nn.Module, temperature: float):
+    """Loss for a student learning from a frozen teacher (FedKD's adaptive weighting)."""
+    teacher.eval()
+
+    def loss_fn(student: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(**batch).logits
+        student_logits = student(**batch).logits
+        return distillation_losses(teacher_logits, student_logits, batch["labels"], temperature)[1]
+
+    return loss_fn
+
+
+def build_model(settings: Settings, quiet: bool = False):
+    """(model to train, learning rate, loss function) for the centralized method."""
+    num_labels = task_spec(settings.task).num_labels
+    lora = dict(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                targets=settings.lora_targets)
+    if settings.method == "finetune":
+        return load_classifier(settings.model, num_labels, settings.seed), settings.full_lr, None
+    if settings.method == "lora":
+        return add_lora(load_classifier(settings.model, num_labels, settings.seed), **lora), settings.lora_lr, None
+    if settings.method == "kd":
+        teacher = load_teacher(pretrain_teacher(settings, quiet))
+        student = add_lora(build_student(settings, teacher), **lora)
+        return student, settings.lora_lr, kd_loss_fn(teacher, settings.kd_temperature)
+    raise ValueError(f"unknown method {settings.method!r} (known: finetune, lora, kd)")
+
+
+def run_centralized(settings: Settings, quiet: bool = False) -> Path:
+    """Train one centralized baseline; returns the finished run folder."""
+    data = cached_task_data(settings)
+    tokenizer = load_tokenizer(settings.model)
+    model, lr, loss_fn = build_model(settings, quiet)
+    seed_everything(settings.seed)
+    train_loader = make_loader(tokenize(data.private, tokenizer, settings.max_length), tokenizer,
+                               settings.batch_size, shuffle=True, seed=settings.seed)
+    eval_loader = make_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
+                              settings.eval_batch_size, shuffle=False)
+    run = RunDir(settings.out_dir, f"centralized-{settings.method}-{settings.task}", settings)
+    trainable, total = count_parameters(model)
+    say(f"[bold]{settings.method}[/] on {settings.task}: {len(data.private)} train rows, "
+        f"{trainable:,} of {total:,} parameters train -> {run.path}", quiet)
+
+    # Evaluate at every epoch boundary and at the end of training.
+    steps = steps_for(len(train_loader), settings.epochs)
+    checkpoints = {min(steps, e * len(train_loader)) for e in range(1, int(settings.epochs) + 1)} | {steps}
+    history = []
+
+    def on_step(step: int, mean_loss: float, examples: int) -> None:
+        update(step)
+        if step in checkpoints:
+            record = {"epoch": round(step / len(train_loader), 3), "step": step, "train_loss": mean_loss,
+                      **{f"dev_{k}": v for k, v in evaluate(model, eval_loader, settings.task).items()},
+                      "samples": examples, "seconds": time.perf_counter() - start}
+            history.append(record)
+            run.append_jsonl("epochs.jsonl", record)
+
+    start = time.perf_counter()
+    with progress_bar(steps, f"{settings.method} {settings.task}", quiet) as update:
+        result = train(model, train_loader, lr=lr, steps=steps, schedule=settings.lr_schedule,
+                       weight_decay=settings.weight_decay, on_step=on_step, **({"loss_fn": loss_fn} if loss_fn else {}))
+    model.save_pretrained(run.path / "model")
+    tokenizer.save_pretrained(run.path / "model")
+    final = history[-1]
+    run.write_json("summary.json", {"method": settings.method, "task": settings.task,
+                                    "metric": primary_metric(settings.task),
+                                    "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
+                                    "train_samples": result.examples, "seconds": final["seconds"],
+                                    "trainable_parameters": trainable, "total_parameters": total,
+                                    "epochs": history})
+    path = run.finish()
+    print_table(f"{settings.method} on {settings.task}", history, quiet)
+    say(f"saved {path}", quiet)
+    return path

@@ -1,0 +1,86 @@
+"""The `fedtune` command. Every setting is a flag (`--lora-r 8`); `--config` reads a TOML file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from fedtune.config import Settings, key_of
+from fedtune.console import quiet_libraries
+
+# Sub-command -> the settings it reads (all others are still accepted and saved).
+COMMANDS = {
+    "centralized": "train a centralized baseline: --method finetune|lora|kd",
+    "teacher": "pre-train the teacher on the public slice (reused by kd and fedkdlora runs)",
+    "run": "run a federated algorithm on Flower's simulation engine (N virtual clients)",
+    "algorithms": "list the registered federated algorithms",
+    "report": "print a Markdown table of the finished runs under a folder",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name == "algorithms":
+            continue
+        if name == "report":
+            sub.add_argument("folder", help="folder holding run folders (searched recursively)")
+            continue
+        sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+        for f in dataclasses.fields(Settings):
+            choices = f.metadata.get("choices")
+            sub.add_argument(f"--{key_of(f.name)}", dest=f.name, default=argparse.SUPPRESS, metavar=f.type.upper(),
+                             choices=choices, help=f"{f.metadata['help']} (default: {f.default!r})")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    base = Settings.from_toml(args.config) if args.config else Settings()
+    given = {key_of(f.name): getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    return Settings.from_dict(given, base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "algorithms":
+            from fedtune.algorithms import describe_algorithms
+
+            print(describe_algorithms())
+            return 0
+        if args.command == "report":
+            from fedtune.report import find_summaries, markdown_table
+
+            summaries = find_summaries(args.folder)
+            if not summaries:
+                raise ValueError(f"no finished run (summary.json) under {args.folder}")
+            print(markdown_table(summaries))
+            return 0
+        settings = settings_from_args(args)
+        quiet_libraries()
+        if args.command == "centralized":
+            from fedtune.centralized import run_centralized
+
+            run_centralized(settings, quiet=args.quiet)
+        elif args.command == "teacher":
+            from fedtune.teacher import pretrain_teacher
+
+            pretrain_teacher(settings, quiet=args.quiet)
+        elif args.command == "run":
+            from fedtune.simulation import run_federated
+
+            run_federated(settings, quiet=args.quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fedtune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

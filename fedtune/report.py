@@ -1,0 +1,40 @@
+"""`fedtune report`: one Markdown table from the `summary.json` of finished run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedtune.runs import INCOMPLETE
+
+
+def find_summaries(root: str | Path) -> list[dict]:
+    """Summaries of the finished runs under `root` (folders still `.incomplete` are skipped)."""
+    found = []
+    for path in sorted(Path(root).rglob("summary.json")):
+        if not path.parent.name.endswith(INCOMPLETE):
+            found.append({**json.loads(path.read_text()), "run": path.parent.name})
+    return found
+
+
+def _metric_cell(summary: dict) -> str:
+    dev = summary["dev"]
+    cell = f"acc {dev['accuracy']:.4f}"
+    return f"MCC {dev['mcc']:.4f}, {cell}" if "mcc" in dev else cell
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """Method, task, dev metric, samples trained on, MB per round up/down, total MB, seconds."""
+    lines = ["| run | method | task | dev metric | train samples | MB up / round | MB down / round | total MB | seconds |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        if "algorithm" in s:  # federated
+            rounds = max(1, s["rounds"])
+            up, down = s["total_bytes_up"] / 1e6, s["total_bytes_down"] / 1e6
+            method, samples = f"{s['algorithm']} ({s['clients']} clients, {s['rounds']} rounds)", s["examples_seen"]
+            traffic = (f"{up / rounds:.3f}", f"{down / rounds:.3f}", f"{up + down:.2f}")
+        else:
+            method, samples, traffic = f"centralized {s['method']}", s["train_samples"], ("-", "-", "-")
+        lines.append(f"| {s['run']} | {method} | {s['task']} | {_metric_cell(s)} | {samples} | "
+                     f"{' | '.join(traffic)} | {s['seconds']:.0f} |")
+    return "\n".join(lines)

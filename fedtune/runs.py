@@ -1,0 +1,58 @@
+"""Run folders: written under a temporary name and renamed only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Settings
+
+INCOMPLETE = ".incomplete"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run's output folder.
+
+    Files go to `<name>.incomplete/`; `finish()` renames it to `<name>/`. A run that
+    crashes therefore never leaves a folder that looks finished.
+    """
+
+    def __init__(self, out_dir: str | Path, name: str, settings: Settings):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(out_dir) / f"{name}-{stamp}"
+        suffix = 1
+        while base.exists() or base.with_name(base.name + INCOMPLETE).exists():
+            suffix += 1
+            base = Path(out_dir) / f"{name}-{stamp}-{suffix}"
+        self.final_path = base
+        self.path = base.with_name(base.name + INCOMPLETE)
+        self.path.mkdir(parents=True)
+        write_json(self.path / "config.json", settings.to_dict())
+
+    def append_jsonl(self, filename: str, record: dict) -> None:
+        with (self.path / filename).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_json(self, filename: str, data: Any) -> None:
+        write_json(self.path / filename, data)
+
+    def finish(self) -> Path:
+        os.replace(self.path, self.final_path)
+        self.path = self.final_path
+        return self.final_path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

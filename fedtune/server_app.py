@@ -1,0 +1,144 @@
+"""Flower ServerApp: handshake, Flower's round loop, per-round records, final model and plots."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.algorithms import get_algorithm
+from fedtune.config import Settings
+from fedtune.console import print_table, progress_bar, quiet_libraries, say
+from fedtune.local import cached_model, evaluate_state, initial_state
+from fedtune.models import load_tokenizer, load_trainable_state
+from fedtune.partition import partition_report
+from fedtune.plots import plot_partitions, plot_rounds
+from fedtune.runs import RunDir
+from fedtune.strategy import FedTuneStrategy
+from fedtune.train import schedule_factor
+
+
+def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """Wait for `expected` nodes and learn each one's partition id: {partition id: node id}.
+
+    Flower's own sampling waits forever for missing nodes; this fails after `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {expected} clients connected within {timeout:.0f} s; "
+                               f"start more SuperNodes or lower `clients`")
+        time.sleep(0.5)
+    queries = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    nodes: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
+        metrics = reply.content["metrics"]
+        partition_id, num_partitions = int(metrics["partition-id"]), int(metrics["num-partitions"])
+        if num_partitions != expected or partition_id in nodes or not 0 <= partition_id < expected:
+            raise RuntimeError(f"node {reply.metadata.src_node_id} holds partition {partition_id} of "
+                               f"{num_partitions}; every node needs a distinct partition-id in 0..{expected - 1} "
+                               f"and num-partitions={expected}")
+        nodes[partition_id] = reply.metadata.src_node_id
+    if len(nodes) < expected:
+        raise RuntimeError(f"only {len(nodes)} of {expected} clients answered the handshake")
+    return nodes
+
+
+def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
+    """Run the whole federation; returns the finished run folder."""
+    algorithm = get_algorithm(settings.algorithm)
+    nodes = handshake(grid, settings.clients, settings.round_timeout)
+    run = RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings)
+    partitions = partition_report(settings, settings.clients)
+    run.write_json("partitions.json", partitions)
+    peak_lr = algorithm.learning_rate(settings)
+    strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed,
+                               lr_at=lambda r: peak_lr * schedule_factor(settings.lr_schedule, (r - 1) / settings.rounds))
+    state = initial_state(settings)
+    travelling = sum(t.numel() for t in state.values())
+    say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
+        f"{travelling:,} parameters travel -> {run.path}", quiet)
+
+    records: list[dict] = []
+    clock = {"last": time.perf_counter(), "start": time.perf_counter()}
+
+    with progress_bar(settings.rounds, "rounds", quiet) as update:
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            metrics = evaluate_state(settings, arrays.to_torch_state_dict())
+            stats = strategy.rounds.get(server_round, {})
+            previous = records[-1] if records else {"cum_bytes_up": 0, "cum_bytes_down": 0}
+            now = time.perf_counter()
+            record = {"round": server_round, "train_loss": stats.get("train_loss"),
+                      **{f"dev_{k}": v for k, v in metrics.items()},
+                      "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
+                      "cum_bytes_up": previous["cum_bytes_up"] + stats.get("bytes_up", 0),
+                      "cum_bytes_down": previous["cum_bytes_down"] + stats.get("bytes_down", 0),
+                      "clients": stats.get("sampled", []), "accepted": stats.get("accepted", 0),
+                      "dropped": stats.get("dropped", []), "lr": stats.get("lr"),
+                      "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
+                      "seconds": now - clock["last"], "elapsed": now - clock["start"],
+                      "travelling_parameters": travelling}
+            clock["last"] = now
+            records.append(record)
+            run.append_jsonl("rounds.jsonl", record)
+            update(server_round)
+            return MetricRecord(metrics)
+
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=settings.rounds,
+                                timeout=settings.round_timeout, train_config=ConfigRecord(),
+                                evaluate_fn=evaluate_fn)
+
+    model = cached_model(settings)
+    load_trainable_state(model, result.arrays.to_torch_state_dict() if len(result.arrays) else state)
+    model.save_pretrained(run.path / "model")
+    load_tokenizer(settings.model).save_pretrained(run.path / "model")
+    plot_rounds(records, settings.task, run.path / "metrics.png")
+    plot_partitions(partitions, run.path / "partitions.png")
+    final = records[-1]
+    run.write_json("summary.json", {
+        "algorithm": settings.algorithm, "task": settings.task, "clients": settings.clients,
+        "rounds": settings.rounds, "travelling_parameters": travelling,
+        "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
+        "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
+        "examples_seen": sum(strategy.rounds[r].get("examples_seen", 0) for r in strategy.rounds),
+        "seconds": final["elapsed"]})
+    path = run.finish()
+    print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
+    say(f"saved {path}", quiet)
+    return path
+
+
+def _row(record: dict) -> dict:
+    """A compact console row: metrics, MB up/down this round and in total, seconds."""
+    row = {"round": record["round"]}
+    row.update({k[4:]: v for k, v in record.items() if k.startswith("dev_")})
+    row["train_loss"] = "-" if record["train_loss"] is None else record["train_loss"]
+    row["MB up"] = record["bytes_up"] / 1e6
+    row["MB down"] = record["bytes_down"] / 1e6
+    row["MB total"] = (record["cum_bytes_up"] + record["cum_bytes_down"]) / 1e6
+    row["seconds"] = record["seconds"]
+    return row
+
+
+def make_server_app(settings: Settings | None = None, quiet: bool = False, outcome: dict | None = None) -> ServerApp:
+    """A ServerApp using `settings`, or the run config when None (as under `flwr run`).
+
+    `outcome["run_dir"]` receives the finished run folder (for in-process callers).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        quiet_libraries()
+        path = run_server(grid, settings or Settings.from_run_config(context.run_config), quiet)
+        if outcome is not None:
+            outcome["run_dir"] = path
+
+    return app
+
+
+app = make_server_app()

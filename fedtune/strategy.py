@@ -1,0 +1,120 @@
+"""The Flower strategy: Flower's FedAvg loop, with fedtune's sampling, checks and byte counts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune.algorithms import Algorithm
+from fedtune.algorithms.aggregate import invalid_reason
+from fedtune.comm import wire_bytes
+
+log = logging.getLogger("fedtune")
+
+
+class FedTuneStrategy(FedAvg):
+    """FedAvg's round loop with an algorithm's own aggregation.
+
+    Differences from `flwr.serverapp.strategy.FedAvg`:
+    - clients are sampled with a seeded generator from the nodes found at the handshake,
+      so a run repeats exactly;
+    - a reply with an error, NaN/Inf, missing keys or wrong shapes is dropped with a
+      logged reason instead of failing the round or being averaged in;
+    - replies are aggregated in partition order by `algorithm.aggregate`;
+    - bytes up and down are measured on the messages themselves.
+
+    Parameters
+    ----------
+    algorithm : Algorithm
+        Provides `aggregate(states, weights)`.
+    nodes : dict[int, int]
+        Partition id -> node id of every client (from `handshake`).
+    fraction_train : float
+        Fraction of clients sampled each round (at least one).
+    seed : int
+        Seed of the client sampling.
+    lr_at : Callable[[int], float]
+        Local learning rate for a round (the schedule over rounds); sent as `lr`.
+    """
+
+    def __init__(self, algorithm: Algorithm, nodes: dict[int, int], fraction_train: float, seed: int,
+                 lr_at: Callable[[int], float]):
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
+                         min_available_nodes=len(nodes))
+        self.algorithm = algorithm
+        self.nodes = dict(sorted(nodes.items()))
+        self.seed = seed
+        self.lr_at = lr_at
+        self.rounds: dict[int, dict] = {}  # per-round accounting, read by the server app
+        self.reference_state: dict = {}  # the global state sent this round: replies must match it
+
+    def sample(self, server_round: int) -> list[int]:
+        """Partition ids trained this round: a seeded draw without replacement."""
+        count = max(1, math.floor(self.fraction_train * len(self.nodes) + 1e-9))
+        rng = np.random.default_rng([self.seed, server_round])
+        return sorted(rng.choice(list(self.nodes), size=count, replace=False).tolist())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        config["lr"] = self.lr_at(server_round)
+        self.reference_state = arrays.to_torch_state_dict()
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        sampled = self.sample(server_round)
+        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[p])
+                    for p in sampled]
+        self.rounds[server_round] = {"sampled": sampled, "lr": config["lr"],
+                                     "bytes_down": sum(wire_bytes(m) for m in messages)}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        stats = self.rounds.setdefault(server_round, {})
+        stats["bytes_up"] = sum(wire_bytes(m) for m in replies if not m.has_error())
+        reference = self.reference_state
+        accepted, dropped = [], []
+        for msg in replies:
+            reason = self.rejection(msg, reference)
+            if reason:
+                dropped.append({"node": msg.metadata.src_node_id, "reason": reason})
+                log.warning("round %d: dropped reply from node %d: %s", server_round, msg.metadata.src_node_id, reason)
+            else:
+                accepted.append(msg)
+        stats.update(received=len(replies), accepted=len(accepted), dropped=dropped)
+        if not accepted:
+            log.warning("round %d: no usable reply; the global model is unchanged", server_round)
+            return None, None
+        accepted.sort(key=lambda m: m.content["metrics"]["partition-id"])
+        states = [m.content["arrays"].to_torch_state_dict() for m in accepted]
+        weights = [float(m.content["metrics"]["num-examples"]) for m in accepted]
+        start = time.perf_counter()
+        aggregated = self.algorithm.aggregate(states, weights)
+        stats["aggregate_seconds"] = time.perf_counter() - start
+        stats["train_loss"] = float(np.average([m.content["metrics"]["train-loss"] for m in accepted],
+                                               weights=weights))
+        stats["examples_seen"] = int(sum(m.content["metrics"]["examples-seen"] for m in accepted))
+        metrics = MetricRecord({"train-loss": stats["train_loss"], "examples-seen": stats["examples_seen"]})
+        return ArrayRecord(aggregated), metrics
+
+    @staticmethod
+    def rejection(msg: Message, reference: dict) -> str | None:
+        """Why a reply must not be aggregated, or None."""
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        content = msg.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return "reply lacks the 'arrays' or 'metrics' record"
+        metrics = content["metrics"]
+        for key in ("num-examples", "partition-id", "train-loss", "examples-seen"):
+            if key not in metrics:
+                return f"metrics lack {key!r}"
+        if not metrics["num-examples"] > 0:
+            return f"num-examples is {metrics['num-examples']}"
+        return invalid_reason(content["arrays"].to_torch_state_dict(), reference)

@@ -1,0 +1,75 @@
+"""The teacher (pre-trained on the public slice, cached on disk) and the student derived from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from fedtune.config import Settings
+from fedtune.console import progress_bar, say
+from fedtune.data import cached_task_data, make_loader, task_spec, tokenize
+from fedtune.models import check_same_tokenizer, load_classifier, load_tokenizer, make_student
+from fedtune.train import evaluate, seed_everything, steps_for, train
+
+# The settings that decide the teacher's weights; anything else may change and reuse it.
+TEACHER_KEYS = ("task", "glue-dir", "max-length", "public-fraction", "model", "full-lr", "weight-decay",
+                "batch-size", "lr-schedule", "teacher-epochs", "seed")
+
+
+def teacher_dir(settings: Settings) -> Path:
+    resolved = {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}
+    key = json.dumps({k: resolved[k] for k in TEACHER_KEYS}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(settings.out_dir) / "teachers" / f"{settings.task}-{digest}"
+
+
+def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
+    """Fully fine-tune the teacher on the public slice, once; later calls reuse the folder."""
+    folder = teacher_dir(settings)
+    if (folder / "teacher.json").is_file():
+        say(f"reusing teacher {folder}", quiet)
+        return folder
+    data = cached_task_data(settings)
+    if len(data.public) == 0:
+        raise ValueError("public-fraction is 0, so there is no public slice to pre-train the teacher on")
+    tokenizer = load_tokenizer(settings.model)
+    seed_everything(settings.seed)
+    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
+    loader = make_loader(tokenize(data.public, tokenizer, settings.max_length), tokenizer,
+                         settings.batch_size, shuffle=True, seed=settings.seed)
+    steps = steps_for(len(loader), settings.teacher_epochs)
+    with progress_bar(steps, "teacher on public slice", quiet) as update:
+        result = train(model, loader, lr=settings.full_lr, steps=steps, schedule=settings.lr_schedule,
+                       weight_decay=settings.weight_decay,
+                       on_step=lambda step, *_: update(step))
+    eval_loader = make_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
+                              settings.eval_batch_size, shuffle=False)
+    metrics = evaluate(model, eval_loader, settings.task)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    summary = {"settings": {k: settings.to_dict()[k] for k in TEACHER_KEYS}, "train_loss": result.loss,
+               "examples": result.examples, "seconds": result.seconds, "dev": metrics}
+    (tmp / "teacher.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    say(f"teacher saved to {folder}: dev {metrics}", quiet)
+    return folder
+
+
+def load_teacher(folder: Path) -> PreTrainedModel:
+    return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def build_student(settings: Settings, teacher: PreTrainedModel) -> PreTrainedModel:
+    """The given `student` model, or the teacher with every other block kept."""
+    if not settings.student:
+        return make_student(teacher)
+    check_same_tokenizer(settings.model, settings.student)
+    return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed)

@@ -1,0 +1,120 @@
+"""Local training, the distillation loss, and evaluation. Plain PyTorch: no Flower here."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune.metrics import classification_metrics
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU) and numpy; CPU kernels are then deterministic for a fixed thread count."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def schedule_factor(schedule: str, progress: float) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1]: constant, linear or cosine decay to 0."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr-schedule {schedule!r} (known: constant, linear, cosine)")
+
+
+def steps_for(num_batches: int, epochs: float, max_steps: int = 0) -> int:
+    """Optimizer steps for `epochs` over `num_batches` (or exactly `max_steps` when > 0)."""
+    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * num_batches))
+
+
+def cycle(loader) -> Iterator:
+    """Endless batches; each pass reshuffles through the loader's seeded generator."""
+    while True:
+        yield from loader
+
+
+def distillation_losses(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedKD's adaptive mutual distillation: (teacher loss, student loss).
+
+    Each model's loss is its task cross-entropy plus the KL divergence from the other
+    model's (detached) prediction, the KL divided by the sum of both task losses: when
+    predictions are poor the models trust each other less. Logits are (B, num_labels).
+    """
+    ce_teacher = F.cross_entropy(teacher_logits, labels)
+    ce_student = F.cross_entropy(student_logits, labels)
+    weight = 1.0 / (ce_teacher + ce_student).detach().clamp_min(1e-8)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    t2 = temperature**2  # keeps gradient size independent of T (Hinton et al.)
+    kl_student = t2 * F.kl_div(log_p_student, log_p_teacher.detach(), log_target=True, reduction="batchmean")
+    kl_teacher = t2 * F.kl_div(log_p_teacher, log_p_student.detach(), log_target=True, reduction="batchmean")
+    return ce_teacher + weight * kl_teacher, ce_student + weight * kl_student
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the steps
+    examples: int  # rows seen (a row seen twice counts twice)
+    steps: int
+    seconds: float
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "constant",
+          weight_decay: float = 0.0, loss_fn: LossFn = supervised_loss, extra_params=(),
+          on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
+    """Run `steps` AdamW steps over `loader`, decaying lr by `schedule` over those steps.
+
+    `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation).
+    """
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    total_loss, examples, start = 0.0, 0, time.perf_counter()
+    batches = cycle(loader)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor(schedule, step / steps)
+        batch = next(batches)
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+        examples += len(batch["labels"])
+        if on_step:
+            on_step(step + 1, total_loss / (step + 1), examples)
+            model.train()  # the callback may have evaluated
+    return TrainResult(total_loss / steps, examples, steps, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, task: str) -> dict[str, float]:
+    """Mean cross-entropy, accuracy, and Matthews correlation for CoLA."""
+    model.eval()
+    total_loss, rows, predictions, labels = 0.0, 0, [], []
+    for batch in loader:
+        out = model(**batch)
+        total_loss += out.loss.item() * len(batch["labels"])
+        rows += len(batch["labels"])
+        predictions.append(out.logits.argmax(-1).numpy())
+        labels.append(batch["labels"].numpy())
+    metrics = classification_metrics(task, np.concatenate(labels), np.concatenate(predictions))
+    return {"loss": total_loss / rows, **metrics}

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random models (saved like hub checkpoints) and the GLUE folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _glue_dir() -> Path | None:
+    for candidate in (os.environ.get("GLUE_DIR"), REPO.parent / "shared" / "data" / "glue"):
+        if candidate and (Path(candidate) / "CoLA" / "train.tsv").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """The real GLUE files (../shared/data/glue or $GLUE_DIR)."""
+    path = _glue_dir()
+    if path is None:
+        pytest.skip("real GLUE data not found: set GLUE_DIR or place it at ../shared/data/glue")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    from fedtune.models import resolve_model_path
+
+    return resolve_model_path("minilm")  # the bundled tokenizer; tiny models share its vocabulary
+
+
+def _save_tiny(tmp_path_factory, name: str, config, tokenizer_dir) -> str:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer_dir) -> str:
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    return _save_tiny(tmp_path_factory, "tiny-bert", config, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory, tokenizer_dir) -> str:
+    from transformers import DistilBertConfig
+
+    config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=4, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=128)
+    return _save_tiny(tmp_path_factory, "tiny-distilbert", config, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+    return _save_tiny(tmp_path_factory, "tiny-llama", config, tokenizer_dir)

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from fedtune.algorithms import algorithm_names, get_algorithm, register
+from fedtune.algorithms.aggregate import invalid_reason, weighted_mean
+from fedtune.algorithms.base import Algorithm
+
+
+@pytest.mark.parametrize("name", algorithm_names())
+def test_every_algorithm_aggregates_to_the_hand_computed_weighted_mean(name):
+    # Prepare: two clients, weights 1 and 3 (examples).
+    a = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "b": torch.tensor([4.0])}
+    # Execute
+    merged = get_algorithm(name).aggregate([a, b], [1.0, 3.0])
+    # Assert: (1*a + 3*b) / 4
+    assert torch.equal(merged["w"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
+    assert torch.equal(merged["b"], torch.tensor([3.0]))
+
+
+def test_weighted_mean_keeps_dtype_and_rejects_bad_weights():
+    half = {"x": torch.tensor([1.0, 3.0], dtype=torch.float16)}
+    assert weighted_mean([half, half], [1, 1])["x"].dtype == torch.float16
+    with pytest.raises(ValueError, match="one weight per state"):
+        weighted_mean([half], [1, 2])
+    with pytest.raises(ValueError, match="sum to > 0"):
+        weighted_mean([half], [0])
+
+
+@pytest.mark.parametrize("update, reason", [
+    ({"w": torch.tensor([1.0, float("nan")])}, "NaN or Inf"),
+    ({"w": torch.tensor([1.0, float("inf")])}, "NaN or Inf"),
+    ({"w": torch.zeros(3)}, "shape"),
+    ({"v": torch.zeros(2)}, "keys differ"),
+    ({"w": torch.zeros(2), "extra": torch.zeros(1)}, "keys differ"),
+])
+def test_bad_updates_are_named(update, reason):
+    assert reason in invalid_reason(update, {"w": torch.zeros(2)})
+
+
+def test_good_update_passes():
+    assert invalid_reason({"w": torch.ones(2)}, {"w": torch.zeros(2)}) is None
+
+
+def test_registry_refuses_duplicates_and_names_known_algorithms():
+    with pytest.raises(ValueError, match="already registered"):
+        @register
+        class Again(Algorithm):
+            name = "fedavg"
+    with pytest.raises(ValueError, match=r"unknown algorithm 'fedsgd' \(known: .*fedavg.*fedlora"):
+        get_algorithm("fedsgd")

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from fedtune.models import (add_lora, check_same_tokenizer, find_layer_stack, head_modules, load_classifier,
+                            load_trainable_state, make_student, trainable_state)
+
+
+@pytest.fixture(params=["tiny_bert", "tiny_distilbert", "tiny_llama"])
+def model_dir(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_student_keeps_every_other_block(model_dir):
+    teacher = load_classifier(model_dir, num_labels=2, seed=0)
+    student = make_student(teacher)
+    _, _, teacher_blocks = find_layer_stack(teacher)
+    _, _, student_blocks = find_layer_stack(student)
+    assert len(student_blocks) == 2 and student.config.num_hidden_layers == 2
+    for i, block in enumerate(student_blocks):  # student block i is a copy of teacher block 2i+1
+        for (name, p), (_, q) in zip(block.named_parameters(), teacher_blocks[2 * i + 1].named_parameters()):
+            assert torch.equal(p, q), name
+    batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert student(**batch).logits.shape == (1, 2)
+
+
+def test_lora_trains_adapters_and_the_whole_head(model_dir):
+    model = add_lora(load_classifier(model_dir, num_labels=2, seed=0), r=4, alpha=8)
+    names = list(trainable_state(model))
+    heads = head_modules(model.base_model.model)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    for head in heads:  # e.g. DistilBERT's pre_classifier too, which peft leaves frozen by default
+        assert any(f"{head}.modules_to_save" in n for n in names), head
+    assert all("lora_" in n or "modules_to_save" in n for n in names)
+
+
+def test_distilbert_head_includes_pre_classifier(tiny_distilbert):
+    model = load_classifier(tiny_distilbert, num_labels=2, seed=0)
+    assert head_modules(model) == ["pre_classifier", "classifier"]
+
+
+def test_trainable_state_round_trip_and_strictness(tiny_bert):
+    model = add_lora(load_classifier(tiny_bert, num_labels=2, seed=0), r=4, alpha=8)
+    state = {k: torch.full_like(v, 0.5) for k, v in trainable_state(model).items()}
+    load_trainable_state(model, state)
+    assert all(torch.equal(v, state[k]) for k, v in trainable_state(model).items())
+    with pytest.raises(ValueError, match="missing"):
+        load_trainable_state(model, dict(list(state.items())[1:]))
+    name = next(iter(state))
+    with pytest.raises(ValueError, match="shape"):
+        load_trainable_state(model, {**state, name: torch.zeros(3)})
+
+
+def test_same_seed_gives_the_same_head(tiny_bert):
+    a, b = (load_classifier(tiny_bert, 2, seed=3) for _ in range(2))
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+
+
+def test_decoder_models_get_a_pad_token(tiny_llama):
+    model = load_classifier(tiny_llama, num_labels=2, seed=0)
+    assert model.config.pad_token_id is not None
+
+
+def test_teacher_and_student_must_share_a_tokenizer(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(tmp_path)
+    BertModel(BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        check_same_tokenizer(tiny_bert, str(tmp_path))
+    check_same_tokenizer(tiny_bert, tiny_bert)  # same model: fine

@@ -1,0 +1,65 @@
+"""End to end through Flower's simulation engine: tiny model, real CoLA rows, 3 clients, 2 rounds."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune.config import Settings
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert, glue_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    base = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=90,
+                    eval_limit=48, batch_size=8, max_length=32, local_steps=2, out_dir=str(out), lora_r=4,
+                    full_lr=1e-3, partition="dirichlet", dirichlet_alpha=1.0)
+    return {name: run_federated(base.replace(algorithm=name), quiet=True) for name in ("fedavg", "fedlora")} | {
+        "fedlora-again": run_federated(base.replace(algorithm="fedlora"), quiet=True)}
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedlora"])
+def test_run_folder_is_complete(runs, name):
+    path = runs[name]
+    assert not path.name.endswith(".incomplete")
+    for filename in ("config.json", "rounds.jsonl", "summary.json", "partitions.json", "metrics.png", "partitions.png"):
+        assert (path / filename).is_file(), filename
+    rounds = read_jsonl(path / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(0.0 <= r["dev_accuracy"] <= 1.0 and "dev_mcc" in r for r in rounds)
+    assert rounds[0]["bytes_up"] == 0 and rounds[2]["cum_bytes_up"] == rounds[1]["bytes_up"] + rounds[2]["bytes_up"]
+    partitions = json.loads((path / "partitions.json").read_text())
+    assert sum(p["size"] for p in partitions) == 90
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedlora"])
+def test_bytes_per_round_are_the_travelling_state_times_clients(runs, name):
+    rounds = read_jsonl(runs[name] / "rounds.jsonl")
+    payload = rounds[1]["travelling_parameters"] * 4 * 3  # float32, 3 clients
+    for r in rounds[1:]:
+        for direction in ("bytes_up", "bytes_down"):  # tensors plus a few KB of headers and names
+            assert payload <= r[direction] <= payload * 1.01 + 30_000, (direction, r[direction], payload)
+
+
+def test_fedlora_uplink_is_far_below_fedavg(runs):
+    up = {name: read_jsonl(runs[name] / "rounds.jsonl")[1]["bytes_up"] for name in ("fedavg", "fedlora")}
+    assert up["fedlora"] < 0.05 * up["fedavg"]
+
+
+def test_global_model_changed(runs, tiny_bert):
+    initial = load_file(f"{tiny_bert}/model.safetensors")
+    final = load_file(str(runs["fedavg"] / "model" / "model.safetensors"))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(initial[name.removeprefix("bert.")], final[name])
+    adapter = load_file(str(runs["fedlora"] / "model" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero
+
+
+def test_same_seed_same_rounds(runs):
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed"} for r in rs]
+    first = strip(read_jsonl(runs["fedlora"] / "rounds.jsonl"))
+    again = strip(read_jsonl(runs["fedlora-again"] / "rounds.jsonl"))
+    assert first == again

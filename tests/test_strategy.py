@@ -1,0 +1,67 @@
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.algorithms import get_algorithm
+from fedtune.strategy import FedTuneStrategy
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages are normally built inside a running ServerApp, which sets these ids."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def reply(state: dict, partition_id: int, examples: int, **metric_overrides) -> Message:
+    metrics = {"num-examples": examples, "partition-id": partition_id, "train-loss": 0.5, "examples-seen": examples}
+    metrics.update(metric_overrides)
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, dst_node_id=0, message_type="train")
+
+
+def make_strategy(fraction=1.0, seed=0):
+    nodes = {p: 100 + p for p in range(4)}
+    return FedTuneStrategy(get_algorithm("fedlora"), nodes, fraction, seed, lr_at=lambda r: 0.1)
+
+
+def test_garbage_replies_are_dropped_and_the_rest_averaged():
+    strategy = make_strategy()
+    strategy.reference_state = {"w": torch.zeros(2)}
+    replies = [
+        reply({"w": torch.tensor([1.0, 1.0])}, 0, examples=1),
+        reply({"w": torch.tensor([4.0, 7.0])}, 1, examples=2),
+        reply({"w": torch.tensor([float("nan"), 0.0])}, 2, examples=100),
+        reply({"w": torch.zeros(5)}, 3, examples=100),
+        reply({"v": torch.zeros(2)}, 3, examples=100),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # (1 * [1, 1] + 2 * [4, 7]) / 3 = [3, 5]
+    assert np.allclose(arrays["w"].numpy(), [3.0, 5.0])
+    stats = strategy.rounds[1]
+    assert stats["accepted"] == 2 and len(stats["dropped"]) == 3
+    assert {"NaN or Inf", "shape", "keys differ"} <= {
+        next(word for word in ("NaN or Inf", "shape", "keys differ") if word in d["reason"]) for d in stats["dropped"]}
+
+
+def test_reply_without_weight_is_dropped():
+    strategy = make_strategy()
+    strategy.reference_state = {"w": torch.zeros(2)}
+    arrays, _ = strategy.aggregate_train(1, [reply({"w": torch.ones(2)}, 0, examples=0)])
+    assert arrays is None and "num-examples" in strategy.rounds[1]["dropped"][0]["reason"]
+
+
+def test_sampling_is_seeded_and_sized():
+    strategy = make_strategy(fraction=0.5, seed=1)
+    first = [strategy.sample(r) for r in range(1, 6)]
+    again = [make_strategy(fraction=0.5, seed=1).sample(r) for r in range(1, 6)]
+    assert first == again
+    assert all(len(s) == 2 and len(set(s)) == 2 for s in first)
+    assert len({tuple(s) for s in first}) > 1  # rounds differ
+    assert make_strategy(fraction=0.1).sample(1).__len__() == 1  # at least one client

@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedtune.data import make_loader, TokenizedDataset
+from fedtune.metrics import classification_metrics
+from fedtune.models import load_classifier, load_tokenizer, trainable_state
+from fedtune.train import distillation_losses, evaluate, schedule_factor, seed_everything, steps_for, train
+
+
+def test_identical_models_have_no_kl_term():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    labels = torch.tensor([0, 1])
+    teacher_loss, student_loss = distillation_losses(logits, logits.clone(), labels)
+    ce = F.cross_entropy(logits, labels)
+    assert torch.allclose(teacher_loss, ce) and torch.allclose(student_loss, ce)
+
+
+def test_kl_term_matches_a_hand_computation():
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # softmax -> (0.75, 0.25)
+    student = torch.tensor([[0.0, 0.0]])  # softmax -> (0.5, 0.5)
+    labels = torch.tensor([0])
+    ce_t, ce_s = -math.log(0.75), -math.log(0.5)
+    kl_t_to_s = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # KL(teacher || student)
+    kl_s_to_t = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    teacher_loss, student_loss = distillation_losses(teacher, student, labels)
+    assert student_loss.item() == pytest.approx(ce_s + kl_t_to_s / (ce_t + ce_s), rel=1e-5)
+    assert teacher_loss.item() == pytest.approx(ce_t + kl_s_to_t / (ce_t + ce_s), rel=1e-5)
+
+
+def test_gradients_reach_both_models():
+    teacher = torch.randn(4, 2, requires_grad=True)
+    student = torch.randn(4, 2, requires_grad=True)
+    teacher_loss, student_loss = distillation_losses(teacher, student, torch.tensor([0, 1, 1, 0]), temperature=2.0)
+    (teacher_loss + student_loss).backward()
+    assert teacher.grad.abs().sum() > 0 and student.grad.abs().sum() > 0
+
+
+def test_schedules():
+    assert [schedule_factor("linear", p) for p in (0, 0.5, 1)] == [1.0, 0.5, 0.0]
+    assert schedule_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert schedule_factor("constant", 0.9) == 1.0
+    assert steps_for(num_batches=10, epochs=1.5) == 15 and steps_for(10, 1.0, max_steps=3) == 3
+
+
+def test_metrics_match_hand_values():
+    labels, predictions = np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0])
+    # tp=1 tn=2 fp=0 fn=1: mcc = (1*2 - 0*1) / sqrt((1+0)(1+1)(2+0)(2+1)) = 2 / sqrt(12)
+    metrics = classification_metrics("cola", labels, predictions)
+    assert metrics["accuracy"] == 0.75
+    assert metrics["mcc"] == pytest.approx(2 / math.sqrt(12))
+    assert "mcc" not in classification_metrics("sst2", labels, predictions)
+
+
+def _toy_loader(tiny_bert, seed=0):
+    tokenizer = load_tokenizer(tiny_bert)
+    words = ["good great fine", "bad awful poor"] * 16
+    data = TokenizedDataset([tokenizer(w)["input_ids"] for w in words], [i % 2 for i in range(32)])
+    return make_loader(data, tokenizer, batch_size=8, shuffle=True, seed=seed)
+
+
+def test_training_learns_a_separable_toy_task(tiny_bert):
+    seed_everything(0)
+    model = load_classifier(tiny_bert, 2, seed=0)
+    loader = _toy_loader(tiny_bert)
+    before = evaluate(model, loader, "sst2")
+    train(model, loader, lr=1e-3, steps=40)
+    after = evaluate(model, loader, "sst2")
+    assert after["loss"] < before["loss"] and after["accuracy"] == 1.0
+
+
+def test_training_is_deterministic_for_a_seed(tiny_bert):
+    states = []
+    for _ in range(2):
+        seed_everything(5)
+        model = load_classifier(tiny_bert, 2, seed=5)
+        train(model, _toy_loader(tiny_bert, seed=5), lr=1e-3, steps=5)
+        states.append(trainable_state(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
