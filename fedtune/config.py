@@ -17,6 +17,7 @@ TASKS = ("cola", "sst2")
 CENTRALIZED_METHODS = ("finetune", "lora", "kd")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -66,6 +67,10 @@ class Settings:
     classes_per_client: int = _opt(1, "labels per client (partition = pathological)")
     min_partition_size: int = _opt(1, "every client gets at least this many rows")
     round_timeout: float = _opt(3600.0, "seconds the server waits for replies in a round")
+    # --- heterogeneous LoRA ranks (flexlora, hetlora)
+    rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
+    rank_set: str = _opt("4,8,16,32", "comma-separated ranks clients can have")
+    client_ranks: str = _opt("", "explicit comma-separated rank per client (overrides rank-distribution)")
     # --- output
     out_dir: str = _opt("runs", "folder under which each run writes its own folder")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from fedtune.algorithms import get_algorithm
@@ -21,9 +20,9 @@ from fedtune.partition import client_partitions
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)  # the server's model and a few client ranks
 def _built_model(settings: Settings) -> tuple[nn.Module, State]:
-    model = get_algorithm(settings.algorithm).build_model(settings)
+    model = get_algorithm(settings.algorithm, settings).build_model(settings)
     return model, trainable_state(model)
 
 
@@ -37,7 +36,8 @@ def cached_model(settings: Settings) -> nn.Module:
 
 def initial_state(settings: Settings) -> State:
     """The global trainable state before round 1 (same on every process: seeded init)."""
-    return {name: tensor.clone() for name, tensor in _built_model(settings)[1].items()}
+    server_settings = get_algorithm(settings.algorithm, settings).server_settings()
+    return {name: tensor.clone() for name, tensor in _built_model(server_settings)[1].items()}
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -59,7 +59,7 @@ def client_update(settings: Settings, partition_id: int, num_partitions: int, gl
     """Load the global state, train on this client's partition, return the new trainable state."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    model = cached_model(settings)
+    model = cached_model(get_algorithm(settings.algorithm, settings).client_settings(partition_id))
     load_trainable_state(model, global_state)
     data = cached_task_data(settings)
     rows = data.private.select(client_partitions(settings, num_partitions)[partition_id])
@@ -82,7 +82,7 @@ def _eval_loader(settings: Settings):
 
 
 def evaluate_state(settings: Settings, state: State) -> dict[str, float]:
-    """Dev-set loss and metrics of the model holding `state`."""
-    model = cached_model(settings)
+    """Dev-set loss and metrics of the server's model holding `state`."""
+    model = cached_model(get_algorithm(settings.algorithm, settings).server_settings())
     load_trainable_state(model, state)
     return evaluate(model, _eval_loader(settings), settings.task)

@@ -25,16 +25,24 @@ def _metric_cell(summary: dict) -> str:
 
 def markdown_table(summaries: list[dict]) -> str:
     """Method, task, dev metric, samples trained on, MB per round up/down, total MB, seconds."""
-    lines = ["| run | method | task | dev metric | train samples | MB up / round | MB down / round | total MB | seconds |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| run | method | task | dev metric | train samples | MB up / round | MB down / round | total MB "
+             "| aggregation s / round | seconds |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         if "algorithm" in s:  # federated
             rounds = max(1, s["rounds"])
             up, down = s["total_bytes_up"] / 1e6, s["total_bytes_down"] / 1e6
-            method, samples = f"{s['algorithm']} ({s['clients']} clients, {s['rounds']} rounds)", s["examples_seen"]
-            traffic = (f"{up / rounds:.3f}", f"{down / rounds:.3f}", f"{up + down:.2f}")
+            method, samples = f"{s['algorithm']}{_ranks(s)} ({s['clients']} clients, {s['rounds']} rounds)", s["examples_seen"]
+            traffic = (f"{up / rounds:.3f}", f"{down / rounds:.3f}", f"{up + down:.2f}",
+                       f"{s.get('aggregate_seconds_per_round', 0.0):.4f}")
         else:
-            method, samples, traffic = f"centralized {s['method']}", s["train_samples"], ("-", "-", "-")
+            method, samples, traffic = f"centralized {s['method']}", s["train_samples"], ("-", "-", "-", "-")
         lines.append(f"| {s['run']} | {method} | {s['task']} | {_metric_cell(s)} | {samples} | "
                      f"{' | '.join(traffic)} | {s['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _ranks(summary: dict) -> str:
+    if summary.get("client_ranks"):
+        return f" r={','.join(map(str, summary['client_ranks']))}"
+    return f" r={summary['lora_r']}" if summary.get("lora_r") else ""

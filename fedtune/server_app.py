@@ -50,12 +50,15 @@ def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
 
 def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     """Run the whole federation; returns the finished run folder."""
-    algorithm = get_algorithm(settings.algorithm)
+    algorithm = get_algorithm(settings.algorithm, settings)
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run = RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings)
     partitions = partition_report(settings, settings.clients)
+    if hasattr(algorithm, "ranks"):  # heterogeneous LoRA ranks: record who trains at which
+        for p in partitions:
+            p["lora-r"] = algorithm.ranks[p["partition-id"]]
     run.write_json("partitions.json", partitions)
-    peak_lr = algorithm.learning_rate(settings)
+    peak_lr = algorithm.learning_rate()
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed,
                                lr_at=lambda r: peak_lr * schedule_factor(settings.lr_schedule, (r - 1) / settings.rounds))
     state = initial_state(settings)
@@ -92,7 +95,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                                 timeout=settings.round_timeout, train_config=ConfigRecord(),
                                 evaluate_fn=evaluate_fn)
 
-    model = cached_model(settings)
+    model = cached_model(algorithm.server_settings())
     load_trainable_state(model, result.arrays.to_torch_state_dict() if len(result.arrays) else state)
     model.save_pretrained(run.path / "model")
     load_tokenizer(settings.model).save_pretrained(run.path / "model")
@@ -105,6 +108,9 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
         "examples_seen": sum(strategy.rounds[r].get("examples_seen", 0) for r in strategy.rounds),
+        "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
+        "lora_r": algorithm.server_settings().lora_r if settings.algorithm != "fedavg" else None,
+        "client_ranks": getattr(algorithm, "ranks", None),
         "seconds": final["elapsed"]})
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)

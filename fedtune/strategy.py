@@ -53,7 +53,7 @@ class FedTuneStrategy(FedAvg):
         self.seed = seed
         self.lr_at = lr_at
         self.rounds: dict[int, dict] = {}  # per-round accounting, read by the server app
-        self.reference_state: dict = {}  # the global state sent this round: replies must match it
+        self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids trained this round: a seeded draw without replacement."""
@@ -65,11 +65,18 @@ class FedTuneStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
         config["lr"] = self.lr_at(server_round)
-        self.reference_state = arrays.to_torch_state_dict()
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        global_state = arrays.to_torch_state_dict()
         sampled = self.sample(server_round)
-        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[p])
-                    for p in sampled]
+        self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}
+        records: dict[int, RecordDict] = {}  # one record per distinct state: most algorithms send one
+        messages = []
+        for p in sampled:
+            state = self.sent[p]
+            if id(state) not in records:
+                arrays_p = arrays if state is global_state else ArrayRecord(state)
+                records[id(state)] = RecordDict({self.arrayrecord_key: arrays_p, self.configrecord_key: config})
+            messages.append(Message(content=records[id(state)], message_type=MessageType.TRAIN,
+                                    dst_node_id=self.nodes[p]))
         self.rounds[server_round] = {"sampled": sampled, "lr": config["lr"],
                                      "bytes_down": sum(wire_bytes(m) for m in messages)}
         return messages
@@ -78,10 +85,9 @@ class FedTuneStrategy(FedAvg):
         replies = list(replies)
         stats = self.rounds.setdefault(server_round, {})
         stats["bytes_up"] = sum(wire_bytes(m) for m in replies if not m.has_error())
-        reference = self.reference_state
         accepted, dropped = [], []
         for msg in replies:
-            reason = self.rejection(msg, reference)
+            reason = self.rejection(msg)
             if reason:
                 dropped.append({"node": msg.metadata.src_node_id, "reason": reason})
                 log.warning("round %d: dropped reply from node %d: %s", server_round, msg.metadata.src_node_id, reason)
@@ -103,8 +109,7 @@ class FedTuneStrategy(FedAvg):
         metrics = MetricRecord({"train-loss": stats["train_loss"], "examples-seen": stats["examples_seen"]})
         return ArrayRecord(aggregated), metrics
 
-    @staticmethod
-    def rejection(msg: Message, reference: dict) -> str | None:
+    def rejection(self, msg: Message) -> str | None:
         """Why a reply must not be aggregated, or None."""
         if msg.has_error():
             return f"client error: {msg.error.reason}"
@@ -117,4 +122,7 @@ class FedTuneStrategy(FedAvg):
                 return f"metrics lack {key!r}"
         if not metrics["num-examples"] > 0:
             return f"num-examples is {metrics['num-examples']}"
-        return invalid_reason(content["arrays"].to_torch_state_dict(), reference)
+        partition_id = int(metrics["partition-id"])
+        if partition_id not in self.sent or self.nodes[partition_id] != msg.metadata.src_node_id:
+            return f"claims partition {partition_id}, which was not sent to node {msg.metadata.src_node_id}"
+        return invalid_reason(content["arrays"].to_torch_state_dict(), self.sent[partition_id])

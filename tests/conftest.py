@@ -71,3 +71,14 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
     config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
     return _save_tiny(tmp_path_factory, "tiny-llama", config, tokenizer_dir)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower Messages read run/task/node ids that a running app sets; set them for unit tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield TaskIdentity
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -61,7 +61,7 @@ def test_decoder_models_get_a_pad_token(tiny_llama):
 
 
 def test_teacher_and_student_must_share_a_tokenizer(tiny_bert, tmp_path):
-    from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n")

@@ -9,16 +9,11 @@ from fedtune.algorithms import get_algorithm
 from fedtune.strategy import FedTuneStrategy
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are normally built inside a running ServerApp, which sets these ids."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def reply(state: dict, partition_id: int, examples: int, **metric_overrides) -> Message:
+def reply(state: dict, partition_id: int, examples: int, node_id: int | None = None, **metric_overrides) -> Message:
+    TaskIdentity.node_id = 100 + partition_id if node_id is None else node_id  # the sender
     metrics = {"num-examples": examples, "partition-id": partition_id, "train-loss": 0.5, "examples-seen": examples}
     metrics.update(metric_overrides)
     content = RecordDict({"arrays": ArrayRecord(state),
@@ -33,26 +28,28 @@ def make_strategy(fraction=1.0, seed=0):
 
 def test_garbage_replies_are_dropped_and_the_rest_averaged():
     strategy = make_strategy()
-    strategy.reference_state = {"w": torch.zeros(2)}
+    strategy.sent = {p: {"w": torch.zeros(2)} for p in range(4)}
     replies = [
         reply({"w": torch.tensor([1.0, 1.0])}, 0, examples=1),
         reply({"w": torch.tensor([4.0, 7.0])}, 1, examples=2),
         reply({"w": torch.tensor([float("nan"), 0.0])}, 2, examples=100),
         reply({"w": torch.zeros(5)}, 3, examples=100),
         reply({"v": torch.zeros(2)}, 3, examples=100),
+        reply({"w": torch.tensor([1.0, 1.0])}, 3, examples=100, node_id=101),  # spoofs partition 3
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     # (1 * [1, 1] + 2 * [4, 7]) / 3 = [3, 5]
     assert np.allclose(arrays["w"].numpy(), [3.0, 5.0])
     stats = strategy.rounds[1]
-    assert stats["accepted"] == 2 and len(stats["dropped"]) == 3
-    assert {"NaN or Inf", "shape", "keys differ"} <= {
-        next(word for word in ("NaN or Inf", "shape", "keys differ") if word in d["reason"]) for d in stats["dropped"]}
+    assert stats["accepted"] == 2 and len(stats["dropped"]) == 4
+    reasons = " | ".join(d["reason"] for d in stats["dropped"])
+    for expected in ("NaN or Inf", "shape", "keys differ", "not sent to node 101"):
+        assert expected in reasons
 
 
 def test_reply_without_weight_is_dropped():
     strategy = make_strategy()
-    strategy.reference_state = {"w": torch.zeros(2)}
+    strategy.sent = {0: {"w": torch.zeros(2)}}
     arrays, _ = strategy.aggregate_train(1, [reply({"w": torch.ones(2)}, 0, examples=0)])
     assert arrays is None and "num-examples" in strategy.rounds[1]["dropped"][0]["reason"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 
 from fedtune.algorithms.aggregate import State, weighted_mean
@@ -27,16 +25,31 @@ class Algorithm:
     name: str = ""
     summary: str = ""
 
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
     def build_model(self, settings: Settings) -> nn.Module:
-        """The model a client trains; its trainable parameters travel."""
+        """The model for `settings` (the server's or one client's); its trainable parameters travel."""
         raise NotImplementedError
 
-    def learning_rate(self, settings: Settings) -> float:
+    def learning_rate(self) -> float:
         """Peak local learning rate (scaled per round by `lr-schedule`)."""
         raise NotImplementedError
 
+    def server_settings(self) -> Settings:
+        """Settings of the global model the server keeps and evaluates."""
+        return self.settings
+
+    def client_settings(self, partition_id: int) -> Settings:
+        """Settings a client builds its model with (e.g. its own LoRA rank)."""
+        return self.settings
+
+    def client_state(self, global_state: State, partition_id: int) -> State:
+        """What the server sends a client: by default the global state itself."""
+        return global_state
+
     def aggregate(self, states: list[State], weights: list[float]) -> State:
-        """Combine client states; default: weighted mean by number of examples."""
+        """Combine client states into the new global state; default: weighted mean by examples."""
         return weighted_mean(states, weights)
 
 
@@ -53,10 +66,11 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-def get_algorithm(name: str) -> Algorithm:
+def get_algorithm(name: str, settings: Settings | None = None) -> Algorithm:
+    """The algorithm registered as `name`, configured by `settings` (defaults if None)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]()
+    return _REGISTRY[name](settings or Settings(algorithm=name))
 
 
 def algorithm_names() -> list[str]:

@@ -18,5 +18,5 @@ class FedAvg(Algorithm):
     def build_model(self, settings: Settings) -> nn.Module:
         return load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
 
-    def learning_rate(self, settings: Settings) -> float:
-        return settings.full_lr
+    def learning_rate(self) -> float:
+        return self.settings.full_lr

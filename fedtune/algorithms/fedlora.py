@@ -19,5 +19,5 @@ class FedLoRA(Algorithm):
         model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
         return add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
 
-    def learning_rate(self, settings: Settings) -> float:
-        return settings.lora_lr
+    def learning_rate(self) -> float:
+        return self.settings.lora_lr

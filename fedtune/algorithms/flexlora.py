@@ -1,0 +1,48 @@
+"""FlexLoRA (Bai et al. 2024): each client trains at its own LoRA rank; the server merges the
+full-size deltas B @ A and SVD-splits the result back to every client's rank."""
+
+from __future__ import annotations
+
+from fedtune.algorithms.aggregate import State
+from fedtune.algorithms.base import register
+from fedtune.algorithms.fedlora import FedLoRA
+from fedtune.algorithms.lora_maths import flexlora_aggregate, truncate_for_client
+from fedtune.config import Settings
+from fedtune.ranks import assign_ranks
+
+# The server keeps the merged delta as a LoRA of rank sum(r_k) (exact: W has at most that rank),
+# capped here so a very large federation does not make the server model huge.
+MAX_SERVER_RANK = 512
+
+
+class HeterogeneousRanks(FedLoRA):
+    """Shared by FlexLoRA and HetLoRA: a rank per client, a larger global LoRA on the server."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.ranks = assign_ranks(settings.rank_distribution, settings.rank_set, settings.clients, settings.seed,
+                                  settings.lora_r, settings.client_ranks)
+
+    def server_rank(self) -> int:
+        raise NotImplementedError
+
+    def server_settings(self) -> Settings:
+        return self.settings.replace(lora_r=self.server_rank())
+
+    def client_settings(self, partition_id: int) -> Settings:
+        return self.settings.replace(lora_r=self.ranks[partition_id])
+
+
+@register
+class FlexLoRA(HeterogeneousRanks):
+    name = "flexlora"
+    summary = "per-client LoRA ranks; server merges B@A, SVD-splits back to each rank"
+
+    def server_rank(self) -> int:
+        return min(sum(self.ranks), MAX_SERVER_RANK)
+
+    def client_state(self, global_state: State, partition_id: int) -> State:
+        return truncate_for_client(global_state, self.ranks[partition_id], rescale=True)
+
+    def aggregate(self, states: list[State], weights: list[float]) -> State:
+        return flexlora_aggregate(states, weights, self.settings.lora_alpha, self.server_rank())

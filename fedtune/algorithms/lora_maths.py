@@ -1,0 +1,109 @@
+"""Heterogeneous-rank LoRA maths (FlexLoRA, HetLoRA): pure functions over tensors and state dicts.
+
+A LoRA module adds scale * B @ A to a frozen weight, with A (r, in), B (out, r) and
+scale = alpha / r. Keys follow peft: `<module>.lora_A.<adapter>.weight`, `<module>.lora_B...`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.algorithms.aggregate import State, weighted_mean
+
+
+def lora_pairs(state: State) -> dict[str, tuple[str, str]]:
+    """Module prefix -> (A key, B key) for every LoRA module in `state`."""
+    pairs = {}
+    for key in state:
+        if ".lora_A." in key:
+            prefix, _, rest = key.partition(".lora_A.")
+            b_key = f"{prefix}.lora_B.{rest}"
+            if b_key not in state:
+                raise ValueError(f"{key} has no matching {b_key}")
+            pairs[prefix] = (key, b_key)
+    return pairs
+
+
+def split_lora(states: list[State]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """(LoRA pairs, the other keys, e.g. the head) of the first state."""
+    pairs = lora_pairs(states[0])
+    lora_keys = {k for pair in pairs.values() for k in pair}
+    return pairs, [k for k in states[0] if k not in lora_keys]
+
+
+def merged_delta_svd(As: list[torch.Tensor], Bs: list[torch.Tensor], coefficients: list[float]):
+    """SVD of W = sum_k c_k * B_k @ A_k without forming W: returns U (out, R), S (R,), Vh (R, in).
+
+    W = P @ Q with P = [c_1 B_1 ... c_K B_K] (out, R) and Q = [A_1; ...; A_K] (R, in), R = sum r_k.
+    With P = Q_p R_p and Q^T = Q_q R_q (reduced QR), W = Q_p (R_p R_q^T) Q_q^T, so only the
+    small (R, R) core needs an SVD: O((out + in) R^2) instead of O(out * in * min(out, in)).
+    """
+    P = torch.cat([c * B.double() for c, B in zip(coefficients, Bs)], dim=1)
+    Q = torch.cat([A.double() for A in As], dim=0)
+    q_p, r_p = torch.linalg.qr(P)
+    q_q, r_q = torch.linalg.qr(Q.T)
+    u_core, S, vh_core = torch.linalg.svd(r_p @ r_q.T)
+    return q_p @ u_core, S, vh_core @ q_q.T
+
+
+def svd_split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float):
+    """(B, A) of rank `rank` with scale * B @ A = the best rank-`rank` approximation U_r S_r Vh_r.
+
+    Zero-pads when the SVD has fewer than `rank` components.
+    """
+    k = min(rank, S.numel())
+    B = torch.zeros(U.shape[0], rank, dtype=U.dtype)
+    A = torch.zeros(rank, Vh.shape[1], dtype=Vh.dtype)
+    B[:, :k] = U[:, :k] * S[:k] / scale
+    A[:k] = Vh[:k]
+    return B, A
+
+
+def flexlora_aggregate(states: list[State], weights: list[float], alpha: float, server_rank: int) -> State:
+    """FlexLoRA: W = sum_k w_k (alpha / r_k) B_k A_k per module, kept as its rank-`server_rank` SVD.
+
+    The result is a LoRA state of rank `server_rank` (scale alpha / server_rank) whose leading
+    components are W's top singular directions; `truncate_for_client` cuts it to any rank.
+    Non-LoRA keys (the head) are averaged by weight.
+    """
+    pairs, others = split_lora(states)
+    total = float(sum(weights))
+    merged = weighted_mean([{k: s[k] for k in others} for s in states], weights) if others else {}
+    for a_key, b_key in pairs.values():
+        As, Bs = [s[a_key] for s in states], [s[b_key] for s in states]
+        coefficients = [(w / total) * alpha / A.shape[0] for w, A in zip(weights, As)]
+        B, A = svd_split(*merged_delta_svd(As, Bs, coefficients), rank=server_rank, scale=alpha / server_rank)
+        merged[a_key], merged[b_key] = A.to(As[0].dtype), B.to(Bs[0].dtype)
+    return {k: merged[k] for k in states[0]}
+
+
+def truncate_for_client(state: State, rank: int, rescale: bool) -> State:
+    """Cut every LoRA pair of `state` to `rank`.
+
+    rescale=True (FlexLoRA): B is multiplied by rank / R so that, under the client's own
+    scale alpha / rank, the client's delta is the best rank-`rank` approximation of the
+    global one. rescale=False (HetLoRA): plain truncation of A's rows and B's columns.
+    """
+    out = dict(state)
+    for a_key, b_key in lora_pairs(state).values():
+        server_rank = state[a_key].shape[0]
+        if rank > server_rank:
+            raise ValueError(f"client rank {rank} exceeds the server's rank {server_rank}")
+        out[a_key] = state[a_key][:rank].clone()
+        out[b_key] = state[b_key][:, :rank] * (rank / server_rank if rescale else 1.0)
+    return out
+
+
+def zero_pad(state: State, rank: int) -> State:
+    """HetLoRA: pad every LoRA pair with zeros up to `rank` (A rows, B columns)."""
+    out = dict(state)
+    for a_key, b_key in lora_pairs(state).values():
+        A, B = state[a_key], state[b_key]
+        out[a_key] = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], dim=0)
+        out[b_key] = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
+    return out
+
+
+def hetlora_aggregate(states: list[State], weights: list[float], server_rank: int) -> State:
+    """HetLoRA baseline: zero-pad every client to `server_rank`, then the weighted mean."""
+    return weighted_mean([zero_pad(s, server_rank) for s in states], weights)

@@ -1,0 +1,118 @@
+"""FlexLoRA / HetLoRA maths against dense reference computations, and rank assignment."""
+
+import pytest
+import torch
+
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.aggregate import weighted_mean
+from fedtune.algorithms.lora_maths import (flexlora_aggregate, hetlora_aggregate, merged_delta_svd,
+                                           truncate_for_client)
+from fedtune.config import Settings
+from fedtune.ranks import assign_ranks
+
+ALPHA, OUT, IN = 16.0, 12, 10
+A_KEY, B_KEY, HEAD = "m.lora_A.default.weight", "m.lora_B.default.weight", "head.weight"
+
+
+def client_state(rank: int, seed: int, true_rank: int | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(rank, IN, generator=g), torch.randn(OUT, rank, generator=g)
+    if true_rank is not None:  # only the first `true_rank` components are used
+        B[:, true_rank:] = 0
+    return {A_KEY: A, B_KEY: B, HEAD: torch.randn(2, 3, generator=g)}
+
+
+def dense_mean(states, weights):
+    """Independent route: form every client's full delta and average."""
+    total = sum(weights)
+    return sum((w / total) * (ALPHA / s[A_KEY].shape[0]) * s[B_KEY] @ s[A_KEY] for s, w in zip(states, weights))
+
+
+def client_delta(state):
+    return (ALPHA / state[A_KEY].shape[0]) * state[B_KEY].double() @ state[A_KEY].double()
+
+
+def test_thin_factor_svd_matches_the_dense_svd():
+    states, weights = [client_state(r, i) for i, r in enumerate((2, 3, 4))], [1.0, 2.0, 3.0]
+    coefficients = [(w / 6.0) * ALPHA / s[A_KEY].shape[0] for s, w in zip(states, weights)]
+    U, S, Vh = merged_delta_svd([s[A_KEY] for s in states], [s[B_KEY] for s in states], coefficients)
+    W = dense_mean(states, weights).double()
+    assert torch.allclose(U @ torch.diag(S) @ Vh, W, atol=1e-10)
+    assert torch.allclose(S[:9], torch.linalg.svdvals(W)[:9], atol=1e-10)
+
+
+def test_clients_whose_rank_covers_the_mean_get_it_exactly():
+    # Each client's delta has rank 1, so W has rank <= 3 <= every client's rank.
+    ranks, weights = (4, 4, 8), [10.0, 30.0, 60.0]
+    states = [client_state(r, i, true_rank=1) for i, r in enumerate(ranks)]
+    W = dense_mean(states, weights).double()
+    merged = flexlora_aggregate(states, weights, ALPHA, server_rank=sum(ranks))
+    for rank in ranks:
+        assert torch.allclose(client_delta(truncate_for_client(merged, rank, rescale=True)), W, atol=1e-5)
+
+
+def test_truncation_error_equals_the_discarded_singular_values():
+    ranks, weights = (2, 4, 8), [1.0, 1.0, 2.0]
+    states = [client_state(r, 10 + i) for i, r in enumerate(ranks)]
+    W = dense_mean(states, weights).double()
+    sigma = torch.linalg.svdvals(W)
+    merged = flexlora_aggregate(states, weights, ALPHA, server_rank=14)
+    for rank in (1, 2, 4, 8):
+        error = torch.linalg.norm(W - client_delta(truncate_for_client(merged, rank, rescale=True))) ** 2
+        assert error.item() == pytest.approx((sigma[rank:] ** 2).sum().item(), rel=1e-4)
+
+
+def test_per_client_shapes_and_head_average():
+    ranks = (4, 8, 16)
+    states = [client_state(r, i) for i, r in enumerate(ranks)]
+    merged = flexlora_aggregate(states, [1.0, 1.0, 2.0], ALPHA, server_rank=28)
+    assert merged[A_KEY].shape == (28, IN) and merged[B_KEY].shape == (OUT, 28)
+    for rank in ranks:
+        sent = truncate_for_client(merged, rank, rescale=True)
+        assert sent[A_KEY].shape == (rank, IN) and sent[B_KEY].shape == (OUT, rank)
+    expected_head = (states[0][HEAD] + states[1][HEAD] + 2 * states[2][HEAD]) / 4
+    assert torch.allclose(merged[HEAD], expected_head, atol=1e-6)
+
+
+def test_hetlora_with_equal_ranks_is_fedlora():
+    states, weights = [client_state(4, i) for i in range(3)], [1.0, 2.0, 5.0]
+    het = hetlora_aggregate(states, weights, server_rank=4)
+    plain = weighted_mean(states, weights)
+    assert all(torch.allclose(het[k], plain[k]) for k in plain)
+
+
+def test_hetlora_pads_with_zeros_then_truncates():
+    small = {A_KEY: torch.ones(1, IN), B_KEY: torch.ones(OUT, 1)}
+    large = {A_KEY: 3 * torch.ones(2, IN), B_KEY: 3 * torch.ones(OUT, 2)}
+    merged = hetlora_aggregate([small, large], [1.0, 1.0], server_rank=2)
+    assert torch.equal(merged[A_KEY][0], torch.full((IN,), 2.0))  # (1 + 3) / 2
+    assert torch.equal(merged[A_KEY][1], torch.full((IN,), 1.5))  # (0 + 3) / 2: padding counts as zero
+    assert torch.equal(truncate_for_client(merged, 1, rescale=False)[A_KEY], merged[A_KEY][:1])
+
+
+@pytest.mark.parametrize("distribution, expected", [
+    ("heavy-tail-light", [4, 4, 8, 16]),
+    ("heavy-tail-strong", [8, 16, 32, 32]),
+    ("uniform", [4, 8, 16, 32]),
+    ("homo", [8, 8, 8, 8]),
+])
+def test_rank_assignment_follows_the_distribution(distribution, expected):
+    ranks = assign_ranks(distribution, "4,8,16,32", 4, seed=0, default_rank=8)
+    assert sorted(ranks) == expected
+    assert ranks == assign_ranks(distribution, "4,8,16,32", 4, seed=0, default_rank=8)
+
+
+def test_rank_assignment_inputs_are_checked():
+    assert assign_ranks("uniform", "4,8", 3, 0, 8, client_ranks="2,4,6") == [2, 4, 6]
+    with pytest.raises(ValueError, match="lists 2 ranks for 3 clients"):
+        assign_ranks("uniform", "4,8", 3, 0, 8, client_ranks="2,4")
+    with pytest.raises(ValueError, match="rank-set='4,x'"):
+        assign_ranks("uniform", "4,x", 3, 0, 8)
+
+
+def test_algorithms_give_each_client_its_rank():
+    settings = Settings(algorithm="flexlora", clients=4, rank_distribution="heavy-tail-light")
+    flex = get_algorithm("flexlora", settings)
+    assert [flex.client_settings(p).lora_r for p in range(4)] == flex.ranks
+    assert flex.server_settings().lora_r == sum(flex.ranks)
+    assert get_algorithm("hetlora", settings.replace(algorithm="hetlora")).server_settings().lora_r == 16
