@@ -43,11 +43,19 @@ def say(message: str, quiet: bool = False) -> None:
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' load reports and weight-loading bars; keep warnings that matter."""
+    """Hide library chatter (load reports, per-step bars, Flower's INFO log); keep warnings.
+
+    fedtune prints its own progress bar and round table; Flower's warnings, such as a
+    dropped client reply, still show.
+    """
+    import logging
     import warnings
 
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    datasets.disable_progress_bars()
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -21,9 +21,14 @@ TEACHER_KEYS = ("task", "glue-dir", "max-length", "public-fraction", "model", "f
                 "batch-size", "lr-schedule", "teacher-epochs", "seed")
 
 
-def teacher_dir(settings: Settings) -> Path:
+def teacher_settings(settings: Settings) -> dict:
+    """The settings that decide the teacher, with the GLUE folder resolved."""
     resolved = {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}
-    key = json.dumps({k: resolved[k] for k in TEACHER_KEYS}, sort_keys=True)
+    return {k: resolved[k] for k in TEACHER_KEYS}
+
+
+def teacher_dir(settings: Settings) -> Path:
+    key = json.dumps(teacher_settings(settings), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(settings.out_dir) / "teachers" / f"{settings.task}-{digest}"
 
@@ -54,7 +59,7 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    summary = {"settings": {k: settings.to_dict()[k] for k in TEACHER_KEYS}, "train_loss": result.loss,
+    summary = {"settings": teacher_settings(settings), "train_loss": result.loss,
                "examples": result.examples, "seconds": result.seconds, "dev": metrics}
     (tmp / "teacher.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
