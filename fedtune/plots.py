@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedtune.metrics import primary_metric  # noqa: E402
 
@@ -21,6 +22,7 @@ def plot_rounds(records: list[dict], task: str, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(rounds, values, marker="o")
     left.set(xlabel="round", ylabel=f"dev {metric}", title=f"{task}: {metric} per round")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.plot(megabytes[1:], values[1:], marker="o")  # round 0 has sent nothing
     right.set(xlabel="cumulative MB sent (up + down)", ylabel=f"dev {metric}", title="metric vs communication")
     if len(megabytes) > 1 and min(megabytes[1:]) > 0:
