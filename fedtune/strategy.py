@@ -85,9 +85,13 @@ class FedTuneStrategy(FedAvg):
         replies = list(replies)
         stats = self.rounds.setdefault(server_round, {})
         stats["bytes_up"] = sum(wire_bytes(m) for m in replies if not m.has_error())
-        accepted, dropped = [], []
+        accepted, dropped, answered = [], [], set()
         for msg in replies:
             reason = self.rejection(msg)
+            if reason is None:
+                partition_id = int(msg.content["metrics"]["partition-id"])
+                reason = f"second reply for partition {partition_id}" if partition_id in answered else None
+                answered.add(partition_id)
             if reason:
                 dropped.append({"node": msg.metadata.src_node_id, "reason": reason})
                 log.warning("round %d: dropped reply from node %d: %s", server_round, msg.metadata.src_node_id, reason)
@@ -122,6 +126,8 @@ class FedTuneStrategy(FedAvg):
                 return f"metrics lack {key!r}"
         if not metrics["num-examples"] > 0:
             return f"num-examples is {metrics['num-examples']}"
+        if not math.isfinite(metrics["train-loss"]):
+            return f"train-loss is {metrics['train-loss']}"
         partition_id = int(metrics["partition-id"])
         if partition_id not in self.sent or self.nodes[partition_id] != msg.metadata.src_node_id:
             return f"claims partition {partition_id}, which was not sent to node {msg.metadata.src_node_id}"

@@ -47,6 +47,17 @@ def test_garbage_replies_are_dropped_and_the_rest_averaged():
         assert expected in reasons
 
 
+def test_duplicate_and_nan_loss_replies_are_dropped():
+    strategy = make_strategy()
+    strategy.sent = {0: {"w": torch.zeros(2)}, 1: {"w": torch.zeros(2)}}
+    replies = [reply({"w": torch.ones(2)}, 0, examples=1), reply({"w": 5 * torch.ones(2)}, 0, examples=1),
+               reply({"w": torch.ones(2)}, 1, examples=1, **{"train-loss": float("nan")})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), [1.0, 1.0])  # only the first reply of partition 0
+    reasons = " | ".join(d["reason"] for d in strategy.rounds[1]["dropped"])
+    assert "second reply for partition 0" in reasons and "train-loss is nan" in reasons
+
+
 def test_reply_without_weight_is_dropped():
     strategy = make_strategy()
     strategy.sent = {0: {"w": torch.zeros(2)}}
