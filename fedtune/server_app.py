@@ -109,7 +109,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
         "examples_seen": sum(strategy.rounds[r].get("examples_seen", 0) for r in strategy.rounds),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
-        "lora_r": algorithm.server_settings().lora_r if settings.algorithm != "fedavg" else None,
+        "lora_r": algorithm.server_settings().lora_r if any(".lora_A." in k for k in state) else None,
         "client_ranks": getattr(algorithm, "ranks", None),
         "seconds": final["elapsed"]})
     path = run.finish()
