@@ -16,6 +16,7 @@ COMMANDS = {
     "teacher": "pre-train the teacher on the public slice (reused by kd and fedkdlora runs)",
     "run": "run a federated algorithm on Flower's simulation engine (N virtual clients)",
     "algorithms": "list the registered federated algorithms",
+    "compare": "run the method-comparison grid (centralized + federated, several seeds); finished cells are reused",
     "report": "print a Markdown table of the finished runs under a folder",
 }
 
@@ -30,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "report":
             sub.add_argument("folder", help="folder holding run folders (searched recursively)")
             continue
+        if name == "compare":
+            from fedtune.compare import METHODS, PRESETS
+
+            sub.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                             help="budget: small (2-core CPU, < 1 h a grid) or full (GPU); flags override it")
+            sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
+            sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
+            sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all): "
+                             + ", ".join(label for label, _ in METHODS))
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         for f in dataclasses.fields(Settings):
@@ -40,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    base = Settings.from_toml(args.config) if args.config else Settings()
+    if args.command == "compare":
+        from fedtune.compare import preset_settings
+
+        base = preset_settings(args.preset)
+    else:
+        base = Settings()
+    base = Settings.from_toml(args.config, base) if args.config else base
     given = {key_of(f.name): getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
     return Settings.from_dict(given, base)
 
@@ -76,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from fedtune.simulation import run_federated
 
             run_federated(settings, quiet=args.quiet)
+        elif args.command == "compare":
+            from fedtune.compare import run_compare
+
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+            run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

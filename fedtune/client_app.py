@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.codecs import Codec
 from fedtune.config import Settings
 from fedtune.console import quiet_libraries
 from fedtune.local import client_update
@@ -36,15 +37,23 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         quiet_libraries()
+        settings = settings_of(context)
         partition_id, num_partitions = node_partition(context)
         config = msg.content["config"]
-        result = client_update(settings_of(context), partition_id, num_partitions,
-                               msg.content["arrays"].to_torch_state_dict(),
-                               server_round=int(config["server-round"]), lr=float(config["lr"]))
+        server_round = int(config["server-round"])
+        received = msg.content["arrays"].to_torch_state_dict()
+        # What this client keeps between rounds (its teacher) lives in the node's context, never in a reply.
+        kept = context.state["kept"].to_torch_state_dict() if "kept" in context.state.array_records else None
+        result = client_update(settings, partition_id, num_partitions, received, server_round=server_round,
+                               lr=float(config["lr"]), kept_state=kept)
+        if result.kept_state is not None:
+            context.state["kept"] = ArrayRecord(result.kept_state)
+        codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
+        arrays = ArrayRecord(codec.encode(result.state, received, server_round))
         metrics = MetricRecord({"num-examples": result.num_examples, "examples-seen": result.examples_seen,
                                 "train-loss": result.train_loss, "train-seconds": result.seconds,
-                                "partition-id": partition_id})
-        return Message(RecordDict({"arrays": ArrayRecord(result.state), "metrics": metrics}), reply_to=msg)
+                                "partition-id": partition_id, **result.metrics})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     return app
 

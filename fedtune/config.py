@@ -18,6 +18,8 @@ CENTRALIZED_METHODS = ("finetune", "lora", "kd")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
+KD_PLACEMENTS = ("server", "client")
+CODECS = ("none", "fp16", "int8", "svd")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -71,6 +73,15 @@ class Settings:
     rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
     rank_set: str = _opt("4,8,16,32", "comma-separated ranks clients can have")
     client_ranks: str = _opt("", "explicit comma-separated rank per client (overrides rank-distribution)")
+    # --- FedKDLoRA (fedkdlora)
+    kd_placement: str = _opt("server", "where the teacher lives: 'server' (distils on the public slice after "
+                             "aggregation) or 'client' (each client keeps its own teacher; FedKD)", KD_PLACEMENTS)
+    kd_hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); 0: off")
+    kd_server_steps: int = _opt(0, "server-side distillation steps per round (0: as many as an average client's local steps)")
+    # --- update compression (client -> server)
+    codec: str = _opt("none", "how clients encode their update: none (fp32 state), fp16, int8, or svd (FedKD)", CODECS)
+    svd_energy_start: float = _opt(0.95, "svd codec: energy kept in round 1")
+    svd_energy_end: float = _opt(0.98, "svd codec: energy kept in the last round (linear in between)")
     # --- output
     out_dir: str = _opt("runs", "folder under which each run writes its own folder")
 
@@ -90,6 +101,11 @@ class Settings:
             problems.append(f"fraction-train={self.fraction_train} (must be in (0, 1])")
         if self.dirichlet_alpha <= 0:
             problems.append(f"dirichlet-alpha={self.dirichlet_alpha} (must be > 0)")
+        for name in ("svd_energy_start", "svd_energy_end"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                problems.append(f"{key_of(name)}={getattr(self, name)} (must be in (0, 1])")
+        if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:
+            problems.append("kd-hidden-weight and kd-server-steps must be >= 0")
         if self.local_steps == 0 and self.local_epochs <= 0:
             problems.append("local-epochs must be > 0 when local-steps is 0")
         if problems:

@@ -7,7 +7,8 @@ weights and tokenizes once, then only swaps in the global trainable state each r
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -15,8 +16,10 @@ from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.aggregate import State
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, make_loader, tokenize
-from fedtune.models import load_tokenizer, load_trainable_state, trainable_state
+from fedtune.distill import MutualDistillation
+from fedtune.models import add_lora, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
+from fedtune.teacher import load_teacher, require_teacher
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
 
@@ -45,6 +48,50 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**31
 
 
+@functools.lru_cache(maxsize=2)
+def _distillation(settings: Settings) -> tuple[MutualDistillation, State]:
+    """The pre-trained teacher with LoRA, paired with the cached student; and the teacher's initial state."""
+    teacher = load_teacher(require_teacher(settings))
+    seed_everything(settings.seed)  # same teacher LoRA init on every process
+    teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
+    distiller = MutualDistillation(teacher, cached_model(settings), settings.kd_temperature, settings.kd_hidden_weight)
+    return distiller, distiller.kept_state()
+
+
+def distil(settings: Settings, rows, teacher_state: State | None, seed: int, lr: float, steps: int):
+    """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and the
+    student (already loaded) on `rows`: (train result, new teacher state, teacher dev metrics)."""
+    distiller, initial = _distillation(settings)
+    distiller.load_kept_state(initial if teacher_state is None else teacher_state)
+    tokenizer = load_tokenizer(settings.model)
+    seed_everything(seed)
+    loader = make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size,
+                         shuffle=True, seed=seed)
+    result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
+                   loss_fn=lambda model, batch: model.loss(batch))
+    metrics = evaluate(distiller.teacher, _eval_loader(settings), settings.task)
+    return result, distiller.kept_state(), metrics
+
+
+def server_distillation(settings: Settings, student_state: State, teacher_state: State | None,
+                        server_round: int, lr: float) -> tuple[State, State, dict[str, float]]:
+    """FedKDLoRA's server step: mutual distillation on the public slice.
+
+    Runs as many steps as an average client's local training (or `kd-server-steps`).
+    Returns (new student state, new teacher state, teacher dev metrics).
+    """
+    data = cached_task_data(settings)
+    if len(data.public) == 0:
+        raise ValueError("kd-placement=server distils on the public slice, but public-fraction is 0")
+    student = cached_model(settings)
+    load_trainable_state(student, student_state)
+    client_batches = math.ceil(len(data.private) / settings.clients / settings.batch_size)
+    steps = settings.kd_server_steps or steps_for(client_batches, settings.local_epochs, settings.local_steps)
+    seed = round_seed(settings.seed, server_round, settings.clients)  # partition ids are 0..clients-1
+    _, teacher_state, metrics = distil(settings, data.public, teacher_state, seed, lr, steps)
+    return trainable_state(student), teacher_state, {f"teacher_dev_{k}": v for k, v in metrics.items()}
+
+
 @dataclass
 class ClientResult:
     state: State
@@ -52,23 +99,35 @@ class ClientResult:
     examples_seen: int
     train_loss: float
     seconds: float
+    kept_state: State | None = None  # what stays on the client (its teacher), if anything
+    metrics: dict[str, float] = field(default_factory=dict)  # extra metrics to report
 
 
 def client_update(settings: Settings, partition_id: int, num_partitions: int, global_state: State,
-                  server_round: int, lr: float) -> ClientResult:
-    """Load the global state, train on this client's partition, return the new trainable state."""
+                  server_round: int, lr: float, kept_state: State | None = None) -> ClientResult:
+    """Load the global state, train on this client's partition, return the new trainable state.
+
+    With a teacher on the client (FedKDLoRA, client placement), `kept_state` is the teacher
+    this client kept from its previous round (None the first time); the result carries the
+    updated one, which the caller stores locally and never sends.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    model = cached_model(get_algorithm(settings.algorithm, settings).client_settings(partition_id))
+    algorithm = get_algorithm(settings.algorithm, settings)
+    model = cached_model(algorithm.client_settings(partition_id))
     load_trainable_state(model, global_state)
     data = cached_task_data(settings)
     rows = data.private.select(client_partitions(settings, num_partitions)[partition_id])
-    tokenizer = load_tokenizer(settings.model)
     seed = round_seed(settings.seed, server_round, partition_id)
+    steps = steps_for(math.ceil(len(rows) / settings.batch_size), settings.local_epochs, settings.local_steps)
+    if algorithm.teacher_on_client:
+        result, kept_state, metrics = distil(settings, rows, kept_state, seed, lr, steps)
+        return ClientResult(trainable_state(model), len(rows), result.examples, result.loss, result.seconds,
+                            kept_state, {f"teacher-dev-{k}": v for k, v in metrics.items()})
+    tokenizer = load_tokenizer(settings.model)
     seed_everything(seed)
     loader = make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size,
                          shuffle=True, seed=seed)
-    steps = steps_for(len(loader), settings.local_epochs, settings.local_steps)
     result = train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay)
     return ClientResult(trainable_state(model), len(rows), result.examples, result.loss, result.seconds)
 

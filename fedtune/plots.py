@@ -48,3 +48,38 @@ def plot_partitions(partitions: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_compare(results: list[dict], task: str, folder: Path) -> None:
+    """`metric-vs-round.png` and `metric-vs-mb.png`: one line per method (mean over seeds).
+
+    Centralized methods have no rounds: their final metric is a dashed horizontal line.
+    """
+    metric = primary_metric(task)
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    by_round, by_mb = plt.subplots(figsize=(7, 4.5)), plt.subplots(figsize=(7, 4.5))
+    for index, label in enumerate(labels):
+        cells = [r for r in results if r["label"] == label]
+        color = plt.cm.tab10(index % 10)
+        if not cells[0]["rounds"]:
+            value = sum(c["summary"]["dev"][metric] for c in cells) / len(cells)
+            by_round[1].axhline(value, color=color, linestyle="--", label=f"{label} (centralized)")
+            continue
+        n = min(len(c["rounds"]) for c in cells)
+        rounds = [cells[0]["rounds"][i]["round"] for i in range(n)]
+        values = [sum(c["rounds"][i][f"dev_{metric}"] for c in cells) / len(cells) for i in range(n)]
+        megabytes = [sum(c["rounds"][i]["cum_bytes_up"] + c["rounds"][i]["cum_bytes_down"] for c in cells)
+                     / len(cells) / 1e6 for i in range(n)]
+        by_round[1].plot(rounds, values, marker="o", color=color, label=label)
+        by_mb[1].plot(megabytes[1:], values[1:], marker="o", color=color, label=label)
+    by_round[1].set(xlabel="round", ylabel=f"dev {metric}", title=f"{task}: {metric} per round")
+    by_round[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_mb[1].set(xlabel="cumulative MB sent (up + down, log scale)", ylabel=f"dev {metric}",
+                 title=f"{task}: {metric} vs communication")
+    by_mb[1].set_xscale("log")
+    for (fig, ax), name in ((by_round, "metric-vs-round.png"), (by_mb, "metric-vs-mb.png")):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)

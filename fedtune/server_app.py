@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.algorithms import get_algorithm
+from fedtune.codecs import Codec
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, quiet_libraries, say
 from fedtune.local import cached_model, evaluate_state, initial_state
@@ -17,7 +19,7 @@ from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.runs import RunDir
 from fedtune.strategy import FedTuneStrategy
-from fedtune.train import schedule_factor
+from fedtune.teacher import pretrain_teacher
 
 
 def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
@@ -51,6 +53,11 @@ def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
 def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     """Run the whole federation; returns the finished run folder."""
     algorithm = get_algorithm(settings.algorithm, settings)
+    teacher_dev = {}
+    if algorithm.needs_teacher:  # before the handshake: clients may need it from round 1
+        teacher = pretrain_teacher(settings, quiet)
+        teacher_dev = {f"teacher_dev_{k}": v for k, v in
+                       json.loads((teacher / "teacher.json").read_text())["dev"].items()}
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run = RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings)
     partitions = partition_report(settings, settings.clients)
@@ -58,9 +65,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         for p in partitions:
             p["lora-r"] = algorithm.ranks[p["partition-id"]]
     run.write_json("partitions.json", partitions)
-    peak_lr = algorithm.learning_rate()
-    strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed,
-                               lr_at=lambda r: peak_lr * schedule_factor(settings.lr_schedule, (r - 1) / settings.rounds))
+    codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
+    strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
     state = initial_state(settings)
     travelling = sum(t.numel() for t in state.values())
     say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
@@ -77,12 +83,14 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
             now = time.perf_counter()
             record = {"round": server_round, "train_loss": stats.get("train_loss"),
                       **{f"dev_{k}": v for k, v in metrics.items()},
+                      **(stats.get("extra", {}) if server_round else teacher_dev),
                       "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
                       "cum_bytes_up": previous["cum_bytes_up"] + stats.get("bytes_up", 0),
                       "cum_bytes_down": previous["cum_bytes_down"] + stats.get("bytes_down", 0),
                       "clients": stats.get("sampled", []), "accepted": stats.get("accepted", 0),
                       "dropped": stats.get("dropped", []), "lr": stats.get("lr"),
                       "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
+                      "server_seconds": stats.get("server_seconds", 0.0),
                       "seconds": now - clock["last"], "elapsed": now - clock["start"],
                       "travelling_parameters": travelling}
             clock["last"] = now
@@ -106,6 +114,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "algorithm": settings.algorithm, "task": settings.task, "clients": settings.clients,
         "rounds": settings.rounds, "travelling_parameters": travelling,
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
+        "teacher_dev": {k[12:]: v for k, v in final.items() if k.startswith("teacher_dev_")} or None,
+        "codec": settings.codec, "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
         "examples_seen": sum(strategy.rounds[r].get("examples_seen", 0) for r in strategy.rounds),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
@@ -122,6 +132,7 @@ def _row(record: dict) -> dict:
     """A compact console row: metrics, MB up/down this round and in total, seconds."""
     row = {"round": record["round"]}
     row.update({k[4:]: v for k, v in record.items() if k.startswith("dev_")})
+    row.update({"teacher " + k[12:]: v for k, v in record.items() if k.startswith("teacher_dev_") and "loss" not in k})
     row["train_loss"] = "-" if record["train_loss"] is None else record["train_loss"]
     row["MB up"] = record["bytes_up"] / 1e6
     row["MB down"] = record["bytes_down"] / 1e6

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.algorithms import Algorithm
 from fedtune.algorithms.aggregate import invalid_reason
+from fedtune.codecs import Codec
 from fedtune.comm import wire_bytes
 
 log = logging.getLogger("fedtune")
@@ -27,7 +28,9 @@ class FedTuneStrategy(FedAvg):
       so a run repeats exactly;
     - a reply with an error, NaN/Inf, missing keys or wrong shapes is dropped with a
       logged reason instead of failing the round or being averaged in;
-    - replies are aggregated in partition order by `algorithm.aggregate`;
+    - a reply encoded by a codec (fp16, int8, SVD) is decoded before any check;
+    - replies are aggregated in partition order by `algorithm.aggregate`, then
+      `algorithm.server_update` runs any server-side training (FedKDLoRA's distillation);
     - bytes up and down are measured on the messages themselves.
 
     Parameters
@@ -42,13 +45,16 @@ class FedTuneStrategy(FedAvg):
         Seed of the client sampling.
     lr_at : Callable[[int], float]
         Local learning rate for a round (the schedule over rounds); sent as `lr`.
+    codec : Codec, optional
+        How clients encode their replies (default: plain fp32 states).
     """
 
     def __init__(self, algorithm: Algorithm, nodes: dict[int, int], fraction_train: float, seed: int,
-                 lr_at: Callable[[int], float]):
+                 lr_at: Callable[[int], float], codec: Codec | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(nodes))
         self.algorithm = algorithm
+        self.codec = codec or Codec("none")
         self.nodes = dict(sorted(nodes.items()))
         self.seed = seed
         self.lr_at = lr_at
@@ -87,7 +93,7 @@ class FedTuneStrategy(FedAvg):
         stats["bytes_up"] = sum(wire_bytes(m) for m in replies if not m.has_error())
         accepted, dropped, answered = [], [], set()
         for msg in replies:
-            reason = self.rejection(msg)
+            state, reason = self.check(msg)
             if reason is None:
                 partition_id = int(msg.content["metrics"]["partition-id"])
                 reason = f"second reply for partition {partition_id}" if partition_id in answered else None
@@ -96,39 +102,52 @@ class FedTuneStrategy(FedAvg):
                 dropped.append({"node": msg.metadata.src_node_id, "reason": reason})
                 log.warning("round %d: dropped reply from node %d: %s", server_round, msg.metadata.src_node_id, reason)
             else:
-                accepted.append(msg)
+                accepted.append((int(msg.content["metrics"]["partition-id"]), state, msg.content["metrics"]))
         stats.update(received=len(replies), accepted=len(accepted), dropped=dropped)
         if not accepted:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, None
-        accepted.sort(key=lambda m: m.content["metrics"]["partition-id"])
-        states = [m.content["arrays"].to_torch_state_dict() for m in accepted]
-        weights = [float(m.content["metrics"]["num-examples"]) for m in accepted]
+        accepted.sort(key=lambda item: item[0])
+        states = [state for _, state, _ in accepted]
+        metrics = [m for _, _, m in accepted]
+        weights = [float(m["num-examples"]) for m in metrics]
         start = time.perf_counter()
         aggregated = self.algorithm.aggregate(states, weights)
         stats["aggregate_seconds"] = time.perf_counter() - start
-        stats["train_loss"] = float(np.average([m.content["metrics"]["train-loss"] for m in accepted],
-                                               weights=weights))
-        stats["examples_seen"] = int(sum(m.content["metrics"]["examples-seen"] for m in accepted))
-        metrics = MetricRecord({"train-loss": stats["train_loss"], "examples-seen": stats["examples_seen"]})
-        return ArrayRecord(aggregated), metrics
+        start = time.perf_counter()
+        aggregated, server_metrics = self.algorithm.server_update(aggregated, server_round)
+        stats["server_seconds"] = time.perf_counter() - start
+        stats["train_loss"] = float(np.average([m["train-loss"] for m in metrics], weights=weights))
+        stats["examples_seen"] = int(sum(m["examples-seen"] for m in metrics))
+        # Per-client extras (e.g. each client's teacher on the dev set): example-weighted means.
+        extras = sorted({key for m in metrics for key in m if key.startswith("teacher-")})
+        stats["extra"] = {key.replace("-", "_"): float(np.average([m[key] for m in metrics], weights=weights))
+                          for key in extras if all(key in m for m in metrics)}
+        stats["extra"].update(server_metrics)
+        record = MetricRecord({"train-loss": stats["train_loss"], "examples-seen": stats["examples_seen"]})
+        return ArrayRecord(aggregated), record
 
-    def rejection(self, msg: Message) -> str | None:
-        """Why a reply must not be aggregated, or None."""
+    def check(self, msg: Message) -> tuple[dict | None, str | None]:
+        """(decoded client state, None) for a usable reply, else (None, why not)."""
         if msg.has_error():
-            return f"client error: {msg.error.reason}"
+            return None, f"client error: {msg.error.reason}"
         content = msg.content
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return "reply lacks the 'arrays' or 'metrics' record"
+            return None, "reply lacks the 'arrays' or 'metrics' record"
         metrics = content["metrics"]
         for key in ("num-examples", "partition-id", "train-loss", "examples-seen"):
             if key not in metrics:
-                return f"metrics lack {key!r}"
+                return None, f"metrics lack {key!r}"
         if not metrics["num-examples"] > 0:
-            return f"num-examples is {metrics['num-examples']}"
+            return None, f"num-examples is {metrics['num-examples']}"
         if not math.isfinite(metrics["train-loss"]):
-            return f"train-loss is {metrics['train-loss']}"
+            return None, f"train-loss is {metrics['train-loss']}"
         partition_id = int(metrics["partition-id"])
         if partition_id not in self.sent or self.nodes[partition_id] != msg.metadata.src_node_id:
-            return f"claims partition {partition_id}, which was not sent to node {msg.metadata.src_node_id}"
-        return invalid_reason(content["arrays"].to_torch_state_dict(), self.sent[partition_id])
+            return None, f"claims partition {partition_id}, which was not sent to node {msg.metadata.src_node_id}"
+        try:
+            state = self.codec.decode(content["arrays"].to_torch_state_dict(), self.sent[partition_id])
+        except ValueError as error:
+            return None, str(error)
+        reason = invalid_reason(state, self.sent[partition_id])
+        return (None, reason) if reason else (state, None)

@@ -68,6 +68,15 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     return folder
 
 
+def require_teacher(settings: Settings) -> Path:
+    """The pre-trained teacher's folder for `settings`, or a clear error if it is not there."""
+    folder = teacher_dir(settings)
+    if not (folder / "teacher.json").is_file():
+        raise FileNotFoundError(f"no pre-trained teacher at {folder} for these settings; run `fedtune teacher` "
+                                f"with the same settings first (a fedkdlora server does it before round 1)")
+    return folder
+
+
 def load_teacher(folder: Path) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(folder)
 

@@ -19,10 +19,14 @@ def runs(tiny_bert, glue_dir, tmp_path_factory):
                     full_lr=1e-3, partition="dirichlet", dirichlet_alpha=1.0)
     return {name: run_federated(base.replace(algorithm=name), quiet=True) for name in ("fedavg", "fedlora")} | {
         "fedlora-again": run_federated(base.replace(algorithm="fedlora"), quiet=True),
-        "flexlora": run_federated(base.replace(algorithm="flexlora", client_ranks="2,4,8"), quiet=True)}
+        "flexlora": run_federated(base.replace(algorithm="flexlora", client_ranks="2,4,8"), quiet=True),
+        "fedavg-int8": run_federated(base.replace(algorithm="fedavg", codec="int8"), quiet=True),
+        **{f"fedkdlora-{placement}": run_federated(base.replace(algorithm="fedkdlora", kd_placement=placement,
+                                                                teacher_epochs=0.05, codec=codec), quiet=True)
+           for placement, codec in (("server", "int8"), ("client", "none"))}}
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora"])
+@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client"])
 def test_run_folder_is_complete(runs, name):
     path = runs[name]
     assert not path.name.endswith(".incomplete")
@@ -86,3 +90,28 @@ def test_flexlora_sends_each_client_its_own_rank(runs):
     head = read_jsonl(runs["fedlora"] / "rounds.jsonl")[1]["travelling_parameters"] - 8 * 64 * 4  # FedLoRA r=4
     expected_params = 3 * head + 8 * 64 * 14
     assert expected_params * 4 <= rounds[1]["bytes_up"] <= expected_params * 4 * 1.01 + 30_000
+
+
+@pytest.mark.parametrize("placement", ["server", "client"])
+def test_fedkdlora_reports_teacher_and_student_every_round(runs, placement):
+    rounds = read_jsonl(runs[f"fedkdlora-{placement}"] / "rounds.jsonl")
+    for r in rounds:  # round 0: the pre-trained teacher; then the teacher(s) after each round
+        assert {"dev_accuracy", "dev_mcc", "teacher_dev_accuracy", "teacher_dev_mcc", "teacher_dev_loss"} <= set(r)
+    summary = json.loads((runs[f"fedkdlora-{placement}"] / "summary.json").read_text())
+    assert summary["kd_placement"] == placement and summary["teacher_dev"]["accuracy"] == rounds[-1]["teacher_dev_accuracy"]
+
+
+def test_fedkdlora_student_sends_less_than_fedlora(runs):
+    """Only the student (half the blocks) travels."""
+    up = {name: read_jsonl(runs[name] / "rounds.jsonl")[2]["bytes_up"] for name in ("fedlora", "fedkdlora-client")}
+    assert up["fedkdlora-client"] < up["fedlora"]
+    summaries = {name: json.loads((runs[name] / "summary.json").read_text()) for name in ("fedlora", "fedkdlora-server")}
+    assert summaries["fedkdlora-server"]["codec"] == "int8"
+    assert summaries["fedkdlora-server"]["travelling_parameters"] < 0.6 * summaries["fedlora"]["travelling_parameters"]
+
+
+def test_int8_codec_sends_a_quarter_of_the_bytes(runs):
+    fp32, int8 = (read_jsonl(runs[name] / "rounds.jsonl")[2] for name in ("fedavg", "fedavg-int8"))
+    payload = fp32["travelling_parameters"] * 3  # one byte per parameter, 3 clients
+    assert payload <= int8["bytes_up"] <= 0.3 * fp32["bytes_up"]
+    assert int8["bytes_down"] == pytest.approx(fp32["bytes_down"], rel=1e-3)  # the download stays fp32

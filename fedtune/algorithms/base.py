@@ -6,6 +6,7 @@ from torch import nn
 
 from fedtune.algorithms.aggregate import State, weighted_mean
 from fedtune.config import Settings
+from fedtune.train import schedule_factor
 
 
 class Algorithm:
@@ -24,6 +25,8 @@ class Algorithm:
 
     name: str = ""
     summary: str = ""
+    needs_teacher: bool = False  # the server pre-trains the teacher before round 1 (FedKDLoRA)
+    teacher_on_client: bool = False  # clients keep a teacher across rounds (FedKDLoRA, client placement)
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -35,6 +38,11 @@ class Algorithm:
     def learning_rate(self) -> float:
         """Peak local learning rate (scaled per round by `lr-schedule`)."""
         raise NotImplementedError
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of round `server_round` (1-based): peak lr decayed by `lr-schedule` over rounds."""
+        return self.learning_rate() * schedule_factor(self.settings.lr_schedule,
+                                                      (server_round - 1) / self.settings.rounds)
 
     def server_settings(self) -> Settings:
         """Settings of the global model the server keeps and evaluates."""
@@ -51,6 +59,10 @@ class Algorithm:
     def aggregate(self, states: list[State], weights: list[float]) -> State:
         """Combine client states into the new global state; default: weighted mean by examples."""
         return weighted_mean(states, weights)
+
+    def server_update(self, state: State, server_round: int) -> tuple[State, dict[str, float]]:
+        """Server-side training after aggregation: (new global state, metrics to record). Default: none."""
+        return state, {}
 
 
 _REGISTRY: dict[str, type[Algorithm]] = {}

@@ -1,0 +1,119 @@
+"""Update codecs: what a client sends instead of its full fp32 state.
+
+With a codec other than `none`, a client sends its *update* (new state minus the state it
+received), encoded; the server decodes it and adds it back before checking and averaging.
+
+- `fp16`: every tensor cast to float16 (half the bytes).
+- `int8`: every tensor quantized to int8 with one fp32 absmax scale per tensor (a quarter).
+- `svd` (FedKD, Wu et al. 2022): each 2-D update M is sent as U_k, sigma_k, V_k with the
+  smallest k whose energy sum_{i<=k} sigma_i^2 / sum_i sigma_i^2 reaches a threshold T;
+  T grows linearly from `svd-energy-start` to `svd-energy-end` over the rounds. A matrix
+  is sent as is when the factors would not be smaller, and so are 1-D tensors.
+
+Encoded names are `<tensor name>@<part>`, so a decoder knows what it is reading.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.algorithms.aggregate import State
+from fedtune.config import CODECS
+
+
+def svd_energy(start: float, end: float, server_round: int, rounds: int) -> float:
+    """Energy threshold for `server_round` (1-based): `start` in round 1, `end` in the last."""
+    progress = (server_round - 1) / (rounds - 1) if rounds > 1 else 1.0
+    return start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+def svd_truncate(matrix: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_k, S_k, Vh_k) with the smallest k whose share of sum(sigma^2) reaches `energy`.
+
+    ||M - U_k diag(S_k) Vh_k||_F^2 equals the sum of the discarded sigma^2 (Eckart-Young).
+    """
+    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    cumulative = torch.cumsum(S**2, 0)
+    total = cumulative[-1]
+    k = 1 if total == 0 else int(torch.searchsorted(cumulative, energy * total - 1e-12 * total)) + 1
+    k = min(k, len(S))
+    return U[:, :k].float(), S[:k].float(), Vh[:k].float()
+
+
+def _encode_tensor(name: str, tensor: torch.Tensor, codec: str, energy: float) -> State:
+    if codec == "fp16":
+        return {f"{name}@fp16": tensor.half()}
+    if codec == "int8":
+        scale = tensor.abs().max().float().clamp_min(1e-30) / 127.0
+        return {f"{name}@int8": torch.round(tensor / scale).to(torch.int8), f"{name}@scale": scale.reshape(1)}
+    if codec == "svd" and tensor.dim() == 2:
+        U, S, Vh = svd_truncate(tensor, energy)
+        if U.numel() + S.numel() + Vh.numel() < tensor.numel():
+            return {f"{name}@U": U, f"{name}@S": S, f"{name}@V": Vh}
+    return {name: tensor}
+
+
+def _decode_tensor(name: str, encoded: State) -> torch.Tensor:
+    if f"{name}@fp16" in encoded:
+        return encoded[f"{name}@fp16"].float()
+    if f"{name}@int8" in encoded:
+        return encoded[f"{name}@int8"].float() * encoded[f"{name}@scale"].float()
+    if f"{name}@U" in encoded:
+        U, S, Vh = (encoded[f"{name}@{part}"].float() for part in "USV")
+        return (U * S) @ Vh
+    return encoded[name]
+
+
+class Codec:
+    """Encodes a client's update and decodes it on the server.
+
+    Parameters
+    ----------
+    name : str
+        One of `CODECS`.
+    energy_start, energy_end : float
+        SVD energy threshold in the first and the last round.
+    rounds : int
+        Number of rounds (for the threshold schedule).
+    """
+
+    def __init__(self, name: str, energy_start: float = 0.95, energy_end: float = 0.98, rounds: int = 1):
+        if name not in CODECS:
+            raise ValueError(f"unknown codec {name!r} (known: {', '.join(CODECS)})")
+        self.name, self.energy_start, self.energy_end, self.rounds = name, energy_start, energy_end, rounds
+
+    def energy(self, server_round: int) -> float:
+        return svd_energy(self.energy_start, self.energy_end, server_round, self.rounds)
+
+    def encode(self, new: State, received: State, server_round: int) -> State:
+        """What the client sends: its state (`none`) or its encoded update."""
+        if self.name == "none":
+            return new
+        energy = self.energy(server_round)
+        encoded: State = {}
+        for name, tensor in new.items():
+            encoded.update(_encode_tensor(name, tensor.float() - received[name].float(), self.name, energy))
+        return encoded
+
+    def decode(self, encoded: State, sent: State) -> State:
+        """The client's new state, rebuilt from what it sent and what it was sent.
+
+        Raises ValueError (naming the tensor) when a part is missing or the shapes do not fit.
+        """
+        if self.name == "none":
+            return encoded
+        state = {}
+        for name, reference in sent.items():
+            try:
+                update = _decode_tensor(name, encoded)
+            except KeyError as error:
+                raise ValueError(f"encoded update lacks {error.args[0]!r}") from None
+            except RuntimeError as error:  # factors of incompatible shapes
+                raise ValueError(f"cannot decode {name!r}: {error}") from None
+            if update.shape != reference.shape:
+                raise ValueError(f"{name} decodes to shape {tuple(update.shape)}, expected {tuple(reference.shape)}")
+            state[name] = (reference.float() + update).to(reference.dtype)
+        known = {key.split("@")[0] for key in encoded}
+        if extra := sorted(known - set(sent)):
+            raise ValueError(f"encoded update has unexpected tensors {extra[:3]}")
+        return state

@@ -1,0 +1,105 @@
+"""Update codecs: SVD truncation error, quantization error, round trips, and the strategy decoding them."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.algorithms import get_algorithm
+from fedtune.codecs import Codec, svd_energy, svd_truncate
+from fedtune.strategy import FedTuneStrategy
+
+
+def test_svd_truncation_error_is_the_discarded_energy():
+    torch.manual_seed(0)
+    matrix = torch.randn(40, 12) @ torch.diag(torch.logspace(0, -2, 12)) @ torch.randn(12, 12)
+    sigma = torch.linalg.svdvals(matrix.double())
+    energy = (sigma**2).cumsum(0) / (sigma**2).sum()
+    U, S, Vh = svd_truncate(matrix, 0.95)
+    k = len(S)
+    assert energy[k - 1] >= 0.95 and (k == 1 or energy[k - 2] < 0.95)  # the smallest such k
+    error = ((matrix.double() - (U * S).double() @ Vh.double()) ** 2).sum()
+    assert error.item() == pytest.approx((sigma[k:] ** 2).sum().item(), rel=1e-4)
+
+
+def test_energy_threshold_moves_linearly_over_rounds():
+    assert svd_energy(0.95, 0.98, 1, 4) == pytest.approx(0.95)
+    assert svd_energy(0.95, 0.98, 2, 4) == pytest.approx(0.96)
+    assert svd_energy(0.95, 0.98, 4, 4) == pytest.approx(0.98)
+    assert svd_energy(0.95, 0.98, 1, 1) == pytest.approx(0.98)
+
+
+def test_low_rank_update_travels_as_factors_and_decodes_exactly():
+    torch.manual_seed(1)
+    sent = {"w": torch.randn(64, 48), "b": torch.randn(48)}
+    update = torch.randn(64, 2) @ torch.randn(2, 48)  # rank 2
+    new = {"w": sent["w"] + update, "b": sent["b"] + 1.0}
+    codec = Codec("svd", 0.99, 0.99, rounds=3)
+    encoded = codec.encode(new, sent, server_round=1)
+    assert set(encoded) == {"w@U", "w@S", "w@V", "b"}  # 1-D tensors travel as they are
+    assert encoded["w@S"].shape == (2,)
+    assert sum(t.numel() for t in encoded.values()) == 2 * (64 + 48 + 1) + 48
+    decoded = codec.decode(encoded, sent)
+    torch.testing.assert_close(decoded["w"], new["w"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded["b"], new["b"])
+
+
+def test_full_rank_matrix_is_sent_plain_when_factors_would_be_larger():
+    torch.manual_seed(2)
+    sent = {"a": torch.zeros(4, 4)}
+    encoded = Codec("svd", 1.0, 1.0).encode({"a": torch.randn(4, 4)}, sent, 1)
+    assert set(encoded) == {"a"}
+
+
+@pytest.mark.parametrize("name, dtype, tolerance", [("fp16", torch.float16, 1e-3), ("int8", torch.int8, 1 / 254)])
+def test_quantized_update_error_is_bounded(name, dtype, tolerance):
+    torch.manual_seed(3)
+    sent = {"w": torch.randn(16, 8)}
+    new = {"w": sent["w"] + torch.randn(16, 8)}
+    codec = Codec(name)
+    encoded = codec.encode(new, sent, 1)
+    assert encoded[f"w@{name}"].dtype == dtype
+    update = new["w"] - sent["w"]
+    error = (codec.decode(encoded, sent)["w"] - new["w"]).abs().max()
+    # fp16: relative rounding 2^-11; int8: half a step of absmax/127
+    assert error <= tolerance * update.abs().max() + 1e-6
+
+
+def test_none_sends_the_state_itself():
+    state = {"w": torch.ones(3)}
+    assert Codec("none").encode(state, {"w": torch.zeros(3)}, 1) is state
+
+
+def test_broken_encodings_name_the_tensor():
+    sent = {"w": torch.zeros(4, 3)}
+    codec = Codec("svd")
+    with pytest.raises(ValueError, match="lacks 'w@S'"):
+        codec.decode({"w@U": torch.zeros(4, 1)}, sent)
+    with pytest.raises(ValueError, match="w"):
+        codec.decode({"w@U": torch.zeros(5, 1), "w@S": torch.ones(1), "w@V": torch.zeros(1, 3)}, sent)
+    with pytest.raises(ValueError, match="unexpected"):
+        codec.decode({"w": torch.zeros(4, 3), "x@fp16": torch.zeros(1)}, sent)
+    with pytest.raises(ValueError, match="unknown codec"):
+        Codec("zip")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_strategy_decodes_updates_and_drops_undecodable_ones():
+    codec = Codec("int8")
+    strategy = FedTuneStrategy(get_algorithm("fedlora"), {0: 100, 1: 101, 2: 102}, 1.0, 0, lambda r: 0.1, codec)
+    strategy.sent = {p: {"w": torch.ones(2)} for p in range(3)}
+
+    def reply(arrays, partition_id):
+        TaskIdentity.node_id = 100 + partition_id
+        metrics = MetricRecord({"num-examples": 1, "partition-id": partition_id, "train-loss": 0.1,
+                                "examples-seen": 1})
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), dst_node_id=0,
+                       message_type="train")
+
+    replies = [reply(codec.encode({"w": torch.tensor([3.0, 1.0])}, strategy.sent[0], 1), 0),
+               reply(codec.encode({"w": torch.tensor([1.0, 3.0])}, strategy.sent[1], 1), 1),
+               reply({"w@int8": torch.tensor([9, 9], dtype=torch.int8)}, 2)]  # no scale: rejected, not averaged
+    arrays, _ = strategy.aggregate_train(1, replies)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.tensor([2.0, 2.0]), atol=0.02, rtol=0)
+    stats = strategy.rounds[1]
+    assert stats["accepted"] == 2 and "lacks 'w@scale'" in stats["dropped"][0]["reason"]

@@ -1,0 +1,63 @@
+"""FedKDLoRA with the teacher on the clients: it persists in the node's state and never travels."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedtune.client_app import make_client_app
+from fedtune.config import Settings
+from fedtune.local import _distillation, client_update, initial_state
+from fedtune.teacher import pretrain_teacher, require_teacher
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_bert, glue_dir, tmp_path_factory):
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, algorithm="fedkdlora",
+                        kd_placement="client", clients=2, rounds=2, train_limit=40, eval_limit=32, batch_size=8,
+                        max_length=32, local_steps=2, lora_r=2, teacher_epochs=0.02, full_lr=1e-3, lora_lr=1e-2,
+                        out_dir=str(tmp_path_factory.mktemp("kd")))
+    pretrain_teacher(settings, quiet=True)
+    return settings
+
+
+def train_message(state, server_round):
+    config = ConfigRecord({"server-round": server_round, "lr": 1e-2})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=7, message_type="train")
+
+
+def test_missing_teacher_is_a_clear_error(settings, tmp_path):
+    with pytest.raises(FileNotFoundError, match="fedtune teacher"):
+        require_teacher(settings.replace(out_dir=str(tmp_path)))
+
+
+def test_client_teacher_persists_across_rounds_and_never_travels(settings):
+    app = make_client_app(settings)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    start = initial_state(settings)
+    _, initial_teacher = _distillation(settings)
+
+    reply1 = app(train_message(start, 1), context)
+    teacher1 = context.state["kept"].to_torch_state_dict()
+    assert set(teacher1) == set(initial_teacher) and all(k.startswith("teacher.") for k in teacher1)
+    assert any(not torch.equal(teacher1[k], initial_teacher[k]) for k in teacher1)  # the teacher trained
+    student1 = reply1.content["arrays"].to_torch_state_dict()
+    assert set(student1) == set(start)  # the reply holds the student's trainable state and nothing else
+    assert "teacher-dev-accuracy" in reply1.content["metrics"]
+
+    reply2 = app(train_message(student1, 2), context)
+    teacher2 = context.state["kept"].to_torch_state_dict()
+    # Round 2 started from the teacher kept in round 1, not from a fresh one:
+    from_kept = client_update(settings, 0, 2, student1, 2, 1e-2, kept_state=teacher1)
+    from_fresh = client_update(settings, 0, 2, student1, 2, 1e-2, kept_state=None)
+    for name, tensor in reply2.content["arrays"].to_torch_state_dict().items():
+        torch.testing.assert_close(tensor, from_kept.state[name])
+    assert any(not torch.equal(teacher2[k], from_fresh.kept_state[k]) for k in teacher2)
+    # No teacher tensor appears in any reply, under any name.
+    for reply in (reply1, reply2):
+        sent = list(reply.content["arrays"].to_torch_state_dict().values())
+        for kept in (teacher1, teacher2):
+            assert not any(a.shape == b.shape and torch.equal(a, b) for a in sent for b in kept.values()
+                           if b.abs().sum() > 0)
