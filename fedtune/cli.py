@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+from pathlib import Path
 
 from fedtune.config import Settings, key_of
 from fedtune.console import quiet_libraries
@@ -15,6 +17,7 @@ COMMANDS = {
     "centralized": "train a centralized baseline: --method finetune|lora|kd",
     "teacher": "pre-train the teacher on the public slice (reused by kd and fedkdlora runs)",
     "run": "run a federated algorithm on Flower's simulation engine (N virtual clients)",
+    "resume": "continue an interrupted federated run from its last checkpointed round",
     "algorithms": "list the registered federated algorithms",
     "compare": "run the method-comparison grid (centralized + federated, several seeds); finished cells are reused",
     "report": "print a Markdown table of the finished runs under a folder",
@@ -30,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if name == "report":
             sub.add_argument("folder", help="folder holding run folders (searched recursively)")
+            continue
+        if name == "resume":
+            sub.add_argument("folder", help="the interrupted run's folder (<name>.incomplete); its config.json is used")
+            sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
             continue
         if name == "compare":
             from fedtune.compare import METHODS, PRESETS
@@ -77,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             if not summaries:
                 raise ValueError(f"no finished run (summary.json) under {args.folder}")
             print(markdown_table(summaries))
+            return 0
+        if args.command == "resume":
+            from fedtune.simulation import run_federated
+
+            config = Path(args.folder) / "config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"{config} not found: give the folder of an interrupted fedtune run")
+            quiet_libraries()
+            run_federated(Settings.from_dict(json.loads(config.read_text())).replace(resume=args.folder), args.quiet)
             return 0
         settings = settings_from_args(args)
         quiet_libraries()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.codecs import Codec
 from fedtune.config import Settings
 from fedtune.console import quiet_libraries
-from fedtune.local import client_update
+from fedtune.local import client_update, simulated_failure
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -42,12 +43,14 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         config = msg.content["config"]
         server_round = int(config["server-round"])
         received = msg.content["arrays"].to_torch_state_dict()
-        # What this client keeps between rounds (its teacher) lives in the node's context, never in a reply.
-        kept = context.state["kept"].to_torch_state_dict() if "kept" in context.state.array_records else None
+        if simulated_failure(settings, server_round, partition_id):
+            raise RuntimeError(f"simulated dropout of client {partition_id} in round {server_round}")
+        # What this client keeps between rounds (its teacher) stays on its own disk, never in a reply.
+        kept_folder = state_folder(settings.out_dir, str(config["run-name"]))
         result = client_update(settings, partition_id, num_partitions, received, server_round=server_round,
-                               lr=float(config["lr"]), kept_state=kept)
+                               lr=float(config["lr"]), kept_state=load_kept(kept_folder, partition_id, server_round))
         if result.kept_state is not None:
-            context.state["kept"] = ArrayRecord(result.kept_state)
+            save_kept(kept_folder, partition_id, server_round, result.kept_state)
         codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
         arrays = ArrayRecord(codec.encode(result.state, received, server_round))
         metrics = MetricRecord({"num-examples": result.num_examples, "examples-seen": result.examples_seen,

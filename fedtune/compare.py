@@ -38,8 +38,8 @@ METHODS: list[tuple[str, dict]] = [
     ("LoRA", {"method": "lora"}),
     ("Fed-finetune (FedAvg)", {"algorithm": "fedavg"}),
     ("Fed-LoRA", {"algorithm": "fedlora"}),
-    ("Fed-LoRA-KD, teacher on server", {"algorithm": "fedkdlora", "kd_placement": "server"}),
-    ("Fed-LoRA-KD, teachers on clients", {"algorithm": "fedkdlora", "kd_placement": "client"}),
+    ("Fed-LoRA-KD (server teacher)", {"algorithm": "fedkdlora", "kd_placement": "server"}),
+    ("Fed-LoRA-KD (client teachers)", {"algorithm": "fedkdlora", "kd_placement": "client"}),
     ("FlexLoRA", {"algorithm": "flexlora"}),
     ("HetLoRA", {"algorithm": "hetlora"}),
 ]

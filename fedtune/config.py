@@ -20,6 +20,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
 KD_PLACEMENTS = ("server", "client")
 CODECS = ("none", "fp16", "int8", "svd")
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -69,6 +70,11 @@ class Settings:
     classes_per_client: int = _opt(1, "labels per client (partition = pathological)")
     min_partition_size: int = _opt(1, "every client gets at least this many rows")
     round_timeout: float = _opt(3600.0, "seconds the server waits for replies in a round")
+    aggregation: str = _opt("mean", "how the server combines client states: example-weighted mean, or a robust "
+                            "rule (coordinate median, trimmed mean, Krum)", AGGREGATIONS)
+    trim_fraction: float = _opt(0.2, "trimmed-mean: share of clients cut at each end, per coordinate")
+    krum_malicious: int = _opt(1, "krum: number of malicious clients assumed (f)")
+    dropout: float = _opt(0.0, "simulated fault: probability that a sampled client fails in a round")
     # --- heterogeneous LoRA ranks (flexlora, hetlora)
     rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
     rank_set: str = _opt("4,8,16,32", "comma-separated ranks clients can have")
@@ -82,6 +88,7 @@ class Settings:
     codec: str = _opt("none", "how clients encode their update: none (fp32 state), fp16, int8, or svd (FedKD)", CODECS)
     svd_energy_start: float = _opt(0.95, "svd codec: energy kept in round 1")
     svd_energy_end: float = _opt(0.98, "svd codec: energy kept in the last round (linear in between)")
+    resume: str = _opt("", "folder (<name>.incomplete) of an interrupted run: continue after its last checkpointed round")
     # --- output
     out_dir: str = _opt("runs", "folder under which each run writes its own folder")
 
@@ -104,6 +111,12 @@ class Settings:
         for name in ("svd_energy_start", "svd_energy_end"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 problems.append(f"{key_of(name)}={getattr(self, name)} (must be in (0, 1])")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            problems.append(f"trim-fraction={self.trim_fraction} (must be in [0, 0.5))")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} (must be in [0, 1))")
+        if self.krum_malicious < 0:
+            problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
         if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:
             problems.append("kd-hidden-weight and kd-server-steps must be >= 0")
         if self.local_steps == 0 and self.local_epochs <= 0:

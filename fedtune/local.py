@@ -10,6 +10,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import nn
 
 from fedtune.algorithms import get_algorithm
@@ -41,6 +42,13 @@ def initial_state(settings: Settings) -> State:
     """The global trainable state before round 1 (same on every process: seeded init)."""
     server_settings = get_algorithm(settings.algorithm, settings).server_settings()
     return {name: tensor.clone() for name, tensor in _built_model(server_settings)[1].items()}
+
+
+def simulated_failure(settings: Settings, server_round: int, partition_id: int) -> bool:
+    """Whether this client fails this round (`dropout` probability; reproducible by seed)."""
+    if settings.dropout <= 0:
+        return False
+    return bool(np.random.default_rng([settings.seed, server_round, partition_id, 1]).random() < settings.dropout)
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:

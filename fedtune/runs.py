@@ -39,6 +39,25 @@ class RunDir:
         self.path.mkdir(parents=True)
         write_json(self.path / "config.json", settings.to_dict())
 
+    @classmethod
+    def reopen(cls, folder: str | Path) -> RunDir:
+        """An interrupted run's folder (`<name>.incomplete`), to continue writing into."""
+        folder = Path(folder)
+        if not folder.name.endswith(INCOMPLETE):
+            raise ValueError(f"{folder} is not an interrupted run (its name does not end in {INCOMPLETE}); "
+                             f"finished runs cannot be resumed")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"run folder {folder} does not exist")
+        run = cls.__new__(cls)
+        run.path, run.final_path = folder, folder.with_name(folder.name[: -len(INCOMPLETE)])
+        return run
+
+    def write_jsonl(self, filename: str, records: list[dict]) -> None:
+        """Replace a JSON-lines file atomically."""
+        tmp = self.path / (filename + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path / filename)
+
     def append_jsonl(self, filename: str, record: dict) -> None:
         with (self.path / filename).open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -20,6 +23,8 @@ from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.runs import RunDir
 from fedtune.strategy import FedTuneStrategy
 from fedtune.teacher import pretrain_teacher
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
@@ -50,8 +55,30 @@ def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     return nodes
 
 
+def open_run(settings: Settings) -> tuple[RunDir, dict | None]:
+    """A new run folder, or with `resume` the interrupted one and its last checkpoint."""
+    if not settings.resume:
+        return RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings), None
+    run = RunDir.reopen(settings.resume)
+    if not (run.path / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{run.path} has no {CHECKPOINT}: it stopped before round 0 finished; start it anew")
+    saved = json.loads((run.path / "config.json").read_text())
+    differ = [k for k, v in settings.to_dict().items() if k != "resume" and saved.get(k) != v]
+    if differ:
+        raise ValueError(f"settings differ from the run being resumed in {', '.join(differ)}; "
+                         f"resume with `fedtune resume {run.path}`, which reads its config.json")
+    return run, torch.load(run.path / CHECKPOINT, weights_only=False)
+
+
+def save_checkpoint(run: RunDir, state: dict, algorithm_state: dict, records: list[dict]) -> None:
+    """Everything a resumed server needs after a round, written atomically."""
+    tmp = run.path / (CHECKPOINT + ".tmp")
+    torch.save({"global": state, "algorithm": algorithm_state, "records": records}, tmp)
+    os.replace(tmp, run.path / CHECKPOINT)
+
+
 def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
-    """Run the whole federation; returns the finished run folder."""
+    """Run the whole federation (or resume it, with `resume`); returns the finished run folder."""
     algorithm = get_algorithm(settings.algorithm, settings)
     teacher_dev = {}
     if algorithm.needs_teacher:  # before the handshake: clients may need it from round 1
@@ -59,7 +86,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         teacher_dev = {f"teacher_dev_{k}": v for k, v in
                        json.loads((teacher / "teacher.json").read_text())["dev"].items()}
     nodes = handshake(grid, settings.clients, settings.round_timeout)
-    run = RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings)
+    run, checkpoint = open_run(settings)
     partitions = partition_report(settings, settings.clients)
     if hasattr(algorithm, "ranks"):  # heterogeneous LoRA ranks: record who trains at which
         for p in partitions:
@@ -69,14 +96,23 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
     state = initial_state(settings)
     travelling = sum(t.numel() for t in state.values())
+    records: list[dict] = []
+    if checkpoint:
+        state, records = checkpoint["global"], checkpoint["records"]
+        algorithm.restore(checkpoint["algorithm"])
+        run.write_jsonl("rounds.jsonl", records)  # drops a round that never reached its checkpoint
+        strategy.offset = records[-1]["round"]
+        say(f"resuming {run.path} after round {strategy.offset}", quiet)
     say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
         f"{travelling:,} parameters travel -> {run.path}", quiet)
-
-    records: list[dict] = []
-    clock = {"last": time.perf_counter(), "start": time.perf_counter()}
+    now = time.perf_counter()
+    clock = {"last": now, "start": now - (records[-1]["elapsed"] if records else 0.0)}
 
     with progress_bar(settings.rounds, "rounds", quiet) as update:
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
+            if flower_round == 0 and records:  # resumed: the last round is already evaluated
+                return MetricRecord({k[4:]: v for k, v in records[-1].items() if k.startswith("dev_")})
+            server_round = flower_round + strategy.offset
             metrics = evaluate_state(settings, arrays.to_torch_state_dict())
             stats = strategy.rounds.get(server_round, {})
             previous = records[-1] if records else {"cum_bytes_up": 0, "cum_bytes_down": 0}
@@ -89,6 +125,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                       "cum_bytes_down": previous["cum_bytes_down"] + stats.get("bytes_down", 0),
                       "clients": stats.get("sampled", []), "accepted": stats.get("accepted", 0),
                       "dropped": stats.get("dropped", []), "lr": stats.get("lr"),
+                      "examples_seen": stats.get("examples_seen", 0),
                       "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
                       "server_seconds": stats.get("server_seconds", 0.0),
                       "seconds": now - clock["last"], "elapsed": now - clock["start"],
@@ -96,11 +133,13 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
             clock["last"] = now
             records.append(record)
             run.append_jsonl("rounds.jsonl", record)
+            save_checkpoint(run, arrays.to_torch_state_dict(), algorithm.checkpoint_state(), records)
             update(server_round)
             return MetricRecord(metrics)
 
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=settings.rounds,
-                                timeout=settings.round_timeout, train_config=ConfigRecord(),
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state),
+                                num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
+                                train_config=ConfigRecord({"run-name": run.final_path.name}),
                                 evaluate_fn=evaluate_fn)
 
     model = cached_model(algorithm.server_settings())
@@ -117,11 +156,12 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "teacher_dev": {k[12:]: v for k, v in final.items() if k.startswith("teacher_dev_")} or None,
         "codec": settings.codec, "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
-        "examples_seen": sum(strategy.rounds[r].get("examples_seen", 0) for r in strategy.rounds),
+        "examples_seen": sum(r["examples_seen"] for r in records),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
         "lora_r": algorithm.server_settings().lora_r if any(".lora_A." in k for k in state) else None,
         "client_ranks": getattr(algorithm, "ranks", None),
         "seconds": final["elapsed"]})
+    (run.path / CHECKPOINT).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
     say(f"saved {path}", quiet)

@@ -25,7 +25,7 @@ def run_federated(settings: Settings, quiet: bool = False) -> Path:
     from fedtune.client_app import make_client_app
     from fedtune.server_app import make_server_app
 
-    get_algorithm(settings.algorithm)  # fail on a bad name before starting the engine
+    get_algorithm(settings.algorithm, settings)  # fail on bad settings before starting the engine
     outcome: dict = {}
     run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),
                    num_supernodes=settings.clients, backend_config=backend_config())

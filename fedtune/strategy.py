@@ -58,6 +58,7 @@ class FedTuneStrategy(FedAvg):
         self.nodes = dict(sorted(nodes.items()))
         self.seed = seed
         self.lr_at = lr_at
+        self.offset = 0  # rounds already done before `start` (a resumed run)
         self.rounds: dict[int, dict] = {}  # per-round accounting, read by the server app
         self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
 
@@ -69,6 +70,7 @@ class FedTuneStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         config["server-round"] = server_round
         config["lr"] = self.lr_at(server_round)
         global_state = arrays.to_torch_state_dict()
@@ -88,6 +90,7 @@ class FedTuneStrategy(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         replies = list(replies)
         stats = self.rounds.setdefault(server_round, {})
         stats["bytes_up"] = sum(wire_bytes(m) for m in replies if not m.has_error())

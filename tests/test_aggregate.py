@@ -4,6 +4,7 @@ import torch
 from fedtune.algorithms import algorithm_names, get_algorithm, register
 from fedtune.algorithms.aggregate import invalid_reason, weighted_mean
 from fedtune.algorithms.base import Algorithm
+from fedtune.config import Settings
 
 
 @pytest.mark.parametrize("name", algorithm_names())
@@ -49,3 +50,29 @@ def test_registry_refuses_duplicates_and_names_known_algorithms():
             name = "fedavg"
     with pytest.raises(ValueError, match=r"unknown algorithm 'fedsgd' \(known: .*fedavg.*fedlora"):
         get_algorithm("fedsgd")
+
+
+def test_median_and_trimmed_mean_are_coordinatewise():
+    from fedtune.algorithms.aggregate import robust_aggregate
+
+    states = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, -5.0])}, {"w": torch.tensor([100.0, 0.0])},
+              {"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([4.0, 2.0])}]
+    weights = [1.0, 1.0, 50.0, 1.0, 1.0]  # robust rules ignore the weights
+    torch.testing.assert_close(robust_aggregate(states, weights, "median")["w"], torch.tensor([3.0, 1.0]))
+    # 5 clients, cut 0.2: drop one value at each end of every coordinate, average the other three.
+    trimmed = robust_aggregate(states, weights, "trimmed-mean", trim_fraction=0.2)["w"]
+    torch.testing.assert_close(trimmed, torch.tensor([(2 + 3 + 4) / 3, (0 + 1 + 2) / 3]))
+
+
+def test_krum_keeps_a_state_from_the_honest_cluster():
+    from fedtune.algorithms.aggregate import robust_aggregate
+
+    honest = [{"w": torch.tensor([1.0, 1.0]) + 0.01 * i} for i in range(4)]
+    attacker = {"w": torch.tensor([50.0, -50.0])}
+    chosen = robust_aggregate(honest + [attacker], [1.0] * 5, "krum", num_malicious=1)
+    assert any(torch.equal(chosen["w"], h["w"]) for h in honest)
+
+
+def test_heterogeneous_ranks_refuse_robust_rules():
+    with pytest.raises(ValueError, match="different ranks"):
+        get_algorithm("flexlora", Settings(algorithm="flexlora", aggregation="median"))

@@ -1,10 +1,11 @@
-"""FedKDLoRA with the teacher on the clients: it persists in the node's state and never travels."""
+"""FedKDLoRA with the teacher on the clients: it persists on the client's disk and never travels."""
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client_app import make_client_app
+from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.config import Settings
 from fedtune.local import _distillation, client_update, initial_state
 from fedtune.teacher import pretrain_teacher, require_teacher
@@ -23,7 +24,7 @@ def settings(tiny_bert, glue_dir, tmp_path_factory):
 
 
 def train_message(state, server_round):
-    config = ConfigRecord({"server-round": server_round, "lr": 1e-2})
+    config = ConfigRecord({"server-round": server_round, "lr": 1e-2, "run-name": "test-run"})
     return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=7, message_type="train")
 
 
@@ -39,8 +40,9 @@ def test_client_teacher_persists_across_rounds_and_never_travels(settings):
     start = initial_state(settings)
     _, initial_teacher = _distillation(settings)
 
+    folder = state_folder(settings.out_dir, "test-run")
     reply1 = app(train_message(start, 1), context)
-    teacher1 = context.state["kept"].to_torch_state_dict()
+    teacher1 = load_kept(folder, 0, server_round=2)
     assert set(teacher1) == set(initial_teacher) and all(k.startswith("teacher.") for k in teacher1)
     assert any(not torch.equal(teacher1[k], initial_teacher[k]) for k in teacher1)  # the teacher trained
     student1 = reply1.content["arrays"].to_torch_state_dict()
@@ -48,7 +50,9 @@ def test_client_teacher_persists_across_rounds_and_never_travels(settings):
     assert "teacher-dev-accuracy" in reply1.content["metrics"]
 
     reply2 = app(train_message(student1, 2), context)
-    teacher2 = context.state["kept"].to_torch_state_dict()
+    teacher2 = load_kept(folder, 0, server_round=3)
+    assert sorted(p.name for p in folder.iterdir()) == ["client-0-round-1.safetensors",
+                                                        "client-0-round-2.safetensors"]
     # Round 2 started from the teacher kept in round 1, not from a fresh one:
     from_kept = client_update(settings, 0, 2, student1, 2, 1e-2, kept_state=teacher1)
     from_fresh = client_update(settings, 0, 2, student1, 2, 1e-2, kept_state=None)
@@ -61,3 +65,14 @@ def test_client_teacher_persists_across_rounds_and_never_travels(settings):
         for kept in (teacher1, teacher2):
             assert not any(a.shape == b.shape and torch.equal(a, b) for a in sent for b in kept.values()
                            if b.abs().sum() > 0)
+
+
+def test_client_state_keeps_the_two_newest_rounds(tmp_path):
+    for r in range(1, 5):
+        save_kept(tmp_path, 3, r, {"t": torch.full((2,), float(r))})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["client-3-round-3.safetensors", "client-3-round-4.safetensors"]
+    assert load_kept(tmp_path, 3, server_round=4)["t"][0] == 3.0  # a resumed round 4 starts from round 3's
+    assert load_kept(tmp_path, 3, server_round=9)["t"][0] == 4.0
+    assert load_kept(tmp_path, 1, server_round=9) is None
+    with pytest.raises(ValueError, match="run name"):
+        state_folder(str(tmp_path), "../escape")

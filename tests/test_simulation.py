@@ -12,18 +12,23 @@ from fedtune.simulation import run_federated
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_bert, glue_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    base = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=90,
-                    eval_limit=48, batch_size=8, max_length=32, local_steps=2, out_dir=str(out), lora_r=4,
-                    full_lr=1e-3, partition="dirichlet", dirichlet_alpha=1.0)
+def base(tiny_bert, glue_dir, tmp_path_factory):
+    return Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=90,
+                    eval_limit=48, batch_size=8, max_length=32, local_steps=2, lora_r=4,
+                    full_lr=1e-3, partition="dirichlet", dirichlet_alpha=1.0,
+                    out_dir=str(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="module")
+def runs(base):
     return {name: run_federated(base.replace(algorithm=name), quiet=True) for name in ("fedavg", "fedlora")} | {
         "fedlora-again": run_federated(base.replace(algorithm="fedlora"), quiet=True),
         "flexlora": run_federated(base.replace(algorithm="flexlora", client_ranks="2,4,8"), quiet=True),
         "fedavg-int8": run_federated(base.replace(algorithm="fedavg", codec="int8"), quiet=True),
         **{f"fedkdlora-{placement}": run_federated(base.replace(algorithm="fedkdlora", kd_placement=placement,
                                                                 teacher_epochs=0.05, codec=codec), quiet=True)
-           for placement, codec in (("server", "int8"), ("client", "none"))}}
+           for placement, codec in (("server", "int8"), ("client", "none"))},
+        "faulty": run_federated(base.replace(algorithm="fedlora", aggregation="median", dropout=0.4), quiet=True)}
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client"])
@@ -115,3 +120,50 @@ def test_int8_codec_sends_a_quarter_of_the_bytes(runs):
     payload = fp32["travelling_parameters"] * 3  # one byte per parameter, 3 clients
     assert payload <= int8["bytes_up"] <= 0.3 * fp32["bytes_up"]
     assert int8["bytes_down"] == pytest.approx(fp32["bytes_down"], rel=1e-3)  # the download stays fp32
+
+
+def test_dropped_clients_are_skipped_and_the_rounds_complete(runs, base):
+    from fedtune.local import simulated_failure
+
+    rounds = read_jsonl(runs["faulty"] / "rounds.jsonl")
+    for r in rounds[1:]:
+        failing = [p for p in r["clients"] if simulated_failure(base.replace(dropout=0.4), r["round"], p)]
+        assert len(r["dropped"]) == len(failing) and r["accepted"] == len(r["clients"]) - len(failing)
+        assert all("simulated dropout" in d["reason"] for d in r["dropped"])
+    assert sum(len(r["dropped"]) for r in rounds) > 0  # seed 42 drops someone: the test exercises the path
+    assert json.loads((runs["faulty"] / "summary.json").read_text())["rounds"] == 2
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(runs, base, monkeypatch):
+    """Crash the server right after round 1's checkpoint; `resume` finishes round 2 with the same
+    metrics and model as the run that never stopped (FedKDLoRA, teachers kept on the clients' disk)."""
+    import fedtune.server_app
+
+    settings = base.replace(algorithm="fedkdlora", kd_placement="client", teacher_epochs=0.05)
+    real_save = fedtune.server_app.save_checkpoint
+
+    def save_then_crash(run, state, algorithm_state, records):
+        real_save(run, state, algorithm_state, records)
+        if records[-1]["round"] == 1:
+            raise RuntimeError("simulated kill after round 1")
+
+    monkeypatch.setattr(fedtune.server_app, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError):
+        run_federated(settings, quiet=True)
+    monkeypatch.setattr(fedtune.server_app, "save_checkpoint", real_save)
+    [interrupted] = [p for p in (runs["faulty"].parent).glob("fedkdlora-cola-*.incomplete")]
+    assert [r["round"] for r in read_jsonl(interrupted / "rounds.jsonl")] == [0, 1]
+
+    resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
+    assert resumed.name == interrupted.name.removesuffix(".incomplete") and not (resumed / "checkpoint.pt").exists()
+    ignored = ("seconds", "elapsed", "bytes")
+    strip = lambda rs: [{k: v for k, v in r.items() if not any(w in k for w in ignored)} for r in rs]
+    assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(runs["fedkdlora-client"] / "rounds.jsonl"))
+    final = load_file(str(resumed / "model" / "adapter_model.safetensors"))
+    reference = load_file(str(runs["fedkdlora-client"] / "model" / "adapter_model.safetensors"))
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+
+
+def test_resume_refuses_finished_runs_and_changed_settings(runs, base):
+    with pytest.raises(ValueError, match="finished runs cannot be resumed"):
+        run_federated(base.replace(algorithm="fedlora", resume=str(runs["fedlora"])), quiet=True)

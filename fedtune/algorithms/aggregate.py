@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 State = dict[str, torch.Tensor]
@@ -35,3 +36,34 @@ def invalid_reason(update: State, reference: State) -> str | None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return f"{name} contains NaN or Inf"
     return None
+
+
+def robust_aggregate(states: list[State], weights: list[float], method: str, trim_fraction: float = 0.2,
+                     num_malicious: int = 1) -> State:
+    """Byzantine-robust combination with Flower's own rules, key by key over the travelling state.
+
+    - `median`: coordinate-wise median (FedMedian, Yin et al. 2018), unweighted;
+    - `trimmed-mean`: drop the `trim_fraction` largest and smallest values per coordinate,
+      average the rest (FedTrimmedAvg), unweighted;
+    - `krum`: keep the one state with the smallest sum of squared distances to its
+      n - f - 2 nearest others (Krum, Blanchard et al. 2017; f = `num_malicious`).
+    `mean` is the example-weighted mean.
+    """
+    from flwr.app import ArrayRecord, RecordDict
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+
+    if method == "mean":
+        return weighted_mean(states, weights)
+    if method == "krum":
+        records = [RecordDict({"arrays": ArrayRecord({k: v.float() for k, v in s.items()})}) for s in states]
+        chosen = select_multikrum(records, num_malicious_nodes=num_malicious, num_nodes_to_select=1)[0]
+        return states[next(i for i, r in enumerate(records) if r is chosen)]
+    if method == "median":
+        combine = lambda stacked: np.median(stacked, axis=0)  # noqa: E731
+    elif method == "trimmed-mean":
+        combine = lambda stacked: trim_mean(stacked, trim_fraction)  # noqa: E731
+    else:
+        raise ValueError(f"unknown aggregation {method!r} (known: mean, median, trimmed-mean, krum)")
+    return {name: torch.from_numpy(np.asarray(combine(np.stack([s[name].double().numpy() for s in states]))))
+            .to(states[0][name].dtype) for name in states[0]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedtune.algorithms.aggregate import State, weighted_mean
+from fedtune.algorithms.aggregate import State, robust_aggregate
 from fedtune.config import Settings
 from fedtune.train import schedule_factor
 
@@ -57,8 +57,17 @@ class Algorithm:
         return global_state
 
     def aggregate(self, states: list[State], weights: list[float]) -> State:
-        """Combine client states into the new global state; default: weighted mean by examples."""
-        return weighted_mean(states, weights)
+        """Combine client states into the new global state: the `aggregation` rule (default:
+        weighted mean by examples)."""
+        s = self.settings
+        return robust_aggregate(states, weights, s.aggregation, s.trim_fraction, s.krum_malicious)
+
+    def checkpoint_state(self) -> State:
+        """Server-side state besides the global model that a resumed run needs (default: none)."""
+        return {}
+
+    def restore(self, state: State) -> None:
+        """Inverse of `checkpoint_state`."""
 
     def server_update(self, state: State, server_round: int) -> tuple[State, dict[str, float]]:
         """Server-side training after aggregation: (new global state, metrics to record). Default: none."""

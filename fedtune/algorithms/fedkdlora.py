@@ -48,3 +48,9 @@ class FedKDLoRA(FedLoRA):
         state, self.teacher_state, metrics = server_distillation(self.settings, state, self.teacher_state,
                                                                  server_round, self.round_lr(server_round))
         return state, metrics
+
+    def checkpoint_state(self) -> State:
+        return dict(self.teacher_state or {})
+
+    def restore(self, state: State) -> None:
+        self.teacher_state = dict(state) or None

@@ -20,6 +20,9 @@ class HeterogeneousRanks(FedLoRA):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
+        if settings.aggregation != "mean":
+            raise ValueError(f"aggregation={settings.aggregation!r} needs same-shape client states; "
+                             f"{self.name} clients have different ranks (use aggregation=mean)")
         self.ranks = assign_ranks(settings.rank_distribution, settings.rank_set, settings.clients, settings.seed,
                                   settings.lora_r, settings.client_ranks)
 
