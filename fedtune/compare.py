@@ -64,8 +64,11 @@ class Cell:
         if self.centralized:
             defaults = Settings()
             settings = settings.replace(**{name: getattr(defaults, name) for name in FEDERATED_ONLY})
-        values = {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir, "out-dir": None,
-                  "kind": "centralized" if self.centralized else "federated"}
+        # Only values that differ from the defaults: a setting added later (at its default) keeps old keys.
+        defaults = Settings().to_dict()
+        values = {k: v for k, v in {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}.items()
+                  if v != defaults[k] and k != "out-dir"}
+        values["kind"] = "centralized" if self.centralized else "federated"
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
