@@ -20,7 +20,10 @@ def plot_rounds(records: list[dict], task: str, path: Path) -> None:
     values = [r[f"dev_{metric}"] for r in records]
     megabytes = [(r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6 for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(rounds, values, marker="o")
+    left.plot(rounds, values, marker="o", label="global model")
+    if all(f"teacher_dev_{metric}" in r for r in records):  # FedKDLoRA: the teacher(s) too
+        left.plot(rounds, [r[f"teacher_dev_{metric}"] for r in records], marker="s", linestyle="--", label="teacher")
+        left.legend()
     left.set(xlabel="round", ylabel=f"dev {metric}", title=f"{task}: {metric} per round")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.plot(megabytes[1:], values[1:], marker="o")  # round 0 has sent nothing
