@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.codecs import Codec
@@ -21,9 +23,16 @@ def node_partition(context: Context) -> tuple[int, int]:
     return int(config["partition-id"]), int(config["num-partitions"])
 
 
+def clip_when_private(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `fixedclipping_mod` on training messages that carry a clipping norm (DP runs)."""
+    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def make_client_app(settings: Settings | None = None) -> ClientApp:
     """A ClientApp using `settings`, or the run config when None (as under `flwr run`)."""
-    app = ClientApp()
+    app = ClientApp(mods=[clip_when_private])
 
     def settings_of(context: Context) -> Settings:
         return settings or Settings.from_run_config(context.run_config)

@@ -74,6 +74,10 @@ class Settings:
                             "rule (coordinate median, trimmed mean, Krum)", AGGREGATIONS)
     trim_fraction: float = _opt(0.2, "trimmed-mean: share of clients cut at each end, per coordinate")
     krum_malicious: int = _opt(1, "krum: number of malicious clients assumed (f)")
+    dp_noise: float = _opt(0.0, "differential privacy: Gaussian noise multiplier z (> 0 turns on DP-FedAvg with "
+                           "client-side clipping; noise std z * dp-clip / sampled clients)")
+    dp_clip: float = _opt(1.0, "differential privacy: L2 norm each client's update is clipped to")
+    dp_delta: float = _opt(1e-5, "differential privacy: delta at which epsilon is reported")
     dropout: float = _opt(0.0, "simulated fault: probability that a sampled client fails in a round")
     # --- heterogeneous LoRA ranks (flexlora, hetlora)
     rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
@@ -115,6 +119,11 @@ class Settings:
             problems.append(f"trim-fraction={self.trim_fraction} (must be in [0, 0.5))")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} (must be in [0, 1))")
+        if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
+            problems.append("dp-noise must be >= 0, dp-clip > 0 and dp-delta in (0, 1)")
+        if self.dp_noise > 0 and (self.codec != "none" or self.aggregation != "mean"):
+            problems.append("dp-noise > 0 needs codec=none and aggregation=mean (clipping and noise act on plain "
+                            "updates averaged with equal weights)")
         if self.krum_malicious < 0:
             problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
         if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:

@@ -20,6 +20,7 @@ from fedtune.local import cached_model, evaluate_state, initial_state
 from fedtune.models import load_tokenizer, load_trainable_state
 from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
+from fedtune.privacy import PrivacyLedger, private
 from fedtune.runs import RunDir
 from fedtune.strategy import FedTuneStrategy
 from fedtune.teacher import pretrain_teacher
@@ -94,6 +95,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     run.write_json("partitions.json", partitions)
     codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
+    runner = private(strategy, settings)  # the DP wrapper around it, when dp-noise > 0
+    ledger = PrivacyLedger(settings, len(strategy.sample(1))) if settings.dp_noise > 0 else None
     state = initial_state(settings)
     travelling = sum(t.numel() for t in state.values())
     records: list[dict] = []
@@ -102,6 +105,9 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         algorithm.restore(checkpoint["algorithm"])
         run.write_jsonl("rounds.jsonl", records)  # drops a round that never reached its checkpoint
         strategy.offset = records[-1]["round"]
+        for record in records:  # the privacy already spent
+            if ledger and "dp_epsilon" in record:
+                ledger.release()
         say(f"resuming {run.path} after round {strategy.offset}", quiet)
     say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
         f"{travelling:,} parameters travel -> {run.path}", quiet)
@@ -130,6 +136,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                       "server_seconds": stats.get("server_seconds", 0.0),
                       "seconds": now - clock["last"], "elapsed": now - clock["start"],
                       "travelling_parameters": travelling}
+            if ledger and server_round and stats.get("accepted", 0):
+                record["dp_epsilon"] = ledger.release()
             clock["last"] = now
             records.append(record)
             run.append_jsonl("rounds.jsonl", record)
@@ -137,10 +145,10 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
             update(server_round)
             return MetricRecord(metrics)
 
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state),
-                                num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
-                                train_config=ConfigRecord({"run-name": run.final_path.name}),
-                                evaluate_fn=evaluate_fn)
+        result = runner.start(grid=grid, initial_arrays=ArrayRecord(state),
+                              num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
+                              train_config=ConfigRecord({"run-name": run.final_path.name}),
+                              evaluate_fn=evaluate_fn)
 
     model = cached_model(algorithm.server_settings())
     load_trainable_state(model, result.arrays.to_torch_state_dict() if len(result.arrays) else state)
@@ -160,6 +168,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
         "lora_r": algorithm.server_settings().lora_r if any(".lora_A." in k for k in state) else None,
         "client_ranks": getattr(algorithm, "ranks", None),
+        "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if ledger else None,
         "seconds": final["elapsed"]})
     (run.path / CHECKPOINT).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()

@@ -59,6 +59,7 @@ class FedTuneStrategy(FedAvg):
         self.seed = seed
         self.lr_at = lr_at
         self.offset = 0  # rounds already done before `start` (a resumed run)
+        self.uniform_weights = False  # DP: every client weighs the same (the noise is calibrated to that)
         self.rounds: dict[int, dict] = {}  # per-round accounting, read by the server app
         self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
 
@@ -113,7 +114,7 @@ class FedTuneStrategy(FedAvg):
         accepted.sort(key=lambda item: item[0])
         states = [state for _, state, _ in accepted]
         metrics = [m for _, _, m in accepted]
-        weights = [float(m["num-examples"]) for m in metrics]
+        weights = [1.0 if self.uniform_weights else float(m["num-examples"]) for m in metrics]
         start = time.perf_counter()
         aggregated = self.algorithm.aggregate(states, weights)
         stats["aggregate_seconds"] = time.perf_counter() - start
