@@ -13,7 +13,7 @@ import torch
 
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, say
-from fedtune.data import cached_task_data, make_loader, task_spec, tokenize
+from fedtune.data import cached_task_data, eval_loader, make_loader, task_spec, tokenize
 from fedtune.metrics import primary_metric
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer
 from fedtune.runs import RunDir
@@ -57,9 +57,10 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     model, lr, loss_fn = build_model(settings, quiet)
     seed_everything(settings.seed)
     train_loader = make_loader(tokenize(data.private, tokenizer, settings.max_length), tokenizer,
-                               settings.batch_size, shuffle=True, seed=settings.seed)
-    eval_loader = make_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
-                              settings.eval_batch_size, shuffle=False)
+                               settings.batch_size, shuffle=True, seed=settings.seed,
+                               by_length=settings.batching == "by-length")
+    dev_loader = eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
+                             settings.eval_batch_size)
     run = RunDir(settings.out_dir, f"centralized-{settings.method}-{settings.task}", settings)
     trainable, total = count_parameters(model)
     say(f"[bold]{settings.method}[/] on {settings.task}: {len(data.private)} train rows, "
@@ -74,7 +75,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
         update(step)
         if step in checkpoints:
             record = {"epoch": round(step / len(train_loader), 3), "step": step, "train_loss": mean_loss,
-                      **{f"dev_{k}": v for k, v in evaluate(model, eval_loader, settings.task).items()},
+                      **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task).items()},
                       "samples": examples, "seconds": time.perf_counter() - start}
             history.append(record)
             run.append_jsonl("epochs.jsonl", record)

@@ -12,6 +12,7 @@ from fedtune.codecs import Codec
 from fedtune.config import Settings
 from fedtune.console import quiet_libraries
 from fedtune.local import client_update, simulated_failure
+from fedtune.secure import secure_aggregation_mod
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -32,7 +33,7 @@ def clip_when_private(msg: Message, context: Context, call_next) -> Message:
 
 def make_client_app(settings: Settings | None = None) -> ClientApp:
     """A ClientApp using `settings`, or the run config when None (as under `flwr run`)."""
-    app = ClientApp(mods=[clip_when_private])
+    app = ClientApp(mods=[secure_aggregation_mod, clip_when_private])
 
     def settings_of(context: Context) -> Settings:
         return settings or Settings.from_run_config(context.run_config)

@@ -21,6 +21,8 @@ RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong"
 KD_PLACEMENTS = ("server", "client")
 CODECS = ("none", "fp16", "int8", "svd")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
+BATCHINGS = ("random", "by-length")
+SECURE_AGGREGATIONS = ("none", "secagg+")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -51,6 +53,8 @@ class Settings:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     batch_size: int = _opt(32, "training batch size")
     eval_batch_size: int = _opt(128, "evaluation batch size")
+    batching: str = _opt("random", "training batches: 'random', or 'by-length' (rows of similar length together, as "
+                         "transformers' group_by_length: less padding, faster)", BATCHINGS)
     lr_schedule: str = _opt("linear", "decay over steps (centralized) or over rounds (federated)", LR_SCHEDULES)
     kd_temperature: float = _opt(1.0, "softmax temperature of the distillation KL term")
     seed: int = _opt(42, "seed for data order, partitions, sampling and initialisation")
@@ -78,6 +82,9 @@ class Settings:
                            "client-side clipping; noise std z * dp-clip / sampled clients)")
     dp_clip: float = _opt(1.0, "differential privacy: L2 norm each client's update is clipped to")
     dp_delta: float = _opt(1e-5, "differential privacy: delta at which epsilon is reported")
+    secure_aggregation: str = _opt("none", "secagg+: clients mask their updates (Flower's SecAgg+), the server "
+                                   "sees only their weighted mean", SECURE_AGGREGATIONS)
+    secagg_clip: float = _opt(8.0, "secagg+: update values are clipped to +-this before quantization")
     dropout: float = _opt(0.0, "simulated fault: probability that a sampled client fails in a round")
     # --- heterogeneous LoRA ranks (flexlora, hetlora)
     rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
@@ -124,6 +131,10 @@ class Settings:
         if self.dp_noise > 0 and (self.codec != "none" or self.aggregation != "mean"):
             problems.append("dp-noise > 0 needs codec=none and aggregation=mean (clipping and noise act on plain "
                             "updates averaged with equal weights)")
+        if self.secure_aggregation != "none" and (self.codec != "none" or self.aggregation != "mean"
+                                                  or self.dp_noise > 0 or self.secagg_clip <= 0):
+            problems.append("secure-aggregation needs codec=none, aggregation=mean, dp-noise=0 and secagg-clip > 0 "
+                            "(the server only ever sees the masked sum)")
         if self.krum_malicious < 0:
             problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
         if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:

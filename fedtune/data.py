@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from datasets import Dataset, DatasetDict
 
 from fedtune.config import TASKS, Settings
@@ -186,8 +187,23 @@ def make_collate(pad_token_id: int):
     return collate
 
 
-def make_loader(data: TokenizedDataset, tokenizer, batch_size: int, shuffle: bool,
-                seed: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(data: TokenizedDataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
+                by_length: bool = False) -> torch.utils.data.DataLoader:
+    """Batches of `data`, shuffled with `seed`; with `by_length`, rows of similar length are batched
+    together (transformers' length-grouped sampler: random mega-batches of up to 50 batches, each
+    sorted by length), which cuts padding."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    collate = make_collate(tokenizer.pad_token_id)
+    if shuffle and by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=[len(ids) for ids in data.input_ids], generator=generator)
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       collate_fn=collate)
+
+
+def eval_loader(data: TokenizedDataset, tokenizer, batch_size: int) -> torch.utils.data.DataLoader:
+    """Evaluation batches of rows sorted by length (longest first): little padding, and the
+    metrics (accuracy, MCC, mean loss) do not depend on the order."""
+    order = sorted(range(len(data)), key=lambda i: -len(data.input_ids[i]))
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=batch_size,
                                        collate_fn=make_collate(tokenizer.pad_token_id))

@@ -88,13 +88,15 @@ class LocalFederation:
         self.workdir, self.nodes, self.port = Path(workdir), nodes, port
         self.home = self.workdir / "flwr-home"
         self.processes: list[subprocess.Popen] = []
+        self.supernodes: dict[int, subprocess.Popen] = {}
         # Flower starts helpers (flower-superexec, flwr-serverapp, ...) by name: this environment's first.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                                   cwd=cwd)
         self.processes.append(process)
         return process
 
@@ -130,15 +132,48 @@ class LocalFederation:
             registered = self._flwr("supernode", "register", str(certs / f"node-{node}.pub"))
             if registered.returncode != 0:
                 raise RuntimeError(f"registering node {node} failed: {registered.stdout}{registered.stderr}")
-            self._start(f"supernode-{node}", [
-                _bin("flower-supernode"), "--superlink", address, "--root-certificates", str(certs / "ca.crt"),
-                "--auth-supernode-private-key", str(certs / f"node-{node}"), "--port", str(self.port + 1 + node),
-                "--node-config", f"partition-id={node} num-partitions={self.nodes}"])
+            self.supernodes[node] = self._start_supernode(node)
+
+    def _start_supernode(self, node: int, log_name: str = "") -> subprocess.Popen:
+        certs = self.workdir / "certificates"
+        return self._start(log_name or f"supernode-{node}", [
+            _bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+            str(certs / "ca.crt"), "--auth-supernode-private-key", str(certs / f"node-{node}"),
+            "--port", str(self.port + 1 + node), "--node-config", f"partition-id={node} num-partitions={self.nodes}"])
+
+    def restart_supernode(self, node: int, timeout: float = 180) -> int:
+        """Kill SuperNode `node` (and its ClientApps) and start it again with the same key.
+
+        The SuperLink refuses the key until it has marked the old session offline (after two
+        missed 30-s heartbeats), so a refused start is retried, as a service manager would.
+        Returns the number of starts it took.
+        """
+        old = self.supernodes[node]
+        os.killpg(old.pid, signal.SIGKILL)
+        old.wait()
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            log_name = f"supernode-{node}-restart-{attempt}"
+            process = self._start_supernode(node, log_name)
+            while process.poll() is None and "SuperNode ID:" not in self._log(log_name):
+                time.sleep(0.5)
+            if process.poll() is None:
+                self.supernodes[node] = process
+                return attempt
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperNode {node} was not let back in within {timeout:.0f} s; "
+                                   f"see {self.workdir}/{log_name}.log")
+            time.sleep(5)
+
+    def _log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
 
     def _wait_for(self, log_name: str, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in (self.workdir / log_name).read_text(errors="replace"):
+            if text in self._log(log_name.removesuffix(".log")):
                 return
             if any(p.poll() is not None for p in self.processes):
                 raise RuntimeError(f"a Flower process exited early; see {self.workdir}/*.log")
@@ -148,6 +183,10 @@ class LocalFederation:
     def run(self, run_config: str, app: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess:
         """`flwr run APP --stream` against this federation; returns the finished process."""
         return self._flwr("run", str(app), "--stream", "--run-config", run_config, timeout=timeout, cwd=app)
+
+    def submit(self, run_config: str, app: Path = REPO) -> subprocess.Popen:
+        """`flwr run APP --stream` in the background (stopped with the federation); log in flwr-run.log."""
+        return self._start("flwr-run", [_bin("flwr"), "run", str(app), "--stream", "--run-config", run_config], cwd=app)
 
     def stop(self) -> None:
         """Stop every process this federation started (their children too)."""

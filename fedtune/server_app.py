@@ -22,6 +22,7 @@ from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.privacy import PrivacyLedger, private
 from fedtune.runs import RunDir
+from fedtune.secure import SecureRounds
 from fedtune.strategy import FedTuneStrategy
 from fedtune.teacher import pretrain_teacher
 
@@ -96,6 +97,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
     runner = private(strategy, settings)  # the DP wrapper around it, when dp-noise > 0
+    if settings.secure_aggregation == "secagg+":
+        runner = SecureRounds(strategy, settings.secagg_clip, max_weight=max(p["size"] for p in partitions))
     ledger = PrivacyLedger(settings, len(strategy.sample(1))) if settings.dp_noise > 0 else None
     state = initial_state(settings)
     travelling = sum(t.numel() for t in state.values())

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from fedtune.config import Settings
 from fedtune.console import progress_bar, say
-from fedtune.data import cached_task_data, make_loader, task_spec, tokenize
+from fedtune.data import cached_task_data, eval_loader, make_loader, task_spec, tokenize
 from fedtune.models import check_same_tokenizer, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
@@ -24,7 +24,8 @@ TEACHER_KEYS = ("task", "glue-dir", "max-length", "public-fraction", "model", "f
 def teacher_settings(settings: Settings) -> dict:
     """The settings that decide the teacher, with the GLUE folder resolved."""
     resolved = {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}
-    return {k: resolved[k] for k in TEACHER_KEYS}
+    keys = TEACHER_KEYS + (("batching",) if settings.batching != "random" else ())  # old keys stay valid
+    return {k: resolved[k] for k in keys}
 
 
 def teacher_dir(settings: Settings) -> Path:
@@ -46,15 +47,15 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     seed_everything(settings.seed)
     model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
     loader = make_loader(tokenize(data.public, tokenizer, settings.max_length), tokenizer,
-                         settings.batch_size, shuffle=True, seed=settings.seed)
+                         settings.batch_size, shuffle=True, seed=settings.seed,
+                         by_length=settings.batching == "by-length")
     steps = steps_for(len(loader), settings.teacher_epochs)
     with progress_bar(steps, "teacher on public slice", quiet) as update:
         result = train(model, loader, lr=settings.full_lr, steps=steps, schedule=settings.lr_schedule,
                        weight_decay=settings.weight_decay,
                        on_step=lambda step, *_: update(step))
-    eval_loader = make_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
-                              settings.eval_batch_size, shuffle=False)
-    metrics = evaluate(model, eval_loader, settings.task)
+    metrics = evaluate(model, eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
+                                          settings.eval_batch_size), settings.task)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

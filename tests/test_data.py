@@ -2,7 +2,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from fedtune.data import DataError, load_glue, make_collate, split_public, tokenize
+from fedtune.data import (DataError, TokenizedDataset, eval_loader, load_glue, make_collate, make_loader,
+                          split_public, tokenize)
 
 
 def test_real_cola_is_read_with_quotes_intact(glue_dir):
@@ -63,3 +64,40 @@ def test_tokenization_is_cached_per_tokenizer_and_length(tokenizer_dir):
     assert tokenize(rows, tokenizer, max_length=4) is first
     assert max(len(ids) for ids in first.input_ids) == 4  # truncated
     assert tokenize(rows, tokenizer, max_length=16) is not first
+
+
+class _Tokenizer:  # all the loaders need from a tokenizer
+    pad_token_id = 0
+
+
+def _rows(lengths):
+    """Row i is `lengths[i]` copies of token i + 1, labelled i (so rows can be traced through batches)."""
+    return TokenizedDataset([[i + 1] * n for i, n in enumerate(lengths)], list(range(len(lengths))))
+
+
+def _padded_tokens(loader):
+    return sum(batch["input_ids"].numel() for batch in loader)
+
+
+def test_eval_batches_are_sorted_by_length_and_cover_every_row_once():
+    lengths = [3, 9, 1, 7, 7, 2, 5]
+    batches = list(eval_loader(_rows(lengths), _Tokenizer(), batch_size=3))
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    assert sorted(labels) == list(range(len(lengths)))
+    assert [lengths[i] for i in labels] == sorted(lengths, reverse=True)
+    assert _padded_tokens(batches) == 3 * 9 + 3 * 5 + 1 * 1  # widths 9, 5 (rows 7, 7, 5) and 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_length_grouped_batches_are_a_seeded_permutation_with_less_padding(seed):
+    lengths = torch.randint(1, 60, (640,), generator=torch.Generator().manual_seed(seed)).tolist()
+    data = _rows(lengths)
+    grouped = list(make_loader(data, _Tokenizer(), batch_size=8, shuffle=True, seed=seed, by_length=True))
+    labels = torch.cat([b["labels"] for b in grouped]).tolist()
+    assert sorted(labels) == list(range(len(lengths)))  # every row exactly once per epoch
+    again = list(make_loader(data, _Tokenizer(), batch_size=8, shuffle=True, seed=seed, by_length=True))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))
+    random = make_loader(data, _Tokenizer(), batch_size=8, shuffle=True, seed=seed)
+    # Sorted within mega-batches of 160 rows, a batch's rows differ by a few tokens at most, while
+    # a random batch of 8 pads to roughly the 8/9 quantile of U(1, 59): ~2x the mean length.
+    assert _padded_tokens(grouped) < 0.6 * _padded_tokens(random)

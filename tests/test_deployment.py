@@ -1,6 +1,8 @@
 """A real deployment on 127.0.0.1: SuperLink + 2 SuperNodes over TLS with SuperNode auth, `flwr run`."""
 
 import json
+import time
+
 from fedtune.deployment import LocalFederation, _bin, make_certificates
 from fedtune.runs import read_jsonl
 
@@ -26,3 +28,34 @@ def test_fedlora_over_tls_with_node_auth(tiny_bert, glue_dir, tmp_path):
     assert json.loads((run / "summary.json").read_text())["total_bytes_up"] > 0
     assert "https://127.0.0.1:9340" in (federation.workdir / "superlink.log").read_text()
     assert "Failed to activate SuperNode" in (federation.workdir / "intruder.log").read_text()
+
+
+def test_a_killed_supernode_rejoins_and_the_run_completes(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "runs"
+    run_config = (f"clients=2 rounds=5 task='cola' model='{tiny_bert}' glue-dir='{glue_dir}' out-dir='{out}' "
+                  f"train-limit=40 eval-limit=32 batch-size=8 max-length=32 local-steps=2 lora-r=2 round-timeout=300.0")
+    with LocalFederation(tmp_path / "deployment", nodes=2, port=9350) as federation:
+        run = federation.submit(run_config)
+        deadline = time.monotonic() + 600
+        while len(_rounds(out)) < 2:  # round 1 finished with both nodes
+            assert run.poll() is None and time.monotonic() < deadline, federation._log("flwr-run")[-3000:]
+            time.sleep(0.5)
+        starts = federation.restart_supernode(1)
+        assert run.wait(timeout=600) == 0, federation._log("flwr-run")[-3000:]
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
+    assert rounds[1]["accepted"] == 2 and all(r["accepted"] >= 1 for r in rounds[2:])
+    # The same node (same key, same node id) came back and trained again. If the old process had
+    # already taken round 2's message, that round goes on without it ("Node Unavailable" once its
+    # heartbeats stop); if not, the restarted node picks the message up itself.
+    restarted = federation._log(f"supernode-1-restart-{starts}")
+    node_id = federation._log("supernode-1").split("SuperNode ID: ")[1].split()[0]
+    assert f"SuperNode ID: {node_id}" in restarted and "Receiving: train message" in restarted
+    assert rounds[-1]["accepted"] == 2, [(r["round"], r["accepted"], r["dropped"]) for r in rounds]
+    for r in rounds[2:]:
+        assert all("Node Unavailable" in d["reason"] for d in r["dropped"]), r["dropped"]
+
+
+def _rounds(out):
+    files = list(out.glob("*/rounds.jsonl"))
+    return read_jsonl(files[0]) if files else []

@@ -28,7 +28,9 @@ def runs(base):
         **{f"fedkdlora-{placement}": run_federated(base.replace(algorithm="fedkdlora", kd_placement=placement,
                                                                 teacher_epochs=0.05, codec=codec), quiet=True)
            for placement, codec in (("server", "int8"), ("client", "none"))},
-        "faulty": run_federated(base.replace(algorithm="fedlora", aggregation="median", dropout=0.4), quiet=True)}
+        "faulty": run_federated(base.replace(algorithm="fedlora", aggregation="median", dropout=0.4), quiet=True),
+        **{f"{name}-secagg": run_federated(base.replace(algorithm=name, secure_aggregation="secagg+"), quiet=True)
+           for name in ("fedavg", "fedlora")}}
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client"])
@@ -167,3 +169,24 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(runs, base, monkeyp
 def test_resume_refuses_finished_runs_and_changed_settings(runs, base):
     with pytest.raises(ValueError, match="finished runs cannot be resumed"):
         run_federated(base.replace(algorithm="fedlora", resume=str(runs["fedlora"])), quiet=True)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedlora"])
+def test_secure_aggregate_equals_the_plain_one_within_quantization(runs, base, name):
+    """SecAgg+ quantizes each weighted update to steps of 2 * clip / 2**22; the rest is exact."""
+    filename = "model.safetensors" if name == "fedavg" else "adapter_model.safetensors"
+    plain = load_file(str(runs[name] / "model" / filename))
+    secure = load_file(str(runs[f"{name}-secagg"] / "model" / filename))
+    assert plain.keys() == secure.keys()
+    sizes = [p["size"] for p in json.loads((runs[f"{name}-secagg"] / "partitions.json").read_text())]
+    step = 2 * base.secagg_clip / 2**22
+    # Per round the mean's error is at most one step per client, scaled by 1 / (sum of size / max size);
+    # round 2 trains from round 1's slightly different state, so allow a factor of 10 on top.
+    tolerance = 10 * base.rounds * step * len(sizes) * max(sizes) / sum(sizes)
+    worst = max((plain[k] - secure[k]).abs().max().item() for k in plain)
+    assert 0 < worst <= tolerance, (worst, tolerance)  # > 0: the secure run really quantized
+    secure_rounds = read_jsonl(runs[f"{name}-secagg"] / "rounds.jsonl")
+    plain_rounds = read_jsonl(runs[name] / "rounds.jsonl")
+    assert [r["accepted"] for r in secure_rounds[1:]] == [3, 3]
+    # Key exchange, shares and masked int vectors cost more than the plain float32 replies.
+    assert all(s["bytes_up"] > p["bytes_up"] for s, p in zip(secure_rounds[1:], plain_rounds[1:]))

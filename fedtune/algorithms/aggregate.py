@@ -19,10 +19,13 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to > 0, got {weights}")
-    return {
-        name: sum((w / total) * state[name].double() for state, w in zip(states, weights)).to(states[0][name].dtype)
-        for name in states[0]
-    }
+    mean = {}
+    for name, first in states[0].items():
+        accumulator = torch.zeros(first.shape, dtype=torch.float64)
+        for state, w in zip(states, weights):
+            accumulator.add_(state[name], alpha=w / total)  # in place: no float64 copy of each state
+        mean[name] = accumulator.to(first.dtype)
+    return mean
 
 
 def invalid_reason(update: State, reference: State) -> str | None:

@@ -1,0 +1,122 @@
+"""Federated benchmarks: the cost of a simulated round, 1000 clients, the compare grid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from benchmarks.throughput import raw_loop
+from fedtune.config import Settings
+from fedtune.data import cached_task_data, make_loader, tokenize
+from fedtune.algorithms import get_algorithm
+from fedtune.local import evaluate_state, initial_state, round_seed
+from fedtune.models import load_tokenizer
+from fedtune.partition import client_partitions
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
+from fedtune.train import supervised_loss
+
+
+def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings | None = None) -> dict:
+    """Round 2 of a simulated FedLoRA run vs the raw loop over the very same client batches."""
+    out = tempfile.mkdtemp(prefix="fedtune-bench-")
+    settings = (settings or Settings(task="sst2")).replace(
+        algorithm="fedlora", clients=clients, rounds=2, local_steps=local_steps, train_limit=4000, eval_limit=64,
+        out_dir=out)
+    rounds = read_jsonl(run_federated(settings, quiet=True) / "rounds.jsonl")
+    # The same batches, in the same order, through the minimal loop on the same model.
+    model = get_algorithm("fedlora", settings).build_model(settings)
+    tokenizer = load_tokenizer(settings.model)
+    private = cached_task_data(settings).private
+    partitions = client_partitions(settings, clients)
+    raw_seconds = 0.0
+    for p in rounds[2]["clients"]:
+        loader = make_loader(tokenize(private.select(partitions[p]), tokenizer, settings.max_length), tokenizer,
+                             settings.batch_size, shuffle=True, seed=round_seed(settings.seed, 2, p))
+        batches = [batch for batch, _ in zip(loader, range(local_steps))]
+        raw_seconds += raw_loop(model, supervised_loss, batches, settings.lora_lr)
+    start = time.perf_counter()
+    evaluate_state(settings, initial_state(settings))
+    eval_seconds = time.perf_counter() - start
+    return {"clients": clients, "local_steps": local_steps, "batch_size": settings.batch_size,
+            "samples": rounds[2]["examples_seen"], "round_1_seconds": rounds[1]["seconds"],
+            "round_2_seconds": rounds[2]["seconds"], "eval_seconds": eval_seconds, "raw_seconds": raw_seconds,
+            "aggregate_seconds": rounds[2]["aggregate_seconds"],
+            "ratio": rounds[2]["seconds"] / raw_seconds,
+            "ratio_without_eval": (rounds[2]["seconds"] - eval_seconds) / raw_seconds}
+
+
+class MemoryWatch:
+    """Peak memory of this process and all its children (Ray workers), sampled every `interval` s.
+
+    `rss` sums resident sets (shared pages counted once per process: an upper bound);
+    `pss` shares each shared page among the processes that map it (closer to the truth).
+    """
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.peak_rss, self.peak_pss = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            rss = pss = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    info = process.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, pss = rss + info.rss, pss + info.pss
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def many_clients(clients: int = 1000, fraction: float = 0.05, rounds: int = 3, local_steps: int = 2,
+                 settings: Settings | None = None) -> dict:
+    """FlexLoRA with `clients` simulated SuperNodes on all of SST-2, `fraction` of them per round."""
+    out = tempfile.mkdtemp(prefix="fedtune-bench-")
+    settings = (settings or Settings(task="sst2")).replace(
+        algorithm="flexlora", clients=clients, fraction_train=fraction, rounds=rounds, local_steps=local_steps,
+        batch_size=16, eval_limit=256, out_dir=out)
+    start = time.perf_counter()
+    with MemoryWatch() as memory:
+        path = run_federated(settings, quiet=True)
+    total = time.perf_counter() - start
+    records = read_jsonl(path / "rounds.jsonl")
+    summary = json.loads((path / "summary.json").read_text())
+    return {"clients": clients, "per_round": len(records[1]["clients"]), "rounds": rounds,
+            "local_steps": local_steps, "batch_size": settings.batch_size,
+            "seconds_per_round": [r["seconds"] for r in records[1:]],
+            "aggregate_seconds": [r["aggregate_seconds"] for r in records[1:]],
+            "total_seconds": total, "peak_rss_gb": memory.peak_rss / 1e9, "peak_pss_gb": memory.peak_pss / 1e9,
+            "dev_accuracy": summary["dev"]["accuracy"],
+            "mb_up_per_round": sum(r["bytes_up"] for r in records[1:]) / rounds / 1e6}
+
+
+def compare_grid(task: str = "sst2", seeds: int = 1) -> dict:
+    """`fedtune compare --preset small` from an empty cache, timed end to end."""
+    out = tempfile.mkdtemp(prefix="fedtune-bench-")
+    command = [sys.executable, "-m", "fedtune.cli", "compare", "--quiet", "--task", task, "--partition", "iid",
+               "--seeds", str(seeds), "--out-dir", out]
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    seconds = time.perf_counter() - start
+    results = json.loads(next(Path(out).glob("compare/*/results.json")).read_text())
+    return {"task": task, "seeds": seeds, "cells": len(results["cells"]),
+            "seconds": seconds, "command": " ".join(["fedtune", *command[3:]])}

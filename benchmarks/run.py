@@ -1,0 +1,132 @@
+"""Run fedtune's benchmarks, print their tables, save them, and rewrite the README's Benchmarks section.
+
+    python -m benchmarks.run                      # everything (about 30 min on 2 cores)
+    python -m benchmarks.run --only throughput aggregation
+    python -m benchmarks.run --skip compare       # the compare grid alone takes ~15 min
+
+Results go to `benchmarks/results.json` (merged: a partial run keeps the other parts) and the
+README's section between the `benchmarks:begin` / `benchmarks:end` markers is regenerated from
+that file. Not part of CI: run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from fedtune.config import Settings
+from fedtune.console import quiet_libraries
+from fedtune.runs import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results.json"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+PARTS = ("throughput", "round", "aggregation", "scale", "compare")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu or 'unknown CPU'}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def run_part(part: str, settings: Settings) -> dict:
+    from benchmarks import aggregation, federated, throughput
+
+    if part == "throughput":
+        return throughput.run(settings=settings)
+    if part == "round":
+        return federated.round_overhead(settings=settings)
+    if part == "aggregation":
+        return aggregation.run(settings=settings)
+    if part == "scale":
+        return federated.many_clients(settings=settings)
+    return federated.compare_grid()
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [[f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def render(results: dict) -> str:
+    """The README section, from the saved results."""
+    out = [f"Measured on: {results['machine']} (updated {results['updated']}).", "",
+           "Regenerate: `python -m benchmarks.run` (or `--only PART ...`, parts: " + ", ".join(PARTS) + ")."]
+    if t := results.get("throughput"):
+        out += ["", f"**Local training throughput** (`throughput`; SST-2 batches of {t['batch_size']}, padded per "
+                f"batch, max-length {t['max_length']}; FLOPs counted by PyTorch's FlopCounterMode). fp32 matmul "
+                f"peak measured in the same run: {t['matmul_peak_gflops']:.1f} GFLOP/s "
+                f"({t['matmul_peak_gflops_after']:.1f} at the end).", "",
+                table(["method", "tokens / sample (padded)", "samples/s fedtune", "samples/s raw loop",
+                       "GFLOP/s fedtune", "GFLOP/s raw loop", "MFU (fedtune / peak)"],
+                      [[r["method"], f"{r['real_tokens'] / r['samples']:.1f} ({r['padded_tokens'] / r['samples']:.1f})",
+                        r["fedtune_samples_per_s"], r["raw_samples_per_s"], r["fedtune_gflops"], r["raw_gflops"],
+                        f"{r['mfu']:.0%}"] for r in t["rows"]])]
+        e = t["evaluation"]
+        out += ["", f"Evaluating the {e['rows']} SST-2 dev rows (LoRA model, batches of 128): "
+                + ", ".join(f"{name} {s:.2f} s" for name, s in e["seconds"].items()) + "."]
+    if r := results.get("round"):
+        out += ["", f"**Round overhead** (`round`; FedLoRA, {r['clients']} simulated clients x {r['local_steps']} "
+                f"steps of {r['batch_size']}, the server evaluating 64 dev rows): round 2 took "
+                f"{r['round_2_seconds']:.2f} s (round 1, with model loading in the actor: {r['round_1_seconds']:.2f} s); "
+                f"the same {r['samples']} samples in the same batches through the raw loop took "
+                f"{r['raw_seconds']:.2f} s, evaluation {r['eval_seconds']:.2f} s. Round / raw: **{r['ratio']:.2f}x** "
+                f"({r['ratio_without_eval']:.2f}x without the evaluation)."]
+    if a := results.get("aggregation"):
+        rows = [[x["algorithm"], x["clients"], x["rank"] or "-", f"{x['parameters_per_client']:,}", x["seconds"]]
+                for x in a["rows"]]
+        out += ["", "**Aggregation time** (`aggregation`; one call of the algorithm's `aggregate`, best of 3, "
+                "random states of the real shapes):", "",
+                table(["algorithm", "clients", "rank", "parameters / client", "seconds"], rows)]
+    if s := results.get("scale"):
+        per_round = ", ".join(f"{x:.1f}" for x in s["seconds_per_round"])
+        out += ["", f"**{s['clients']} clients** (`scale`; FlexLoRA, heavy-tail-light ranks, {s['per_round']} "
+                f"clients per round, {s['local_steps']} local steps of {s['batch_size']}, all of SST-2): seconds per "
+                f"round {per_round}; aggregation {max(s['aggregate_seconds']):.2f} s at most; peak memory of the "
+                f"whole process tree {s['peak_pss_gb']:.2f} GB PSS ({s['peak_rss_gb']:.2f} GB summed RSS, "
+                f"which counts shared pages once per process); {s['total_seconds']:.0f} s in total including "
+                f"Ray start-up and the handshake with every node."]
+    if c := results.get("compare"):
+        out += ["", f"**Compare grid, small preset** (`compare`; `{c['command']}`, empty cache): "
+                f"{c['cells']} cells in {c['seconds'] / 60:.1f} min."]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--skip", nargs="+", choices=PARTS, default=[])
+    parser.add_argument("--glue-dir", default="", help="GLUE folder (default: $GLUE_DIR)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    settings = Settings(task="sst2", glue_dir=args.glue_dir)
+    if not settings.resolved_glue_dir:
+        raise SystemExit("benchmarks read real SST-2 rows: pass --glue-dir or set GLUE_DIR")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for part in [p for p in args.only if p not in args.skip]:
+        print(f"== {part}", flush=True)
+        results[part] = run_part(part, settings)
+        results["machine"] = machine()
+        results["updated"] = datetime.date.today().isoformat()
+        write_json(RESULTS, results)  # after every part: an interrupted suite keeps what it measured
+        print(render({k: v for k, v in results.items() if k in (part, "machine", "updated")}), flush=True)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        readme.write_text(head + BEGIN + "\n" + render(results) + "\n" + END + rest.split(END, 1)[1])
+        print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Local training throughput: fedtune's loop vs a minimal PyTorch loop vs the matmul peak.
+
+Every method trains the default model (all-MiniLM-L6-v2) on the same real SST-2 batches. FLOPs
+are counted by `torch.utils.flop_counter.FlopCounterMode` on those batches (forward and
+backward, padding included), so FLOP/s over this machine's fp32 matmul peak, measured in the
+same run, is the model-FLOP utilisation (MFU).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedtune.algorithms import get_algorithm
+from fedtune.config import Settings
+from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
+from fedtune.distill import MutualDistillation
+from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student
+from fedtune.train import evaluate, seed_everything, supervised_loss, train
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 GFLOP/s of a square matmul on this machine (every core torch uses)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def sst2_batches(settings: Settings, count: int, by_length: bool = False) -> list[dict[str, torch.Tensor]]:
+    """`count` shuffled batches of real SST-2 private rows, padded per batch as fedtune does."""
+    tokenizer = load_tokenizer(settings.model)
+    rows = cached_task_data(settings).private
+    loader = make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size,
+                         shuffle=True, seed=settings.seed, by_length=by_length)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    raise ValueError(f"only {len(batches)} batches in the data; lower the step count")
+
+
+def build(method: str, settings: Settings):
+    """(model, loss function) for one method, built by fedtune's own code paths."""
+    if method == "full":
+        return get_algorithm("fedavg", settings).build_model(settings), supervised_loss
+    if method == "lora":
+        return get_algorithm("fedlora", settings).build_model(settings), supervised_loss
+    # KD: FedKD's mutual distillation of a LoRA teacher (6 blocks) and a LoRA student (3 blocks).
+    # Throughput does not depend on the weights, so the bundled model stands in for a pre-trained teacher.
+    seed_everything(settings.seed)
+    teacher = load_classifier(settings.model, 2, settings.seed)
+    student = add_lora(make_student(teacher), settings.lora_r, settings.lora_alpha)
+    teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha)
+    distiller = MutualDistillation(teacher, student, settings.kd_temperature)
+    return distiller, lambda model, batch: model.loss(batch)
+
+
+def lr_of(method: str, settings: Settings) -> float:
+    return settings.full_lr if method == "full" else settings.lora_lr
+
+
+def count_flops(model, loss_fn, batches) -> int:
+    """Forward + backward FLOPs of one pass over `batches` (no optimizer step)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for batch in batches:
+            loss_fn(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def raw_loop(model, loss_fn, batches, lr: float) -> float:
+    """The minimal loop: AdamW, forward, backward, step. Returns seconds."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    start = time.perf_counter()
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def evaluation_seconds(settings: Settings) -> dict:
+    """The server's evaluation of the whole SST-2 dev set: rows in file order vs sorted by length."""
+    model = get_algorithm("fedlora", settings).build_model(settings)
+    tokenizer = load_tokenizer(settings.model)
+    dev = tokenize(cached_task_data(settings).validation, tokenizer, settings.max_length)
+    loaders = {"file order": make_loader(dev, tokenizer, settings.eval_batch_size, shuffle=False),
+               "sorted by length": eval_loader(dev, tokenizer, settings.eval_batch_size)}
+    seconds = {}
+    for name, loader in loaders.items():
+        evaluate(model, loader, settings.task)  # warm-up
+        start = time.perf_counter()
+        evaluate(model, loader, settings.task)
+        seconds[name] = time.perf_counter() - start
+    return {"rows": len(dev), "seconds": seconds}
+
+
+def run(steps: int = 20, methods=("full", "lora", "kd", "lora by-length"), settings: Settings | None = None) -> dict:
+    """Each method: fedtune's `train` and the raw loop over the same batches (by-length: batches
+    from the length-grouped sampler, `batching by-length`)."""
+    settings = settings or Settings(task="sst2")
+    peak = matmul_peak()
+    batches = {False: sst2_batches(settings, steps + 2), True: sst2_batches(settings, steps + 2, by_length=True)}
+    rows = []
+    for method in methods:
+        warmup, timed = batches["by-length" in method][:2], batches["by-length" in method][2:]
+        model, loss_fn = build(method.split()[0], settings)
+        lr = lr_of(method, settings)
+        raw_loop(model, loss_fn, warmup, lr)
+        flops = count_flops(model, loss_fn, timed)
+        samples = sum(len(b["labels"]) for b in timed)
+        fedtune_seconds = train(model, timed, lr=lr, steps=len(timed), loss_fn=loss_fn).seconds
+        raw_seconds = raw_loop(model, loss_fn, timed, lr)
+        rows.append({"method": method, "samples": samples,
+                     "padded_tokens": sum(int(b["attention_mask"].numel()) for b in timed),
+                     "real_tokens": sum(int(b["attention_mask"].sum()) for b in timed),
+                     "gflop": flops / 1e9, "fedtune_seconds": fedtune_seconds, "raw_seconds": raw_seconds,
+                     "fedtune_samples_per_s": samples / fedtune_seconds, "raw_samples_per_s": samples / raw_seconds,
+                     "fedtune_gflops": flops / 1e9 / fedtune_seconds, "raw_gflops": flops / 1e9 / raw_seconds,
+                     "mfu": flops / 1e9 / fedtune_seconds / peak})
+    return {"matmul_peak_gflops": peak, "matmul_peak_gflops_after": matmul_peak(), "threads": torch.get_num_threads(),
+            "batch_size": settings.batch_size, "max_length": settings.max_length, "rows": rows,
+            "evaluation": evaluation_seconds(settings)}
