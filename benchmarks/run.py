@@ -3,6 +3,7 @@
     python -m benchmarks.run                      # everything (about 30 min on 2 cores)
     python -m benchmarks.run --only throughput aggregation
     python -m benchmarks.run --skip compare       # the compare grid alone takes ~15 min
+    python -m benchmarks.run --render-only        # the README section from benchmarks/results.json
 
 Results go to `benchmarks/results.json` (merged: a partial run keeps the other parts) and the
 README's section between the `benchmarks:begin` / `benchmarks:end` markers is regenerated from
@@ -107,13 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[])
     parser.add_argument("--glue-dir", default="", help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the README section from results.json")
     args = parser.parse_args(argv)
     quiet_libraries()
     settings = Settings(task="sst2", glue_dir=args.glue_dir)
     if not settings.resolved_glue_dir:
         raise SystemExit("benchmarks read real SST-2 rows: pass --glue-dir or set GLUE_DIR")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for part in [p for p in args.only if p not in args.skip]:
+    for part in [p for p in args.only if p not in args.skip and not args.render_only]:
         print(f"== {part}", flush=True)
         results[part] = run_part(part, settings)
         results["machine"] = machine()
