@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         results["updated"] = datetime.date.today().isoformat()
         write_json(RESULTS, results)  # after every part: an interrupted suite keeps what it measured
         print(render({k: v for k, v in results.items() if k in (part, "machine", "updated")}), flush=True)
+    if not results:
+        raise SystemExit(f"{RESULTS} does not exist yet: run the benchmarks first")
     readme = ROOT / "README.md"
     text = readme.read_text()
     if BEGIN in text and END in text:
