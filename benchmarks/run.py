@@ -73,6 +73,9 @@ def render(results: dict) -> str:
                       [[r["method"], f"{r['real_tokens'] / r['samples']:.1f} ({r['padded_tokens'] / r['samples']:.1f})",
                         r["fedtune_samples_per_s"], r["raw_samples_per_s"], r["fedtune_gflops"], r["raw_gflops"],
                         f"{r['mfu']:.0%}"] for r in t["rows"]])]
+        if shares := t.get("lora_profile"):
+            out += ["", "Where a LoRA step's CPU time goes (torch.profiler, self time): "
+                    + ", ".join(f"`{op}` {share:.0%}" for op, share in shares.items()) + "."]
         e = t["evaluation"]
         out += ["", f"Evaluating the {e['rows']} SST-2 dev rows (LoRA model, batches of 128): "
                 + ", ".join(f"{name} {s:.2f} s" for name, s in e["seconds"].items()) + "."]

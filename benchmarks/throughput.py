@@ -90,6 +90,18 @@ def raw_loop(model, loss_fn, batches, lr: float) -> float:
     return time.perf_counter() - start
 
 
+def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 6) -> dict[str, float]:
+    """Share of the training step's CPU time per PyTorch operator (self time), largest first."""
+    model, loss_fn = build(method, settings)
+    batches = sst2_batches(settings, steps + 2)
+    raw_loop(model, loss_fn, batches[:2], lr_of(method, settings))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        raw_loop(model, loss_fn, batches[2:], lr_of(method, settings))
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return {e.key: e.self_cpu_time_total / total for e in events[:top]}
+
+
 def evaluation_seconds(settings: Settings) -> dict:
     """The server's evaluation of the whole SST-2 dev set: rows in file order vs sorted by length."""
     model = get_algorithm("fedlora", settings).build_model(settings)
@@ -131,4 +143,4 @@ def run(steps: int = 20, methods=("full", "lora", "kd", "lora by-length"), setti
                      "mfu": flops / 1e9 / fedtune_seconds / peak})
     return {"matmul_peak_gflops": peak, "matmul_peak_gflops_after": matmul_peak(), "threads": torch.get_num_threads(),
             "batch_size": settings.batch_size, "max_length": settings.max_length, "rows": rows,
-            "evaluation": evaluation_seconds(settings)}
+            "evaluation": evaluation_seconds(settings), "lora_profile": profile_shares("lora", settings)}
