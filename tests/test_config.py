@@ -31,6 +31,9 @@ def test_bad_choice_names_the_options():
     ({"public-fraction": 1.0}, "public-fraction"),
     ({"lora-r": 2.5}, "whole number"),
     ({"clients": "many"}, "must be an int"),
+    ({"secure-aggregation": "secagg+", "codec": "int8"}, "secure-aggregation needs codec=none"),
+    ({"secure-aggregation": "secagg+", "dp-noise": 1.0}, "secure-aggregation needs .*dp-noise=0"),
+    ({"batching": "sorted"}, r"batching='sorted' \(choose from: random, by-length\)"),
 ])
 def test_invalid_values_raise_one_clear_error(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -73,3 +73,15 @@ def test_private_fedlora_reports_epsilon_every_round(tiny_bert, glue_dir, tmp_pa
     ledger = PrivacyLedger(settings, sampled=2)
     assert [r["dp_epsilon"] for r in rounds[1:]] == pytest.approx([ledger.release(), ledger.release()])
     assert "dp_epsilon" not in rounds[0] and all(r["accepted"] == 2 for r in rounds[1:])
+
+
+def test_secure_aggregation_refuses_mixed_shapes_and_a_single_client():
+    from fedtune.secure import SecureRounds
+
+    nodes = {0: 101, 1: 102}
+    flexlora = get_algorithm("flexlora", Settings(algorithm="flexlora", clients=2, client_ranks="2,4"))
+    with pytest.raises(ValueError, match="same-shape updates; flexlora does not"):
+        SecureRounds(FedTuneStrategy(flexlora, nodes, 1.0, 0, lambda r: 1e-3), clip=8.0, max_weight=100)
+    fedlora = get_algorithm("fedlora", Settings(algorithm="fedlora", clients=2))
+    with pytest.raises(ValueError, match="at least 2 sampled clients"):  # SecAgg+ needs someone to hide among
+        SecureRounds(FedTuneStrategy(fedlora, nodes, 0.5, 0, lambda r: 1e-3), clip=8.0, max_weight=100)
