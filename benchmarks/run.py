@@ -129,8 +129,10 @@ def render(results: dict) -> str:
                 f"which counts shared pages once per process); {s['total_seconds']:.0f} s in total including "
                 f"Ray start-up and the handshake with every node."]
     if c := results.get("compare"):
-        out += ["", f"**Compare grid, small preset** (`compare`; `{c['command']}`, empty cache): "
-                f"{c['cells']} cells in {c['seconds'] / 60:.1f} min."]
+        out += ["", f"**Compare grid, small preset** (`compare`; `fedtune compare --task {c['task']} --partition iid "
+                f"--seeds {c['seeds']}` into an empty folder): {c['cells']} cells in {c['seconds'] / 60:.1f} min, "
+                f"so the 60-minute target for one task's grid allows {int(60 // (c['seconds'] / 60 / c['seeds']))} "
+                f"seeds at this rate."]
     return "\n".join(out)
 
 
