@@ -70,7 +70,8 @@ class SecureRounds:
             raise ValueError("secure-aggregation needs at least 2 sampled clients per round; "
                              "raise `clients` or `fraction-train`")
         self.strategy = strategy
-        # Flower's defaults: shares to every other client when few, threshold 2/3 of them.
+        # Every sampled client holds a share of every other's secrets (1.0 = all of them); the
+        # masks can be removed as long as 2/3 of the share holders answer the unmask stage.
         self.workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=2 / 3,
                                            clipping_range=clip, max_weight=max_weight)
         self.round_config: dict = {}
@@ -111,9 +112,12 @@ class SecureRounds:
                 ndarrays_to_parameters([t.numpy() for t in state.values()]), True)
             legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
             self.workflow(self.grid, legacy)
+            answered = {int(r.metrics["partition-id"]) for r in self.results}
+            dropped = [{"node": strategy.nodes[p], "reason": "no masked update (failed, timed out, or the "
+                        "protocol halted)"} for p in sampled if p not in answered]
             stats = {"sampled": sampled, "lr": lr, "bytes_up": self.grid.bytes_up,
                      "bytes_down": self.grid.bytes_down, "received": len(self.results),
-                     "accepted": len(self.results), "dropped": [], "aggregate_seconds": 0.0}
+                     "accepted": len(self.results), "dropped": dropped, "aggregate_seconds": 0.0}
             if self.mean_update is not None:
                 start = time.perf_counter()
                 state = {k: v + torch.from_numpy(np.asarray(u)).to(v.dtype)

@@ -30,7 +30,9 @@ def runs(base):
            for placement, codec in (("server", "int8"), ("client", "none"))},
         "faulty": run_federated(base.replace(algorithm="fedlora", aggregation="median", dropout=0.4), quiet=True),
         **{f"{name}-secagg": run_federated(base.replace(algorithm=name, secure_aggregation="secagg+"), quiet=True)
-           for name in ("fedavg", "fedlora")}}
+           for name in ("fedavg", "fedlora")},
+        "secagg-faulty": run_federated(base.replace(algorithm="fedlora", secure_aggregation="secagg+", dropout=0.5),
+                                       quiet=True)}
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client"])
@@ -190,3 +192,15 @@ def test_secure_aggregate_equals_the_plain_one_within_quantization(runs, base, n
     assert [r["accepted"] for r in secure_rounds[1:]] == [3, 3]
     # Key exchange, shares and masked int vectors cost more than the plain float32 replies.
     assert all(s["bytes_up"] > p["bytes_up"] for s, p in zip(secure_rounds[1:], plain_rounds[1:]))
+
+
+def test_secure_rounds_survive_a_client_that_fails_mid_protocol(runs, base):
+    """A client raising in the masking stage is dropped by SecAgg+; the others' sum is still unmasked."""
+    from fedtune.local import simulated_failure
+
+    rounds = read_jsonl(runs["secagg-faulty"] / "rounds.jsonl")
+    for r in rounds[1:]:
+        failing = [p for p in r["clients"] if simulated_failure(base.replace(dropout=0.5), r["round"], p)]
+        assert r["accepted"] == len(r["clients"]) - len(failing) and len(r["dropped"]) == len(failing)
+    assert sum(len(r["dropped"]) for r in rounds) > 0  # seed 42 drops someone in these rounds
+    assert rounds[-1]["dev_loss"] != rounds[0]["dev_loss"]  # the surviving clients' mean was applied
