@@ -53,3 +53,17 @@ def test_grid_writes_table_plots_json_and_reuses_cells(base, monkeypatch):
     monkeypatch.setattr(fedtune.centralized, "run_centralized", must_not_run)
     again = json.loads((run_compare(base, "small", seeds=1, methods=methods, quiet=True) / "results.json").read_text())
     assert again["cells"] == results["cells"]
+
+
+def test_rank_sweep_adds_fedlora_and_fedkdlora_at_ranks_4_to_32():
+    from fedtune.config import Settings
+
+    cells = make_grid(Settings(), seeds=2, rank_sweep=True, methods=["Fed-LoRA"])
+    sweep = [c for c in cells if " r=" in c.label]
+    assert sorted({(c.settings.algorithm, c.settings.lora_r) for c in sweep}) == [
+        (algorithm, r) for algorithm in ("fedkdlora", "fedlora") for r in (4, 8, 16, 32)]
+    assert len(sweep) == 16 and {c.settings.seed for c in sweep} == {42, 43}  # two seeds per (method, rank)
+    # Fed-LoRA at the default rank is the same configuration as its sweep cell: computed once, reused.
+    default = f"Fed-LoRA r={Settings().lora_r}"
+    assert {c.key for c in cells if c.label == "Fed-LoRA"} == {c.key for c in sweep if c.label == default}
+    assert len({c.key for c in cells}) == len(cells) - 2
