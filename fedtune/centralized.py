@@ -13,7 +13,7 @@ import torch
 
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, say
-from fedtune.data import cached_task_data, eval_loader, make_loader, task_spec, tokenize
+from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.metrics import primary_metric
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer
 from fedtune.runs import RunDir
@@ -56,9 +56,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     tokenizer = load_tokenizer(settings.model)
     model, lr, loss_fn = build_model(settings, quiet)
     seed_everything(settings.seed)
-    train_loader = make_loader(tokenize(data.private, tokenizer, settings.max_length), tokenizer,
-                               settings.batch_size, shuffle=True, seed=settings.seed,
-                               by_length=settings.batching == "by-length")
+    batches = train_loader(data.private, tokenizer, settings, settings.seed)
     dev_loader = eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
                              settings.eval_batch_size)
     run = RunDir(settings.out_dir, f"centralized-{settings.method}-{settings.task}", settings)
@@ -67,14 +65,14 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
         f"{trainable:,} of {total:,} parameters train -> {run.path}", quiet)
 
     # Evaluate at every epoch boundary and at the end of training.
-    steps = steps_for(len(train_loader), settings.epochs)
-    checkpoints = {min(steps, e * len(train_loader)) for e in range(1, int(settings.epochs) + 1)} | {steps}
+    steps = steps_for(len(batches), settings.epochs)
+    checkpoints = {min(steps, e * len(batches)) for e in range(1, int(settings.epochs) + 1)} | {steps}
     history = []
 
     def on_step(step: int, mean_loss: float, examples: int) -> None:
         update(step)
         if step in checkpoints:
-            record = {"epoch": round(step / len(train_loader), 3), "step": step, "train_loss": mean_loss,
+            record = {"epoch": round(step / len(batches), 3), "step": step, "train_loss": mean_loss,
                       **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task).items()},
                       "samples": examples, "seconds": time.perf_counter() - start}
             history.append(record)
@@ -82,7 +80,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
 
     start = time.perf_counter()
     with progress_bar(steps, f"{settings.method} {settings.task}", quiet) as update:
-        result = train(model, train_loader, lr=lr, steps=steps, schedule=settings.lr_schedule,
+        result = train(model, batches, lr=lr, steps=steps, schedule=settings.lr_schedule,
                        weight_decay=settings.weight_decay, on_step=on_step, **({"loss_fn": loss_fn} if loss_fn else {}))
     model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")

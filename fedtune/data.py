@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from datasets import Dataset, DatasetDict
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from fedtune.config import TASKS, Settings
 
@@ -199,6 +199,12 @@ def make_loader(data: TokenizedDataset, tokenizer, batch_size: int, shuffle: boo
         return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        collate_fn=collate)
+
+
+def train_loader(rows: Dataset, tokenizer, settings: Settings, seed: int) -> torch.utils.data.DataLoader:
+    """Shuffled training batches of `rows`, formed as `settings.batching` says."""
+    return make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size, shuffle=True,
+                       seed=seed, by_length=settings.batching == "by-length")
 
 
 def eval_loader(data: TokenizedDataset, tokenizer, batch_size: int) -> torch.utils.data.DataLoader:

@@ -94,9 +94,9 @@ class LocalFederation:
         self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}
 
     def _start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "wb")
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-                                   cwd=cwd)
+        with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own handle
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                       start_new_session=True, cwd=cwd)
         self.processes.append(process)
         return process
 
@@ -127,7 +127,7 @@ class LocalFederation:
                                   "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                                   "--host", "127.0.0.1", "--port", str(self.port),
                                   "--database", str(self.workdir / "superlink.db")])
-        self._wait_for("superlink.log", "Starting Flower SuperExec", 60)
+        self._wait_for("superlink", "Starting Flower SuperExec", 60)
         for node in range(self.nodes):
             registered = self._flwr("supernode", "register", str(certs / f"node-{node}.pub"))
             if registered.returncode != 0:
@@ -173,12 +173,12 @@ class LocalFederation:
     def _wait_for(self, log_name: str, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self._log(log_name.removesuffix(".log")):
+            if text in self._log(log_name):
                 return
             if any(p.poll() is not None for p in self.processes):
                 raise RuntimeError(f"a Flower process exited early; see {self.workdir}/*.log")
             time.sleep(0.5)
-        raise TimeoutError(f"{log_name} did not say {text!r} within {timeout:.0f} s")
+        raise TimeoutError(f"{log_name}.log did not say {text!r} within {timeout:.0f} s")
 
     def run(self, run_config: str, app: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess:
         """`flwr run APP --stream` against this federation; returns the finished process."""

@@ -16,7 +16,7 @@ from torch import nn
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.aggregate import State
 from fedtune.config import Settings
-from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
+from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
 from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
@@ -73,8 +73,7 @@ def distil(settings: Settings, rows, teacher_state: State | None, seed: int, lr:
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
     tokenizer = load_tokenizer(settings.model)
     seed_everything(seed)
-    loader = make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size,
-                         shuffle=True, seed=seed, by_length=settings.batching == "by-length")
+    loader = train_loader(rows, tokenizer, settings, seed)
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                    loss_fn=lambda model, batch: model.loss(batch))
     metrics = evaluate(distiller.teacher, _eval_loader(settings), settings.task)
@@ -134,8 +133,7 @@ def client_update(settings: Settings, partition_id: int, num_partitions: int, gl
                             kept_state, {f"teacher-dev-{k}": v for k, v in metrics.items()})
     tokenizer = load_tokenizer(settings.model)
     seed_everything(seed)
-    loader = make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size,
-                         shuffle=True, seed=seed, by_length=settings.batching == "by-length")
+    loader = train_loader(rows, tokenizer, settings, seed)
     result = train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay)
     return ClientResult(trainable_state(model), len(rows), result.examples, result.loss, result.seconds)
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from fedtune.config import Settings
 from fedtune.console import progress_bar, say
-from fedtune.data import cached_task_data, eval_loader, make_loader, task_spec, tokenize
+from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.models import check_same_tokenizer, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
@@ -46,9 +46,7 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     tokenizer = load_tokenizer(settings.model)
     seed_everything(settings.seed)
     model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
-    loader = make_loader(tokenize(data.public, tokenizer, settings.max_length), tokenizer,
-                         settings.batch_size, shuffle=True, seed=settings.seed,
-                         by_length=settings.batching == "by-length")
+    loader = train_loader(data.public, tokenizer, settings, settings.seed)
     steps = steps_for(len(loader), settings.teacher_epochs)
     with progress_bar(steps, "teacher on public slice", quiet) as update:
         result = train(model, loader, lr=settings.full_lr, steps=steps, schedule=settings.lr_schedule,

@@ -15,7 +15,7 @@ def test_fedlora_over_tls_with_node_auth(tiny_bert, glue_dir, tmp_path):
     with federation:
         # A SuperNode whose key was never registered must not get in.
         intruder_keys = make_certificates(tmp_path / "intruder", nodes=1)
-        intruder = federation._start("intruder", [
+        federation._start("intruder", [
             _bin("flower-supernode"), "--superlink", "127.0.0.1:9340", "--root-certificates",
             str(federation.workdir / "certificates" / "ca.crt"), "--auth-supernode-private-key",
             str(intruder_keys / "node-0"), "--port", "9349", "--node-config", "partition-id=1 num-partitions=2"])
