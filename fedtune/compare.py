@@ -89,7 +89,8 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
     cached = cells_dir / f"{cell.key}.json"
     if cached.is_file():
         say(f"reusing {cell.label} (seed {cell.settings.seed}): {cached}", quiet)
-        return json.loads(cached.read_text())
+        # Another row may have computed it (Fed-LoRA is the rank sweep's Fed-LoRA r=8): label it as this row.
+        return {**json.loads(cached.read_text()), "label": cell.label}
     say(f"[bold]{cell.label}[/] (seed {cell.settings.seed})", quiet)
     settings = cell.settings.replace(out_dir=str(cells_dir))
     start = time.perf_counter()
@@ -157,7 +158,8 @@ def preset_settings(preset: str, given: dict | None = None) -> Settings:
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
                 methods: list[str] | None = None, quiet: bool = False) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
-    table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`."""
+    table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
+    (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`)."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
     known = [label for label, _ in METHODS]
@@ -168,9 +170,9 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     cells_dir.mkdir(parents=True, exist_ok=True)
     results = [run_cell(cell, cells_dir, quiet) for cell in make_grid(base, seeds, rank_sweep, methods)]
 
-    from fedtune.plots import plot_compare
+    from fedtune.plots import plot_compare, plot_rank_sweep
 
-    folder = root / f"{base.task}-{base.partition}-{preset}"
+    folder = root / (f"{base.task}-{base.partition}-{preset}" + ("-ranks" if rank_sweep else ""))
     folder.mkdir(parents=True, exist_ok=True)
     rows = table(results, base.task)
     (folder / "table.md").write_text(markdown(rows) + "\n")
@@ -178,6 +180,8 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
                                          "seeds": seeds, "settings": base.to_dict(), "table": rows,
                                          "cells": results})
     plot_compare(results, base.task, folder)
+    if rank_sweep:
+        plot_rank_sweep(results, base.task, folder)
     say(markdown(rows), quiet)
     say(f"saved {folder}", quiet)
     return folder

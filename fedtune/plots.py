@@ -8,7 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from fedtune.metrics import primary_metric  # noqa: E402
 
@@ -86,3 +87,32 @@ def plot_compare(results: list[dict], task: str, folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)
+
+
+def plot_rank_sweep(results: list[dict], task: str, folder: Path) -> None:
+    """`metric-vs-rank.png`: the rank sweep's final metric (mean ± std over seeds) and MB up per
+    round against the LoRA rank, one line per method."""
+    metric = primary_metric(task)
+    sweep: dict[str, dict[int, list[dict]]] = {}
+    for r in results:
+        if " r=" in r["label"]:
+            sweep.setdefault(r["label"].rsplit(" r=", 1)[0], {}).setdefault(r["settings"]["lora-r"], []).append(r)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    for name, by_rank in sweep.items():
+        ranks = sorted(by_rank)
+        finals = [[c["summary"]["dev"][metric] for c in by_rank[r]] for r in ranks]
+        left.errorbar(ranks, [np.mean(v) for v in finals], yerr=[np.std(v) for v in finals], marker="o",
+                      capsize=3, label=name)
+        up = [np.mean([c["summary"]["total_bytes_up"] / c["summary"]["rounds"] for c in by_rank[r]]) / 1e6
+              for r in ranks]
+        right.plot(ranks, up, marker="o", label=name)
+    for ax, ylabel in ((left, f"final dev {metric}"), (right, "MB up per round (all clients)")):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set(xlabel="LoRA rank", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{task}: LoRA rank sweep")
+    fig.tight_layout()
+    fig.savefig(folder / "metric-vs-rank.png", dpi=100)
+    plt.close(fig)

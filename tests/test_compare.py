@@ -1,6 +1,7 @@
 """The comparison grid on a tiny model: table, plots and JSON; finished cells are reused."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,35 @@ def test_rank_sweep_adds_fedlora_and_fedkdlora_at_ranks_4_to_32():
     default = f"Fed-LoRA r={Settings().lora_r}"
     assert {c.key for c in cells if c.label == "Fed-LoRA"} == {c.key for c in sweep if c.label == default}
     assert len({c.key for c in cells}) == len(cells) - 2
+
+
+def _finished_cell(cell, mcc: float) -> dict:
+    """A cached cell as `run_cell` stores it, with made-up numbers (nothing is trained)."""
+    rounds = [{"round": i, "dev_mcc": mcc * i / 2, "cum_bytes_up": 1000 * cell.settings.lora_r * i,
+               "cum_bytes_down": 0} for i in range(3)]
+    summary = {"dev": {"mcc": mcc, "accuracy": 0.7}, "rounds": 2, "total_bytes_up": rounds[-1]["cum_bytes_up"],
+               "total_bytes_down": 0}
+    return {"label": "stored under another row", "seed": cell.settings.seed, "key": cell.key, "run": "-",
+            "wall_seconds": 1.0, "settings": cell.settings.to_dict(), "summary": summary, "rounds": rounds}
+
+
+def test_rank_sweep_reuses_cells_under_its_own_labels_and_plots_metric_vs_rank(base, monkeypatch):
+    sweep_base = base.replace(lora_r=8, out_dir=base.out_dir + "-sweep")  # Fed-LoRA is also Fed-LoRA r=8
+    cells = make_grid(sweep_base, seeds=1, rank_sweep=True, methods=["Fed-LoRA"])
+    cells_dir = Path(sweep_base.out_dir) / "compare" / "cells"
+    cells_dir.mkdir(parents=True)
+    for cell in cells:  # MCC grows with the rank: 0.04 r=4 ... 0.32 r=32
+        (cells_dir / f"{cell.key}.json").write_text(json.dumps(_finished_cell(cell, cell.settings.lora_r / 100)))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(fedtune.simulation, "run_federated", must_not_run)
+    folder = run_compare(sweep_base, "small", seeds=1, rank_sweep=True, methods=["Fed-LoRA"], quiet=True)
+    assert folder.name == "cola-iid-small-ranks" and (folder / "metric-vs-rank.png").is_file()
+    rows = {r["method"]: r for r in json.loads((folder / "results.json").read_text())["table"]}
+    assert list(rows) == ["Fed-LoRA"] + [f"{m} r={r}" for r in (4, 8, 16, 32) for m in ("Fed-LoRA", "Fed-LoRA-KD")]
+    assert rows["Fed-LoRA r=32"]["MCC"] == "0.3200 ± 0.0000"
+    assert len({c.key for c in cells}) == len(cells) - 1
+    assert rows["Fed-LoRA"]["MCC"] == rows["Fed-LoRA r=8"]["MCC"] == "0.0800 ± 0.0000"
+    assert rows["Fed-LoRA r=8"]["MB up / round"] == "0.008"  # 16,000 bytes over 2 rounds
