@@ -57,14 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags over the TOML file over the defaults (for `compare`: over the task's preset)."""
+    given = {key_of(f.name): getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    base = Settings()
     if args.command == "compare":
         from fedtune.compare import preset_settings
 
-        base = preset_settings(args.preset)
-    else:
-        base = Settings()
+        task = given.get("task") or (Settings.from_toml(args.config).task if args.config else base.task)
+        base = preset_settings(args.preset, {"task": task})
     base = Settings.from_toml(args.config, base) if args.config else base
-    given = {key_of(f.name): getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
     return Settings.from_dict(given, base)
 
 

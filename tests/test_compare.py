@@ -24,6 +24,21 @@ def test_flags_override_the_preset(base):
         preset_settings("huge")
 
 
+def test_small_preset_gives_cola_a_larger_budget_than_sst2(tmp_path):
+    from fedtune.cli import build_parser, settings_from_args
+
+    sst2, cola = preset_settings("small"), preset_settings("small", {"task": "cola"})
+    assert (sst2.train_limit, sst2.full_lr, sst2.batching) == (1000, 5e-5, "random")
+    assert (cola.train_limit, cola.full_lr, cola.batching) == (0, 1e-4, "by-length")
+    assert cola.rounds == sst2.rounds and cola.lora_lr == sst2.lora_lr  # the rest of the budget is shared
+    # The CLI finds the task in the flags or in the TOML file; a flag still beats the preset.
+    config = tmp_path / "cola.toml"
+    config.write_text('task = "cola"\n')
+    for argv, limit in ((["compare", "--task", "cola"], 0), (["compare", "--config", str(config)], 0),
+                        (["compare", "--task", "cola", "--train-limit", "500"], 500), (["compare"], 1000)):
+        assert settings_from_args(build_parser().parse_args(argv)).train_limit == limit, argv
+
+
 def test_grid_gives_centralized_methods_the_federated_budget(base):
     cells = make_grid(base.replace(local_epochs=0.5, rounds=4), seeds=2)
     assert len(cells) == 9 * 2
