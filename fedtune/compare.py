@@ -154,6 +154,29 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(root: Path, partition: str, preset: str) -> str:
+    """The seed system's table: one row per method, one column per task metric (mean ± std), from
+    every task whose grid for this partition and preset has finished under `root`."""
+    from fedtune.data import TASK_SPECS
+
+    columns, rows = [], {}
+    for task, spec in TASK_SPECS.items():
+        path = root / f"{task}-{partition}-{preset}" / "results.json"
+        if not path.is_file():
+            continue
+        grid = json.loads(path.read_text())
+        for metric in ("MCC", "accuracy") if task == "cola" else ("accuracy",):
+            column = f"{spec.folder} {metric} ({grid['seeds']} seeds)"
+            columns.append(column)
+            for row in grid["table"]:
+                rows.setdefault(row["method"], {})[column] = row[metric]
+                rows[row["method"]].setdefault("MB up / round", row["MB up / round"])  # the same for every task
+    order = [label for label, _ in METHODS]
+    methods = sorted(rows, key=lambda m: order.index(m) if m in order else len(order))
+    table = [{"method": m, **{c: rows[m].get(c, "-") for c in columns + ["MB up / round"]}} for m in methods]
+    return markdown(table)
+
+
 def preset_settings(preset: str, given: dict | None = None) -> Settings:
     """The preset's settings for the task in `given` (default: SST-2), with `given` (kebab-case
     keys, e.g. from flags) on top."""
@@ -168,7 +191,8 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
                 methods: list[str] | None = None, quiet: bool = False) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
     table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
-    (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`)."""
+    (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`), and the seed system's
+    method x task table of every finished task as `<out-dir>/compare/<partition>-<preset>.md`."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
     known = [label for label, _ in METHODS]
@@ -191,6 +215,8 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     plot_compare(results, base.task, folder)
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)
+    else:
+        (root / f"{base.partition}-{preset}.md").write_text(seed_table(root, base.partition, preset) + "\n")
     say(markdown(rows), quiet)
     say(f"saved {folder}", quiet)
     return folder

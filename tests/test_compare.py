@@ -61,6 +61,7 @@ def test_grid_writes_table_plots_json_and_reuses_cells(base, monkeypatch):
     assert [r["round"] for r in fed["rounds"]] == [0, 1, 2]
     table = (folder / "table.md").read_text()
     assert "| LoRA | 1 |" in table and "MCC" in table and "MB up / round" in table
+    assert "| Fed-LoRA | " in (folder.parent / "iid-small.md").read_text()  # the method x task table
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
@@ -115,3 +116,21 @@ def test_rank_sweep_reuses_cells_under_its_own_labels_and_plots_metric_vs_rank(b
     assert len({c.key for c in cells}) == len(cells) - 1
     assert rows["Fed-LoRA"]["MCC"] == rows["Fed-LoRA r=8"]["MCC"] == "0.0800 ± 0.0000"
     assert rows["Fed-LoRA r=8"]["MB up / round"] == "0.008"  # 16,000 bytes over 2 rounds
+
+
+def test_seed_table_puts_each_task_in_its_own_columns(tmp_path):
+    from fedtune.compare import seed_table
+
+    grids = {"cola": [{"method": "Fed-LoRA", "MCC": "0.2000 ± 0.0100", "accuracy": "0.7000 ± 0.0000",
+                       "MB up / round": "1.249"}],
+             "sst2": [{"method": "Fed-LoRA", "accuracy": "0.8000 ± 0.0200", "MB up / round": "1.249"},
+                      {"method": "LoRA", "accuracy": "0.8500 ± 0.0000", "MB up / round": "-"}]}
+    for task, rows in grids.items():
+        (tmp_path / f"{task}-iid-small").mkdir()
+        (tmp_path / f"{task}-iid-small" / "results.json").write_text(json.dumps({"seeds": 2, "table": rows}))
+    lines = seed_table(tmp_path, "iid", "small").splitlines()
+    assert lines[0] == ("| method | CoLA MCC (2 seeds) | CoLA accuracy (2 seeds) | SST-2 accuracy (2 seeds) "
+                        "| MB up / round |")
+    # Rows in the grid's order (centralized LoRA before Fed-LoRA); a task without the method shows "-".
+    assert lines[2:] == ["| LoRA | - | - | 0.8500 ± 0.0000 | - |",
+                         "| Fed-LoRA | 0.2000 ± 0.0100 | 0.7000 ± 0.0000 | 0.8000 ± 0.0200 | 1.249 |"]
