@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             from fedtune.compare import METHODS, PRESETS
 
             sub.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                             help="budget: small (2-core CPU, < 1 h a grid) or full (GPU); flags override it")
+                             help="budget: small (2-core CPU, < 1 h a grid per seed; CoLA gets all its rows) or full "
+                             "(GPU); flags override it")
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all): "
