@@ -165,7 +165,7 @@ def seed_table(root: Path, partition: str, preset: str) -> str:
         if not path.is_file():
             continue
         grid = json.loads(path.read_text())
-        for metric in ("MCC", "accuracy") if task == "cola" else ("accuracy",):
+        for metric in [m for m in ("MCC", "accuracy") if m in grid["table"][0]]:  # as `table` wrote them
             column = f"{spec.folder} {metric} ({grid['seeds']} seeds)"
             columns.append(column)
             for row in grid["table"]:

@@ -10,6 +10,10 @@ import fedtune.simulation
 from fedtune.compare import make_grid, preset_settings, run_compare
 
 
+def must_not_run(*args, **kwargs):
+    raise AssertionError("a finished cell was recomputed")
+
+
 @pytest.fixture(scope="module")
 def base(tiny_bert, glue_dir, tmp_path_factory):
     given = {"task": "cola", "glue-dir": str(glue_dir), "model": tiny_bert, "clients": 2, "rounds": 2,
@@ -63,9 +67,6 @@ def test_grid_writes_table_plots_json_and_reuses_cells(base, monkeypatch):
     assert "| LoRA | 1 |" in table and "MCC" in table and "MB up / round" in table
     assert "| Fed-LoRA | " in (folder.parent / "iid-small.md").read_text()  # the method x task table
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a finished cell was recomputed")
-
     monkeypatch.setattr(fedtune.simulation, "run_federated", must_not_run)
     monkeypatch.setattr(fedtune.centralized, "run_centralized", must_not_run)
     again = json.loads((run_compare(base, "small", seeds=1, methods=methods, quiet=True) / "results.json").read_text())
@@ -103,9 +104,6 @@ def test_rank_sweep_reuses_cells_under_its_own_labels_and_plots_metric_vs_rank(b
     cells_dir.mkdir(parents=True)
     for cell in cells:  # MCC grows with the rank: 0.04 r=4 ... 0.32 r=32
         (cells_dir / f"{cell.key}.json").write_text(json.dumps(_finished_cell(cell, cell.settings.lora_r / 100)))
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a finished cell was recomputed")
 
     monkeypatch.setattr(fedtune.simulation, "run_federated", must_not_run)
     folder = run_compare(sweep_base, "small", seeds=1, rank_sweep=True, methods=["Fed-LoRA"], quiet=True)
