@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
             from fedtune.compare import METHODS, PRESETS
 
             sub.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                             help="budget: small (2-core CPU, < 1 h a grid per seed; CoLA gets all its rows) or full "
-                             "(GPU); flags override it")
+                             help="budget: small (quick smoke grid; CoLA gets all its rows), standard (every method "
+                             "trains long enough to compare: 10 rounds, all rows; ~1 h a grid per seed on 2 cores) "
+                             "or full (GPU); flags override it")
+            sub.add_argument("--tune", action="store_true",
+                             help="first choose each method's learning rate on a holdout of the private train rows "
+                             "(never GLUE dev) at 30%% of the budget; trials are cached and recorded in results.json")
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all): "
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             from fedtune.compare import run_compare
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
-            run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet)
+            run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet, tune=args.tune)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

@@ -1,32 +1,34 @@
 """`fedtune compare`: the method-comparison grid (centralized and federated) under one budget.
 
-Every cell is one run (a method and a seed). A finished cell is stored as
-`<out-dir>/compare/cells/<key>.json`, keyed by a hash of its resolved settings, so a rerun
-reuses it and an interrupted grid resumes where it stopped. Cells of all grids share one
-folder: a Dirichlet grid reuses the IID grid's centralized cells, and all KD cells of a
-seed share one pre-trained teacher.
+Every cell is one run (a method and a seed), cached (`fedtune.grid`); this module picks the
+budget (presets), runs the grid, and writes the table, plots and results.json.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from fedtune.config import Settings
+from fedtune.config import Settings, key_of
 from fedtune.console import say
+from fedtune.grid import METHODS, make_grid, run_cell
 from fedtune.metrics import primary_metric
-from fedtune.runs import read_jsonl, write_json
+from fedtune.runs import write_json
+from fedtune.tune import chosen_values, lr_setting, tune_methods
 
-# Budgets. `small` runs one task's grid (one seed) in well under an hour on a 2-core CPU;
+# Budgets. `small` is the quick smoke grid (one task, one seed in well under an hour on a 2-core
+# CPU; at it most methods have not left the majority class). `standard` is sized so that every
+# method trains long enough for the comparison to mean something, and one seed of one task's grid
+# still fits about an hour on 2 cores: 4 clients, 10 rounds, all private rows, batches by length,
+# each client a short local pass per round (SST-2: 0.06 of its ~13,500 rows; CoLA: half its ~1,700).
 # `full` is the seed system's setting and wants a GPU.
 PRESETS: dict[str, dict] = {
     "small": {"train_limit": 1000, "clients": 4, "rounds": 3, "local_epochs": 1.0, "lora_lr": 3e-3,
               "teacher_epochs": 0.25},
+    "standard": {"train_limit": 0, "clients": 4, "rounds": 10, "local_epochs": 0.06, "full_lr": 1e-4,
+                 "lora_lr": 3e-3, "teacher_epochs": 1.0, "batching": "by-length"},
     "full": {"train_limit": 0, "clients": 4, "rounds": 10, "local_epochs": 1.0, "lora_lr": 1e-3,
              "teacher_epochs": 1.0},
 }
@@ -35,86 +37,8 @@ PRESETS: dict[str, dict] = {
 # fine-tuning step and a longer-trained teacher; rows are batched by length to stay within the hour.
 TASK_PRESETS: dict[tuple[str, str], dict] = {
     ("small", "cola"): {"train_limit": 0, "full_lr": 1e-4, "teacher_epochs": 3.0, "batching": "by-length"},
+    ("standard", "cola"): {"local_epochs": 0.5, "teacher_epochs": 3.0},
 }
-
-# (row label, changes to the base settings); `method` cells are centralized, `algorithm` federated.
-METHODS: list[tuple[str, dict]] = [
-    ("Finetune", {"method": "finetune"}),
-    ("KD", {"method": "kd"}),
-    ("LoRA", {"method": "lora"}),
-    ("Fed-finetune (FedAvg)", {"algorithm": "fedavg"}),
-    ("Fed-LoRA", {"algorithm": "fedlora"}),
-    ("Fed-LoRA-KD (server teacher)", {"algorithm": "fedkdlora", "kd_placement": "server"}),
-    ("Fed-LoRA-KD (client teachers)", {"algorithm": "fedkdlora", "kd_placement": "client"}),
-    ("FlexLoRA", {"algorithm": "flexlora"}),
-    ("HetLoRA", {"algorithm": "hetlora"}),
-]
-SWEEP_RANKS = (4, 8, 16, 32)
-
-# Settings a centralized run does not read: normalised before hashing so grids share those cells.
-FEDERATED_ONLY = ("algorithm", "clients", "rounds", "fraction_train", "local_epochs", "local_steps", "partition",
-                  "dirichlet_alpha", "classes_per_client", "min_partition_size", "round_timeout",
-                  "rank_distribution", "rank_set", "client_ranks", "kd_placement", "kd_server_steps", "codec",
-                  "svd_energy_start", "svd_energy_end")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    label: str
-    settings: Settings
-    centralized: bool
-
-    @property
-    def key(self) -> str:
-        settings = self.settings
-        if self.centralized:
-            defaults = Settings()
-            settings = settings.replace(**{name: getattr(defaults, name) for name in FEDERATED_ONLY})
-        # Only values that differ from the defaults: a setting added later (at its default) keeps old keys.
-        defaults = Settings().to_dict()
-        values = {k: v for k, v in {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}.items()
-                  if v != defaults[k] and k != "out-dir"}
-        values["kind"] = "centralized" if self.centralized else "federated"
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: list[str] | None = None) -> list[Cell]:
-    """Every (method, seed) cell. Centralized cells train rounds x local-epochs epochs: the
-    federation's total budget."""
-    rows = [(label, changes) for label, changes in METHODS if methods is None or label in methods]
-    if rank_sweep:
-        rows += [(f"{name} r={r}", {"algorithm": algorithm, "lora_r": r})
-                 for r in SWEEP_RANKS for name, algorithm in (("Fed-LoRA", "fedlora"), ("Fed-LoRA-KD", "fedkdlora"))]
-    base = base.replace(epochs=base.rounds * base.local_epochs)
-    return [Cell(label, base.replace(seed=base.seed + i, **changes), "method" in changes)
-            for label, changes in rows for i in range(seeds)]
-
-
-def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
-    """The cell's result, from the cache or from running it now."""
-    cached = cells_dir / f"{cell.key}.json"
-    if cached.is_file():
-        say(f"reusing {cell.label} (seed {cell.settings.seed}): {cached}", quiet)
-        # Another row may have computed it (Fed-LoRA is the rank sweep's Fed-LoRA r=8): label it as this row.
-        return {**json.loads(cached.read_text()), "label": cell.label}
-    say(f"[bold]{cell.label}[/] (seed {cell.settings.seed})", quiet)
-    settings = cell.settings.replace(out_dir=str(cells_dir))
-    start = time.perf_counter()
-    if cell.centralized:
-        from fedtune.centralized import run_centralized
-
-        path = run_centralized(settings, quiet)
-        rounds = []
-    else:
-        from fedtune.simulation import run_federated
-
-        path = run_federated(settings, quiet)
-        rounds = read_jsonl(path / "rounds.jsonl")
-    result = {"label": cell.label, "seed": settings.seed, "key": cell.key, "run": str(path),
-              "wall_seconds": time.perf_counter() - start, "settings": settings.to_dict(),
-              "summary": json.loads((path / "summary.json").read_text()), "rounds": rounds}
-    write_json(cached, result)
-    return result
 
 
 def _mean_std(values: list[float]) -> str:
@@ -134,7 +58,10 @@ def table(results: list[dict], task: str) -> list[dict]:
         row["accuracy"] = _mean_std([d["accuracy"] for d in dev])
         teacher = [(c["summary"].get("teacher_dev") or {}).get(primary_metric(task)) for c in cells]
         row["teacher"] = _mean_std(teacher)
-        if "rounds" in cells[0]["summary"]:
+        centralized = "rounds" not in cells[0]["summary"]
+        lr_field = lr_setting(Settings.from_dict(cells[0]["settings"]), centralized)
+        row["lr"] = f'{cells[0]["settings"][key_of(lr_field)]:g}'
+        if not centralized:
             n = cells[0]["summary"]["rounds"]
             up = np.mean([c["summary"]["total_bytes_up"] for c in cells]) / 1e6
             down = np.mean([c["summary"]["total_bytes_down"] for c in cells]) / 1e6
@@ -188,11 +115,14 @@ def preset_settings(preset: str, given: dict | None = None) -> Settings:
 
 
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
-                methods: list[str] | None = None, quiet: bool = False) -> Path:
+                methods: list[str] | None = None, quiet: bool = False, tune: bool = False) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
     table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
     (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`), and the seed system's
-    method x task table of every finished task as `<out-dir>/compare/<partition>-<preset>.md`."""
+    method x task table of every finished task as `<out-dir>/compare/<partition>-<preset>.md`.
+
+    With `tune`, each row first has its learning rate chosen on a holdout of the private rows
+    (`fedtune.tune`); results.json records every trial."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
     known = [label for label, _ in METHODS]
@@ -201,7 +131,11 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     root = Path(base.out_dir) / "compare"
     cells_dir = root / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    results = [run_cell(cell, cells_dir, quiet) for cell in make_grid(base, seeds, rank_sweep, methods)]
+    tuning = []
+    if tune:
+        tuning = tune_methods(base, methods, cells_dir, quiet)
+    tuned = chosen_values(tuning)
+    results = [run_cell(cell, cells_dir, quiet) for cell in make_grid(base, seeds, rank_sweep, methods, tuned)]
 
     from fedtune.plots import plot_compare, plot_rank_sweep
 
@@ -211,7 +145,7 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     (folder / "table.md").write_text(markdown(rows) + "\n")
     write_json(folder / "results.json", {"task": base.task, "partition": base.partition, "preset": preset,
                                          "seeds": seeds, "settings": base.to_dict(), "table": rows,
-                                         "cells": results})
+                                         "tuning": tuning, "cells": results})
     plot_compare(results, base.task, folder)
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)

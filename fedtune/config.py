@@ -40,6 +40,9 @@ class Settings:
     public_fraction: float = _opt(0.2, "share of train held out as the public slice (teacher pre-training, server-side KD)")
     train_limit: int = _opt(0, "use at most this many private train rows (0: all); for quick runs")
     eval_limit: int = _opt(0, "evaluate on at most this many dev rows (0: all)")
+    holdout_fraction: float = _opt(0.0, "0: evaluate on GLUE dev; > 0: hold out this share of the private rows as "
+                                   "a validation set, train without them and evaluate on them instead of dev "
+                                   "(what `compare --tune` scores learning rates on: dev stays unseen)")
     # --- model
     model: str = _opt("minilm", "model: 'minilm' (bundled all-MiniLM-L6-v2), a hub id, or a local folder")
     student: str = _opt("", "student model for KD; empty: the teacher with every other layer kept")
@@ -115,6 +118,8 @@ class Settings:
         problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if getattr(self, n) < 0]
         if not 0.0 <= self.public_fraction < 1.0:
             problems.append(f"public-fraction={self.public_fraction} (must be in [0, 1))")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            problems.append(f"holdout-fraction={self.holdout_fraction} (must be in [0, 1))")
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(f"fraction-train={self.fraction_train} (must be in (0, 1])")
         if self.dirichlet_alpha <= 0:

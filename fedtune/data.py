@@ -127,12 +127,18 @@ class TaskData:
 
 
 def prepare_task_data(settings: Settings) -> TaskData:
-    """Load, split off the public slice, and apply `train-limit` / `eval-limit`."""
+    """Load, split off the public slice, and apply `train-limit` / `eval-limit`.
+
+    With `holdout-fraction` > 0 the evaluation set is that share of the private rows (taken
+    after `train-limit`, and no longer trained on) instead of GLUE dev.
+    """
     raw = load_glue(settings.task, settings.resolved_glue_dir)
     public, private = split_public(raw["train"], settings.public_fraction, settings.seed)
     if settings.train_limit:
         private = private.shuffle(seed=settings.seed).select(range(min(settings.train_limit, len(private))))
     validation = raw["validation"]
+    if settings.holdout_fraction:
+        validation, private = split_public(private, settings.holdout_fraction, settings.seed)
     if settings.eval_limit:
         validation = validation.select(range(min(settings.eval_limit, len(validation))))
     return TaskData(public=public, private=private, validation=validation)

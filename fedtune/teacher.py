@@ -24,7 +24,9 @@ TEACHER_KEYS = ("task", "glue-dir", "max-length", "public-fraction", "model", "f
 def teacher_settings(settings: Settings) -> dict:
     """The settings that decide the teacher, with the GLUE folder resolved."""
     resolved = {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}
-    keys = TEACHER_KEYS + (("batching",) if settings.batching != "random" else ())  # old keys stay valid
+    # Keys added later count only when not at their default, so older teachers stay valid. The
+    # holdout does not change the teacher's weights, but its recorded metrics are on the holdout.
+    keys = TEACHER_KEYS + tuple(k for k in ("batching", "holdout-fraction") if resolved[k] != Settings().to_dict()[k])
     return {k: resolved[k] for k in keys}
 
 

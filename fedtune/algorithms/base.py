@@ -25,6 +25,7 @@ class Algorithm:
 
     name: str = ""
     summary: str = ""
+    lr_setting: str = "lora_lr"  # the Settings field holding the peak local learning rate (`compare --tune` tunes it)
     needs_teacher: bool = False  # the server pre-trains the teacher before round 1 (FedKDLoRA)
     teacher_on_client: bool = False  # clients keep a teacher across rounds (FedKDLoRA, client placement)
 
@@ -36,8 +37,8 @@ class Algorithm:
         raise NotImplementedError
 
     def learning_rate(self) -> float:
-        """Peak local learning rate (scaled per round by `lr-schedule`)."""
-        raise NotImplementedError
+        """Peak local learning rate (scaled per round by `lr-schedule`): the `lr_setting` field."""
+        return getattr(self.settings, self.lr_setting)
 
     def round_lr(self, server_round: int) -> float:
         """The learning rate of round `server_round` (1-based): peak lr decayed by `lr-schedule` over rounds."""

@@ -14,9 +14,7 @@ from fedtune.models import load_classifier
 class FedAvg(Algorithm):
     name = "fedavg"
     summary = "full fine-tuning; the whole model travels, averaged by examples"
+    lr_setting = "full_lr"
 
     def build_model(self, settings: Settings) -> nn.Module:
         return load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
-
-    def learning_rate(self) -> float:
-        return self.settings.full_lr

@@ -18,6 +18,3 @@ class FedLoRA(Algorithm):
     def build_model(self, settings: Settings) -> nn.Module:
         model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
         return add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
-
-    def learning_rate(self) -> float:
-        return self.settings.lora_lr

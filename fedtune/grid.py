@@ -1,0 +1,101 @@
+"""The grid's cells: one run (a method and a seed) each, cached on disk by its settings.
+
+A finished cell is stored as `<out-dir>/compare/cells/<key>.json`, keyed by a hash of its
+resolved settings, so a rerun reuses it and an interrupted grid resumes where it stopped.
+Cells of all grids share one folder: a Dirichlet grid reuses the IID grid's centralized
+cells, and all KD cells of a seed share one pre-trained teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from fedtune.config import Settings
+from fedtune.console import say
+from fedtune.runs import read_jsonl, write_json
+
+# (row label, changes to the base settings); `method` cells are centralized, `algorithm` federated.
+METHODS: list[tuple[str, dict]] = [
+    ("Finetune", {"method": "finetune"}),
+    ("KD", {"method": "kd"}),
+    ("LoRA", {"method": "lora"}),
+    ("Fed-finetune (FedAvg)", {"algorithm": "fedavg"}),
+    ("Fed-LoRA", {"algorithm": "fedlora"}),
+    ("Fed-LoRA-KD (server teacher)", {"algorithm": "fedkdlora", "kd_placement": "server"}),
+    ("Fed-LoRA-KD (client teachers)", {"algorithm": "fedkdlora", "kd_placement": "client"}),
+    ("FlexLoRA", {"algorithm": "flexlora"}),
+    ("HetLoRA", {"algorithm": "hetlora"}),
+]
+SWEEP_RANKS = (4, 8, 16, 32)
+
+# Settings a centralized run does not read: normalised before hashing so grids share those cells.
+FEDERATED_ONLY = ("algorithm", "clients", "rounds", "fraction_train", "local_epochs", "local_steps", "partition",
+                  "dirichlet_alpha", "classes_per_client", "min_partition_size", "round_timeout",
+                  "rank_distribution", "rank_set", "client_ranks", "kd_placement", "kd_server_steps", "codec",
+                  "svd_energy_start", "svd_energy_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    label: str
+    settings: Settings
+    centralized: bool
+
+    @property
+    def key(self) -> str:
+        settings = self.settings
+        if self.centralized:
+            defaults = Settings()
+            settings = settings.replace(**{name: getattr(defaults, name) for name in FEDERATED_ONLY})
+        # Only values that differ from the defaults: a setting added later (at its default) keeps old keys.
+        defaults = Settings().to_dict()
+        values = {k: v for k, v in {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}.items()
+                  if v != defaults[k] and k != "out-dir"}
+        values["kind"] = "centralized" if self.centralized else "federated"
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: list[str] | None = None,
+              tuned: dict[str, dict] | None = None) -> list[Cell]:
+    """Every (method, seed) cell. Centralized cells train rounds x local-epochs epochs: the
+    federation's total budget. `tuned` adds per-row changes (the chosen learning rates)."""
+    tuned = tuned or {}
+    rows = [(label, {**changes, **tuned.get(label, {})}) for label, changes in METHODS
+            if methods is None or label in methods]
+    if rank_sweep:
+        rows += [(f"{name} r={r}", {"algorithm": algorithm, "lora_r": r})
+                 for r in SWEEP_RANKS for name, algorithm in (("Fed-LoRA", "fedlora"), ("Fed-LoRA-KD", "fedkdlora"))]
+    base = base.replace(epochs=base.rounds * base.local_epochs)
+    return [Cell(label, base.replace(seed=base.seed + i, **changes), "method" in changes)
+            for label, changes in rows for i in range(seeds)]
+
+
+def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
+    """The cell's result, from the cache or from running it now."""
+    cached = cells_dir / f"{cell.key}.json"
+    if cached.is_file():
+        say(f"reusing {cell.label} (seed {cell.settings.seed}): {cached}", quiet)
+        # Another row may have computed it (Fed-LoRA is the rank sweep's Fed-LoRA r=8): label it as this row.
+        return {**json.loads(cached.read_text()), "label": cell.label}
+    say(f"[bold]{cell.label}[/] (seed {cell.settings.seed})", quiet)
+    settings = cell.settings.replace(out_dir=str(cells_dir))
+    start = time.perf_counter()
+    if cell.centralized:
+        from fedtune.centralized import run_centralized
+
+        path = run_centralized(settings, quiet)
+        rounds = []
+    else:
+        from fedtune.simulation import run_federated
+
+        path = run_federated(settings, quiet)
+        rounds = read_jsonl(path / "rounds.jsonl")
+    result = {"label": cell.label, "seed": settings.seed, "key": cell.key, "run": str(path),
+              "wall_seconds": time.perf_counter() - start, "settings": settings.to_dict(),
+              "summary": json.loads((path / "summary.json").read_text()), "rounds": rounds}
+    write_json(cached, result)
+    return result

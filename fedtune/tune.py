@@ -1,0 +1,75 @@
+"""`fedtune compare --tune`: each method's learning rate chosen on a validation split of the
+private train rows, never on GLUE dev (dev is the test set every table reports).
+
+For every row of the grid, one trial per value of the method's learning-rate grid runs at a
+reduced budget (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized
+epochs), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
+best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the lower held-out loss. Trials
+are ordinary cached cells, so tuning again reuses them and reaches the same choice; every
+tried value and its score is returned for the grid's `results.json`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedtune.grid import Cell, make_grid, run_cell
+from fedtune.config import Settings, key_of
+from fedtune.console import say
+from fedtune.metrics import primary_metric
+
+# Peak learning rates tried, by the setting a method trains with.
+LR_GRID: dict[str, tuple[float, ...]] = {"full_lr": (5e-5, 1e-4, 2e-4), "lora_lr": (1e-3, 3e-3, 1e-2)}
+# Share of the private rows held out to score trials: SST-2 has ~54,000 private rows (2% is
+# ~1,080), CoLA ~6,800 (10% is ~680).
+HOLDOUT_FRACTION: dict[str, float] = {"sst2": 0.02, "cola": 0.1}
+TUNE_ROUND_SHARE = 0.3  # trials run 3 of 10 rounds
+
+
+def lr_setting(settings: Settings, centralized: bool) -> str:
+    """The Settings field holding the learning rate this row trains with."""
+    if centralized:
+        return "full_lr" if settings.method == "finetune" else "lora_lr"
+    from fedtune.algorithms import get_algorithm
+
+    return get_algorithm(settings.algorithm, settings).lr_setting
+
+
+def trial_settings(settings: Settings, centralized: bool, name: str, value: float) -> Settings:
+    """A tuning trial of the row `settings`: `name`=`value`, the reduced budget, scored on the holdout."""
+    rounds = max(1, math.floor(TUNE_ROUND_SHARE * settings.rounds + 0.5))
+    changes = {name: value, "rounds": rounds, "holdout_fraction": HOLDOUT_FRACTION[settings.task]}
+    if centralized:
+        changes["epochs"] = settings.epochs * rounds / settings.rounds
+    return settings.replace(**changes)
+
+
+def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet: bool = False) -> dict:
+    """Try every learning rate of the row's grid; the record of the trials and the chosen value."""
+    name = lr_setting(settings, centralized)
+    metric = primary_metric(settings.task)
+    trials = []
+    for value in LR_GRID[name]:
+        trial = trial_settings(settings, centralized, name, value)
+        result = run_cell(Cell(f"{label} [tune {key_of(name)}={value:g}]", trial, centralized), cells_dir, quiet)
+        scores = result["summary"]["dev"]  # the run's evaluation set, here the holdout
+        trials.append({"value": value, metric: scores[metric], "loss": scores["loss"], "cell": result["key"]})
+    best = max(trials, key=lambda t: (t[metric], -t["loss"]))
+    say(f"{label}: {key_of(name)}={best['value']:g} (holdout {metric} {best[metric]:.4f})", quiet)
+    return {"method": label, "setting": key_of(name), "chosen": best["value"], "metric": metric,
+            "scored_on": f"holdout-fraction={trial.holdout_fraction} of the private train rows (not GLUE dev)",
+            "rounds": trial.rounds, "epochs": trial.epochs if centralized else None, "seed": settings.seed,
+            "trials": trials}
+
+
+def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False) -> list[dict]:
+    """Tune every row of the grid (or the rows in `methods`) on `base`'s first seed."""
+    tuned = []
+    for cell in make_grid(base, seeds=1, methods=methods):
+        tuned.append(tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet))
+    return tuned
+
+
+def chosen_values(tuning: list[dict]) -> dict[str, dict]:
+    """{row label: {field: chosen value}}, what `make_grid` applies to a row's cells."""
+    return {t["method"]: {t["setting"].replace("-", "_"): t["chosen"]} for t in tuning}

@@ -1,0 +1,95 @@
+"""Learning-rate tuning: scored on a holdout of the private train rows (never GLUE dev), every
+trial recorded, the best value applied to the grid's cells, trials cached."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import fedtune.centralized
+import fedtune.simulation
+from fedtune.compare import preset_settings, run_compare
+from fedtune.config import Settings
+from fedtune.data import load_glue, prepare_task_data
+from fedtune.grid import Cell, make_grid
+from fedtune.tune import LR_GRID, lr_setting, trial_settings, tune_row
+
+
+def test_holdout_comes_from_the_private_rows_and_replaces_dev(glue_dir):
+    settings = Settings(task="cola", glue_dir=str(glue_dir), holdout_fraction=0.1)
+    plain, held = prepare_task_data(settings.replace(holdout_fraction=0.0)), prepare_task_data(settings)
+    dev = load_glue("cola", str(glue_dir))["validation"]
+    # 6,841 private rows (8,551 minus the 1,710-row public slice): 684 held out, 6,157 still trained on.
+    assert (len(plain.private), len(held.validation), len(held.private)) == (6841, 684, 6157)
+    def rows(d):
+        return Counter(zip(d["sentence"], d["label"]))
+
+    # The held-out rows and the rows still trained on split the private rows (CoLA repeats some sentences).
+    assert rows(held.validation) + rows(held.private) == rows(plain.private)
+    assert list(held.public["sentence"]) == list(plain.public["sentence"])  # the public slice is untouched
+    assert list(held.validation["sentence"]) != list(dev["sentence"])[:684]
+    assert list(plain.validation["sentence"]) == list(dev["sentence"])  # without a holdout: GLUE dev
+
+
+def test_each_row_tunes_the_learning_rate_it_trains_with():
+    cells = {c.label: c for c in make_grid(preset_settings("standard"), seeds=1)}
+    fields = {label: lr_setting(c.settings, c.centralized) for label, c in cells.items()}
+    assert fields["Finetune"] == fields["Fed-finetune (FedAvg)"] == "full_lr"
+    assert {fields[m] for m in ("KD", "LoRA", "Fed-LoRA", "FlexLoRA", "HetLoRA",
+                                "Fed-LoRA-KD (server teacher)")} == {"lora_lr"}
+    # A trial: 3 of the 10 rounds (and 30% of the centralized epochs), scored on the holdout.
+    lora = trial_settings(cells["LoRA"].settings, True, "lora_lr", 1e-2)
+    fed = trial_settings(cells["Fed-LoRA"].settings, False, "lora_lr", 1e-2)
+    assert (lora.lora_lr, lora.epochs, fed.rounds, fed.epochs) == (1e-2, pytest.approx(0.18), 3, 0.6)
+    assert lora.holdout_fraction == fed.holdout_fraction == 0.02
+
+
+def _stored_trial(cell: Cell, accuracy: float, loss: float) -> dict:
+    """A cached trial as `run_cell` stores it, with made-up scores (nothing is trained)."""
+    summary = {"dev": {"accuracy": accuracy, "loss": loss}, "rounds": cell.settings.rounds,
+               "total_bytes_up": 0, "total_bytes_down": 0}
+    return {"label": cell.label, "seed": cell.settings.seed, "key": cell.key, "run": "-", "wall_seconds": 1.0,
+            "settings": cell.settings.to_dict(), "summary": summary, "rounds": []}
+
+
+def test_best_holdout_score_wins_and_ties_go_to_the_lower_loss(tmp_path, monkeypatch):
+    monkeypatch.setattr(fedtune.simulation, "run_federated", lambda *a, **k: pytest.fail("trial recomputed"))
+    row = make_grid(preset_settings("standard"), seeds=1, methods=["Fed-LoRA"])[0]
+    scores = {1e-3: (0.80, 0.50), 3e-3: (0.85, 0.40), 1e-2: (0.85, 0.35)}  # 3e-3 and 1e-2 tie on accuracy
+    for value, (accuracy, loss) in scores.items():
+        trial = Cell("x", trial_settings(row.settings, False, "lora_lr", value), False)
+        (tmp_path / f"{trial.key}.json").write_text(json.dumps(_stored_trial(trial, accuracy, loss)))
+    record = tune_row("Fed-LoRA", row.settings, False, tmp_path, quiet=True)
+    assert record["chosen"] == 1e-2 and record["setting"] == "lora-lr"
+    assert [(t["value"], t["accuracy"], t["loss"]) for t in record["trials"]] == [
+        (v, a, l) for v, (a, l) in scores.items()]
+    assert "not GLUE dev" in record["scored_on"]
+
+
+def test_tuned_grid_runs_each_method_at_its_chosen_rate(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    given = {"task": "sst2", "glue-dir": str(glue_dir), "model": tiny_bert, "clients": 2, "rounds": 2,
+             "train-limit": 400, "eval-limit": 32, "batch-size": 8, "max-length": 32, "local-steps": 2,
+             "lora-r": 2, "out-dir": str(tmp_path)}
+    base = preset_settings("small", given)
+    folder = run_compare(base, "small", seeds=1, methods=["LoRA", "Fed-LoRA"], quiet=True, tune=True)
+    results = json.loads((folder / "results.json").read_text())
+    tuning = {t["method"]: t for t in results["tuning"]}
+    assert set(tuning) == {"LoRA", "Fed-LoRA"}
+    for label, record in tuning.items():
+        assert [t["value"] for t in record["trials"]] == list(LR_GRID["lora_lr"])
+        best = max(record["trials"], key=lambda t: (t["accuracy"], -t["loss"]))
+        assert record["chosen"] == best["value"]
+        cells = [c for c in results["cells"] if c["label"] == label]
+        assert {c["settings"]["lora-lr"] for c in cells} == {record["chosen"]}
+        assert {c["settings"]["holdout-fraction"] for c in cells} == {0.0}  # the grid itself reports GLUE dev
+        row = next(r for r in results["table"] if r["method"] == label)
+        assert row["lr"] == f"{record['chosen']:g}"
+    trial = json.loads((Path(tmp_path) / "compare" / "cells" / f"{tuning['Fed-LoRA']['trials'][0]['cell']}.json")
+                       .read_text())
+    assert trial["settings"]["holdout-fraction"] == 0.02 and trial["settings"]["rounds"] == 1
+    # Tuning again reuses every trial and every cell.
+    monkeypatch.setattr(fedtune.simulation, "run_federated", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(fedtune.centralized, "run_centralized", lambda *a, **k: pytest.fail("recomputed"))
+    again = run_compare(base, "small", seeds=1, methods=["LoRA", "Fed-LoRA"], quiet=True, tune=True)
+    assert json.loads((again / "results.json").read_text())["tuning"] == results["tuning"]
