@@ -1,0 +1,127 @@
+"""The README's and docs/results.md's result tables, generated from the committed grid files
+`docs/results/<task>-<partition>-<preset>.json` (each a copy of a finished grid's results.json).
+
+`python -m fedtune.tables` rewrites every block between `<!-- results:NAME:begin -->` and
+`<!-- results:NAME:end -->` in README.md and docs/results.md; a test checks that the committed
+files match what this module generates, so no number in those blocks is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from fedtune.compare import markdown
+from fedtune.grid import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md")
+TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA"}
+PARTITION_NAMES = {"iid": "IID", "dirichlet": "Dir 0.1"}
+# The seed system's published accuracies (4 clients, 10 rounds, bert-base teacher, DistilBERT
+# student; its placement of the FedKDLoRA teacher is not stated, so both of our rows show it).
+SEED_SYSTEM = {"Fed-finetune (FedAvg)": {"sst2": 0.907, "cola": 0.802},
+               "Fed-LoRA": {"sst2": 0.881, "cola": 0.756},
+               "Fed-LoRA-KD (server teacher)": {"sst2": 0.892, "cola": 0.764},
+               "Fed-LoRA-KD (client teachers)": {"sst2": 0.892, "cola": 0.764}}
+
+
+def load_grids(preset: str, folder: Path = RESULTS) -> dict[tuple[str, str], dict]:
+    """{(task, partition): grid} for every committed grid of `preset`."""
+    grids = {}
+    for task in TASK_NAMES:
+        for partition in PARTITION_NAMES:
+            path = folder / f"{task}-{partition}-{preset}.json"
+            if path.is_file():
+                grids[task, partition] = json.loads(path.read_text())
+    return grids
+
+
+def _mean(value: str) -> str:
+    """'0.8812 ± 0.0021' -> '0.881' (the headline shows 3 decimals; the grid tables have the std)."""
+    return value if value == "-" else f"{float(value.split(' ± ')[0]):.3f}"
+
+
+def headline(grids: dict[tuple[str, str], dict]) -> str:
+    """Method x (task, partition): SST-2 accuracy, CoLA MCC and accuracy (means over seeds), the
+    seed system's accuracy, and MB per round up and down."""
+    if not grids:
+        return "_No grid of this preset has finished yet._"
+    columns, cells, traffic = [], {}, {}
+    for (task, partition), grid in grids.items():
+        metrics = ["MCC", "accuracy"] if task == "cola" else ["accuracy"]
+        for metric in metrics:
+            column = f"{TASK_NAMES[task]} {PARTITION_NAMES[partition]} {'acc' if metric == 'accuracy' else metric}"
+            column += f" ({grid['seeds']} seed{'s' if grid['seeds'] > 1 else ''})"
+            columns.append(column)
+            for row in grid["table"]:
+                cells.setdefault(row["method"], {})[column] = _mean(row[metric])
+        for row in grid["table"]:
+            traffic.setdefault(row["method"], (row["MB up / round"], row["MB down / round"]))
+    order = [label for label, _ in METHODS]
+    methods = sorted(cells, key=lambda m: order.index(m) if m in order else len(order))
+    rows = []
+    for method in methods:
+        seed = SEED_SYSTEM.get(method)
+        rows.append({"method": method, **{c: cells[method].get(c, "-") for c in columns},
+                     "seed system acc (SST-2 / CoLA)": f"{seed['sst2']:.3f} / {seed['cola']:.3f}" if seed else "-",
+                     "MB up / round": traffic[method][0], "MB down / round": traffic[method][1]})
+    return markdown(rows)
+
+
+def grid_tables(grids: dict[tuple[str, str], dict]) -> str:
+    """Each grid's own table (mean ± std over seeds, bytes, seconds) and its tuning trials."""
+    parts = []
+    for (task, partition), grid in grids.items():
+        name = f"{task}-{partition}-{grid['preset']}"
+        parts.append(f"**{TASK_NAMES[task]}, {PARTITION_NAMES[partition]}** ({grid['seeds']} seeds; "
+                     f"`docs/results/{name}.json`)\n\n{markdown(grid['table'])}")
+        if grid.get("tuning"):
+            parts.append(f"Learning rates tried for {TASK_NAMES[task]} {PARTITION_NAMES[partition]} "
+                         f"(scored on {grid['tuning'][0]['scored_on']}, {grid['tuning'][0]['rounds']} rounds "
+                         f"or the same share of the epochs, seed {grid['tuning'][0]['seed']}):\n\n"
+                         + markdown(tuning_rows(grid["tuning"])))
+    return "\n\n".join(parts) if parts else "_No grid of this preset has finished yet._"
+
+
+def tuning_rows(tuning: list[dict]) -> list[dict]:
+    """One row per method: each tried value with its holdout score, the chosen one in bold."""
+    rows = []
+    for record in tuning:
+        tried = [f"{'**' if t['value'] == record['chosen'] else ''}{t['value']:g}: {t[record['metric']]:.4f}"
+                 f"{'**' if t['value'] == record['chosen'] else ''}" for t in record["trials"]]
+        rows.append({"method": record["method"], "setting": record["setting"],
+                     f"holdout {record['metric']} per value": ", ".join(tried)})
+    return rows
+
+
+def blocks(folder: Path = RESULTS) -> dict[str, str]:
+    """Every generated block, by name."""
+    standard = load_grids("standard", folder)
+    return {"standard-headline": headline(standard), "standard-grids": grid_tables(standard)}
+
+
+def render(text: str, generated: dict[str, str]) -> str:
+    """`text` with every results block replaced by its generated content."""
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in generated:
+            raise ValueError(f"unknown results block {name!r} (known: {', '.join(generated)})")
+        return f"<!-- results:{name}:begin -->\n{generated[name]}\n<!-- results:{name}:end -->"
+
+    return re.sub(r"<!-- results:([\w-]+):begin -->.*?<!-- results:\1:end -->", replace, text, flags=re.S)
+
+
+def main() -> int:
+    generated = blocks()
+    for path in DOCUMENTS:
+        path.write_text(render(path.read_text(), generated))
+        print(f"updated {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The README's result tables are generated from the committed grid files, never typed by hand."""
+
+import json
+
+import pytest
+
+from fedtune.tables import DOCUMENTS, blocks, headline, load_grids, render, tuning_rows
+
+
+def test_committed_documents_match_the_committed_grid_files():
+    generated = blocks()
+    for path in DOCUMENTS:
+        text = path.read_text()
+        assert "<!-- results:" in text, path
+        assert render(text, generated) == text, f"{path.name} is stale: run `python -m fedtune.tables`"
+
+
+def _grid(task: str, rows: list[dict], seeds: int = 2) -> dict:
+    return {"task": task, "partition": "iid", "preset": "standard", "seeds": seeds, "table": rows, "tuning": []}
+
+
+def _row(method: str, mb: str = "-", **metrics) -> dict:
+    return {"method": method, **metrics, "MB up / round": mb, "MB down / round": mb}
+
+
+def test_headline_puts_each_task_and_partition_in_its_own_columns(tmp_path):
+    grids = {"sst2-iid": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy="0.8812 ± 0.0021"),
+                                        _row("LoRA", accuracy="0.8900 ± 0.0000")]),
+             "cola-dirichlet": _grid("cola", [_row("Fed-LoRA", "1.249", MCC="0.2000 ± 0.0100",
+                                                   accuracy="0.7000 ± 0.0000")], seeds=1)}
+    for name, grid in grids.items():
+        (tmp_path / f"{name}-standard.json").write_text(json.dumps(grid))
+    lines = headline(load_grids("standard", tmp_path)).splitlines()
+    assert lines[0] == ("| method | SST-2 IID acc (2 seeds) | CoLA Dir 0.1 MCC (1 seed) | CoLA Dir 0.1 acc (1 seed) "
+                        "| seed system acc (SST-2 / CoLA) | MB up / round | MB down / round |")
+    # Grid order (centralized LoRA first), 3 decimals, "-" where a grid lacks the method.
+    assert lines[2:] == ["| LoRA | 0.890 | - | - | - | - | - |",
+                         "| Fed-LoRA | 0.881 | 0.200 | 0.700 | 0.881 / 0.756 | 1.249 | 1.249 |"]
+    assert headline({}) == "_No grid of this preset has finished yet._"
+
+
+def test_tuning_rows_list_every_trial_and_mark_the_choice():
+    record = {"method": "LoRA", "setting": "lora-lr", "chosen": 3e-3, "metric": "accuracy",
+              "trials": [{"value": 1e-3, "accuracy": 0.8}, {"value": 3e-3, "accuracy": 0.85},
+                         {"value": 1e-2, "accuracy": 0.5}]}
+    assert tuning_rows([record]) == [{"method": "LoRA", "setting": "lora-lr",
+                                      "holdout accuracy per value": "0.001: 0.8000, **0.003: 0.8500**, 0.01: 0.5000"}]
+
+
+def test_unknown_block_is_refused():
+    with pytest.raises(ValueError, match="unknown results block 'nope'"):
+        render("<!-- results:nope:begin -->\n<!-- results:nope:end -->", {"a": "b"})
