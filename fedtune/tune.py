@@ -3,7 +3,7 @@ private train rows, never on GLUE dev (dev is the test set every table reports).
 
 For every row of the grid, one trial per value of the method's learning-rate grid runs at a
 reduced budget (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized
-epochs), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
+epochs; a best value at an edge of the grid gets one more trial a step past it), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
 best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the lower held-out loss. Trials
 are ordinary cached cells, so tuning again reuses them and reaches the same choice; every
 tried value and its score is returned for the grid's `results.json`.
@@ -48,13 +48,26 @@ def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet
     """Try every learning rate of the row's grid; the record of the trials and the chosen value."""
     name = lr_setting(settings, centralized)
     metric = primary_metric(settings.task)
-    trials = []
-    for value in LR_GRID[name]:
+
+    def run_trial(value: float) -> dict:
         trial = trial_settings(settings, centralized, name, value)
         result = run_cell(Cell(f"{label} [tune {key_of(name)}={value:g}]", trial, centralized), cells_dir, quiet)
         scores = result["summary"]["dev"]  # the run's evaluation set, here the holdout
-        trials.append({"value": value, metric: scores[metric], "loss": scores["loss"], "cell": result["key"]})
-    best = max(trials, key=lambda t: (t[metric], -t["loss"]))
+        return {"value": value, metric: scores[metric], "loss": scores["loss"], "cell": result["key"]}
+
+    def score(t: dict) -> tuple:
+        return t[metric], -t["loss"]
+
+    grid = LR_GRID[name]
+    trials = [run_trial(value) for value in grid]
+    best = max(trials, key=score)
+    # The best at an edge of the grid may not be the best: try one more step past it (same ratio).
+    if best["value"] in (grid[0], grid[-1]):
+        step = grid[-1] / grid[-2] if best["value"] == grid[-1] else grid[0] / grid[1]
+        trials.append(run_trial(float(f"{best['value'] * step:.1g}")))  # 1e-2 * 10/3 -> 3e-2
+        trials.sort(key=lambda t: t["value"])
+        best = max(trials, key=score)
+    trial = trial_settings(settings, centralized, name, best["value"])
     say(f"{label}: {key_of(name)}={best['value']:g} (holdout {metric} {best[metric]:.4f})", quiet)
     return {"method": label, "setting": key_of(name), "chosen": best["value"], "metric": metric,
             "scored_on": f"holdout-fraction={trial.holdout_fraction} of the private train rows (not GLUE dev)",

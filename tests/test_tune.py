@@ -53,18 +53,32 @@ def _stored_trial(cell: Cell, accuracy: float, loss: float) -> dict:
             "settings": cell.settings.to_dict(), "summary": summary, "rounds": []}
 
 
-def test_best_holdout_score_wins_and_ties_go_to_the_lower_loss(tmp_path, monkeypatch):
+def _tune_on_stored_trials(folder, monkeypatch, scores: dict[float, tuple[float, float]]) -> dict:
+    """`tune_row` for Fed-LoRA where every trial is already cached with the given (accuracy, loss)."""
     monkeypatch.setattr(fedtune.simulation, "run_federated", lambda *a, **k: pytest.fail("trial recomputed"))
     row = make_grid(preset_settings("standard"), seeds=1, methods=["Fed-LoRA"])[0]
-    scores = {1e-3: (0.80, 0.50), 3e-3: (0.85, 0.40), 1e-2: (0.85, 0.35)}  # 3e-3 and 1e-2 tie on accuracy
     for value, (accuracy, loss) in scores.items():
         trial = Cell("x", trial_settings(row.settings, False, "lora_lr", value), False)
-        (tmp_path / f"{trial.key}.json").write_text(json.dumps(_stored_trial(trial, accuracy, loss)))
-    record = tune_row("Fed-LoRA", row.settings, False, tmp_path, quiet=True)
-    assert record["chosen"] == 1e-2 and record["setting"] == "lora-lr"
+        (folder / f"{trial.key}.json").write_text(json.dumps(_stored_trial(trial, accuracy, loss)))
+    return tune_row("Fed-LoRA", row.settings, False, folder, quiet=True)
+
+
+def test_best_holdout_score_wins_and_ties_go_to_the_lower_loss(tmp_path, monkeypatch):
+    scores = {1e-3: (0.80, 0.50), 3e-3: (0.85, 0.40), 1e-2: (0.85, 0.45)}  # 3e-3 and 1e-2 tie on accuracy
+    record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
+    assert record["chosen"] == 3e-3 and record["setting"] == "lora-lr"
     assert [(t["value"], t["accuracy"], t["loss"]) for t in record["trials"]] == [
         (v, a, l) for v, (a, l) in scores.items()]
     assert "not GLUE dev" in record["scored_on"]
+
+
+@pytest.mark.parametrize("extra, accuracy, chosen", [(3e-2, 0.88, 3e-2), (3e-2, 0.50, 1e-2)])
+def test_a_best_value_at_the_grid_edge_gets_one_more_step(tmp_path, monkeypatch, extra, accuracy, chosen):
+    # 1e-2 is best of the grid, so 1e-2 * (1e-2 / 3e-3) = 3e-2 is tried too; it wins only if better.
+    scores = {1e-3: (0.80, 0.5), 3e-3: (0.85, 0.4), 1e-2: (0.86, 0.4), extra: (accuracy, 0.4)}
+    record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
+    assert [t["value"] for t in record["trials"]] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2])
+    assert record["chosen"] == pytest.approx(chosen)
 
 
 def test_tuned_grid_runs_each_method_at_its_chosen_rate(tiny_bert, glue_dir, tmp_path, monkeypatch):
@@ -77,7 +91,8 @@ def test_tuned_grid_runs_each_method_at_its_chosen_rate(tiny_bert, glue_dir, tmp
     tuning = {t["method"]: t for t in results["tuning"]}
     assert set(tuning) == {"LoRA", "Fed-LoRA"}
     for label, record in tuning.items():
-        assert [t["value"] for t in record["trials"]] == list(LR_GRID["lora_lr"])
+        values = [t["value"] for t in record["trials"]]
+        assert set(LR_GRID["lora_lr"]) <= set(values) and len(values) <= len(LR_GRID["lora_lr"]) + 1
         best = max(record["trials"], key=lambda t: (t["accuracy"], -t["loss"]))
         assert record["chosen"] == best["value"]
         cells = [c for c in results["cells"] if c["label"] == label]
