@@ -43,7 +43,8 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
         batches = [batch for batch, _ in zip(loader, range(local_steps))]
         raw_seconds += raw_loop(model, supervised_loss, batches, settings.lora_lr)
     start = time.perf_counter()
-    evaluate_state(settings, initial_state(settings))
+    algorithm = get_algorithm("fedlora", settings)
+    evaluate_state(algorithm, initial_state(algorithm))
     eval_seconds = time.perf_counter() - start
     return {"clients": clients, "local_steps": local_steps, "batch_size": settings.batch_size,
             "samples": rounds[2]["examples_seen"], "round_1_seconds": rounds[1]["seconds"],

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.codecs import Codec
 from fedtune.config import Settings
@@ -29,6 +32,12 @@ def clip_when_private(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+@functools.lru_cache(maxsize=2)
+def algorithm_for(settings: Settings) -> Algorithm:
+    """The run's algorithm, built once per process."""
+    return get_algorithm(settings.algorithm, settings)
 
 
 def make_client_app(settings: Settings | None = None) -> ClientApp:
@@ -57,7 +66,7 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
             raise RuntimeError(f"simulated dropout of client {partition_id} in round {server_round}")
         # What this client keeps between rounds (its teacher) stays on its own disk, never in a reply.
         kept_folder = state_folder(settings.out_dir, str(config["run-name"]))
-        result = client_update(settings, partition_id, num_partitions, received, server_round=server_round,
+        result = client_update(algorithm_for(settings), partition_id, num_partitions, received, server_round=server_round,
                                lr=float(config["lr"]), kept_state=load_kept(kept_folder, partition_id, server_round))
         if result.kept_state is not None:
             save_kept(kept_folder, partition_id, server_round, result.kept_state)

@@ -142,12 +142,15 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float = 0.0,
 
 
 # ---- the travelling state ------------------------------------------------------------------
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+State = dict[str, torch.Tensor]  # parameter name -> tensor: what travels, what is aggregated
+
+
+def trainable_state(model: nn.Module) -> State:
     """Exactly the parameters that train: this is what a client sends."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(model: nn.Module, state: State) -> None:
     """Copy `state` into the trainable parameters; keys and shapes must match exactly."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))

@@ -21,8 +21,6 @@ def private(strategy: FedTuneStrategy, settings: Settings):
     """`strategy` wrapped for DP (equal client weights), or unchanged when `dp-noise` is 0."""
     if settings.dp_noise <= 0:
         return strategy
-    if hasattr(strategy.algorithm, "ranks"):
-        raise ValueError(f"dp-noise > 0 needs clients that send same-shape updates; {settings.algorithm} does not")
     strategy.uniform_weights = True
     return DifferentialPrivacyClientSideFixedClipping(strategy, settings.dp_noise, settings.dp_clip,
                                                       num_sampled_clients=len(strategy.sample(1)))

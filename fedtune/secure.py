@@ -63,9 +63,6 @@ class SecureRounds:
     """
 
     def __init__(self, strategy: FedTuneStrategy, clip: float, max_weight: int):
-        if hasattr(strategy.algorithm, "ranks"):
-            raise ValueError(f"secure-aggregation needs clients that send same-shape updates; "
-                             f"{strategy.algorithm.name} does not")
         if len(strategy.sample(1)) < 2:
             raise ValueError("secure-aggregation needs at least 2 sampled clients per round; "
                              "raise `clients` or `fraction-train`")

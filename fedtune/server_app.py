@@ -90,9 +90,9 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run, checkpoint = open_run(settings)
     partitions = partition_report(settings, settings.clients)
-    if hasattr(algorithm, "ranks"):  # heterogeneous LoRA ranks: record who trains at which
+    if ranks := algorithm.summary_fields()["client_ranks"]:  # record who trains at which LoRA rank
         for p in partitions:
-            p["lora-r"] = algorithm.ranks[p["partition-id"]]
+            p["lora-r"] = ranks[p["partition-id"]]
     run.write_json("partitions.json", partitions)
     codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
@@ -100,7 +100,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     if settings.secure_aggregation == "secagg+":
         runner = SecureRounds(strategy, settings.secagg_clip, max_weight=max(p["size"] for p in partitions))
     ledger = PrivacyLedger(settings, len(strategy.sample(1))) if settings.dp_noise > 0 else None
-    state = initial_state(settings)
+    state = initial_state(algorithm)
     travelling = sum(t.numel() for t in state.values())
     records: list[dict] = []
     if checkpoint:
@@ -122,7 +122,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
             if flower_round == 0 and records:  # resumed: the last round is already evaluated
                 return MetricRecord({k[4:]: v for k, v in records[-1].items() if k.startswith("dev_")})
             server_round = flower_round + strategy.offset
-            metrics = evaluate_state(settings, arrays.to_torch_state_dict())
+            metrics = evaluate_state(algorithm, arrays.to_torch_state_dict())
             stats = strategy.rounds.get(server_round, {})
             previous = records[-1] if records else {"cum_bytes_up": 0, "cum_bytes_down": 0}
             now = time.perf_counter()
@@ -153,7 +153,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                               train_config=ConfigRecord({"run-name": run.final_path.name}),
                               evaluate_fn=evaluate_fn)
 
-    model = cached_model(algorithm.server_settings())
+    model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, result.arrays.to_torch_state_dict() if len(result.arrays) else state)
     model.save_pretrained(run.path / "model")
     load_tokenizer(settings.model).save_pretrained(run.path / "model")
@@ -169,8 +169,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
         "examples_seen": sum(r["examples_seen"] for r in records),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
-        "lora_r": algorithm.server_settings().lora_r if any(".lora_A." in k for k in state) else None,
-        "client_ranks": getattr(algorithm, "ranks", None),
+        **algorithm.summary_fields(),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if ledger else None,
         "seconds": final["elapsed"]})
     (run.path / CHECKPOINT).unlink()  # the final model and rounds.jsonl are saved

@@ -74,6 +74,7 @@ class FedTuneStrategy(FedAvg):
         server_round += self.offset
         config["server-round"] = server_round
         config["lr"] = self.lr_at(server_round)
+        config.update(self.algorithm.round_config(server_round))
         global_state = arrays.to_torch_state_dict()
         sampled = self.sample(server_round)
         self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}

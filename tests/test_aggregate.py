@@ -73,6 +73,11 @@ def test_krum_keeps_a_state_from_the_honest_cluster():
     assert any(torch.equal(chosen["w"], h["w"]) for h in honest)
 
 
-def test_heterogeneous_ranks_refuse_robust_rules():
-    with pytest.raises(ValueError, match="different ranks"):
-        get_algorithm("flexlora", Settings(algorithm="flexlora", aggregation="median"))
+@pytest.mark.parametrize("algorithm", ["flexlora", "hetlora"])
+@pytest.mark.parametrize("changes, needs", [({"aggregation": "median"}, "aggregation=mean"),
+                                            ({"dp_noise": 1.0}, "dp-noise=0"),
+                                            ({"secure_aggregation": "secagg+"}, "secure-aggregation=none")])
+def test_heterogeneous_ranks_refuse_what_needs_same_shape_updates(algorithm, changes, needs):
+    with pytest.raises(ValueError, match=f"{algorithm} clients send updates of different shapes.*needs {needs}"):
+        get_algorithm(algorithm, Settings(algorithm=algorithm, **changes))
+    assert get_algorithm("fedlora", Settings(**changes)).same_shape_updates  # the same settings are fine there

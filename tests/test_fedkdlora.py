@@ -7,7 +7,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedtune.client_app import make_client_app
 from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.config import Settings
-from fedtune.local import _distillation, client_update, initial_state
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.fedkdlora import _distillation
+from fedtune.local import client_update, initial_state
 from fedtune.teacher import pretrain_teacher, require_teacher
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -37,7 +39,8 @@ def test_client_teacher_persists_across_rounds_and_never_travels(settings):
     app = make_client_app(settings)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config={})
-    start = initial_state(settings)
+    algorithm = get_algorithm("fedkdlora", settings)
+    start = initial_state(algorithm)
     _, initial_teacher = _distillation(settings)
 
     folder = state_folder(settings.out_dir, "test-run")
@@ -54,8 +57,8 @@ def test_client_teacher_persists_across_rounds_and_never_travels(settings):
     assert sorted(p.name for p in folder.iterdir()) == ["client-0-round-1.safetensors",
                                                         "client-0-round-2.safetensors"]
     # Round 2 started from the teacher kept in round 1, not from a fresh one:
-    from_kept = client_update(settings, 0, 2, student1, 2, 1e-2, kept_state=teacher1)
-    from_fresh = client_update(settings, 0, 2, student1, 2, 1e-2, kept_state=None)
+    from_kept = client_update(algorithm, 0, 2, student1, 2, 1e-2, kept_state=teacher1)
+    from_fresh = client_update(algorithm, 0, 2, student1, 2, 1e-2, kept_state=None)
     for name, tensor in reply2.content["arrays"].to_torch_state_dict().items():
         torch.testing.assert_close(tensor, from_kept.state[name])
     assert any(not torch.equal(teacher2[k], from_fresh.kept_state[k]) for k in teacher2)

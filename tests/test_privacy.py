@@ -10,7 +10,7 @@ from fedtune.algorithms import get_algorithm
 from fedtune.client_app import make_client_app
 from fedtune.config import Settings
 from fedtune.local import initial_state
-from fedtune.privacy import PrivacyLedger, private
+from fedtune.privacy import PrivacyLedger
 from fedtune.strategy import FedTuneStrategy
 
 
@@ -20,7 +20,7 @@ def test_clients_clip_their_update_when_asked(tiny_bert, glue_dir, tmp_path, cli
     settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, train_limit=40,
                         eval_limit=16, batch_size=8, max_length=32, local_steps=3, lora_r=2, lora_lr=1e-2,
                         out_dir=str(tmp_path))
-    sent = initial_state(settings)
+    sent = initial_state(get_algorithm("fedlora", settings))
     config = {"server-round": 1, "lr": 1e-2, "run-name": "dp-test"}
     if clip is not None:
         config[KEY_CLIPPING_NORM] = clip
@@ -54,10 +54,8 @@ def test_epsilon_matches_the_rdp_accountant(sampled):
 
 
 def test_dp_needs_same_shape_updates_and_plain_codec():
-    settings = Settings(algorithm="flexlora", dp_noise=1.0)
-    strategy = FedTuneStrategy(get_algorithm("flexlora", settings), {0: 1, 1: 2}, 1.0, 0, lambda r: 0.1)
-    with pytest.raises(ValueError, match="same-shape"):
-        private(strategy, settings)
+    with pytest.raises(ValueError, match="needs dp-noise=0"):  # the algorithm refuses it, before any strategy
+        get_algorithm("flexlora", Settings(algorithm="flexlora", dp_noise=1.0))
     with pytest.raises(ValueError, match="codec=none"):
         Settings(dp_noise=1.0, codec="int8")
 
@@ -79,9 +77,9 @@ def test_secure_aggregation_refuses_mixed_shapes_and_a_single_client():
     from fedtune.secure import SecureRounds
 
     nodes = {0: 101, 1: 102}
-    flexlora = get_algorithm("flexlora", Settings(algorithm="flexlora", clients=2, client_ranks="2,4"))
-    with pytest.raises(ValueError, match="same-shape updates; flexlora does not"):
-        SecureRounds(FedTuneStrategy(flexlora, nodes, 1.0, 0, lambda r: 1e-3), clip=8.0, max_weight=100)
+    with pytest.raises(ValueError, match="needs secure-aggregation=none"):
+        get_algorithm("flexlora", Settings(algorithm="flexlora", clients=2, client_ranks="2,4",
+                                           secure_aggregation="secagg+"))
     fedlora = get_algorithm("fedlora", Settings(algorithm="fedlora", clients=2))
     with pytest.raises(ValueError, match="at least 2 sampled clients"):  # SecAgg+ needs someone to hide among
         SecureRounds(FedTuneStrategy(fedlora, nodes, 0.5, 0, lambda r: 1e-3), clip=8.0, max_weight=100)

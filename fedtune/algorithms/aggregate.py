@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-State = dict[str, torch.Tensor]
+from fedtune.models import State  # noqa: F401  (re-exported: the algorithms' maths speak in States)
 
 
 def weighted_mean(states: list[State], weights: list[float]) -> State:

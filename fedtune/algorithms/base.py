@@ -6,14 +6,19 @@ from torch import nn
 
 from fedtune.algorithms.aggregate import State, robust_aggregate
 from fedtune.config import Settings
-from fedtune.train import schedule_factor
+from fedtune.local import LocalWork, supervised_round
+from fedtune.train import LossFn, schedule_factor, supervised_loss
 
 
 class Algorithm:
-    """A federated fine-tuning method.
+    """A federated fine-tuning method, and everything the rest of fedtune asks of one.
 
     Subclasses decide which model trains (its trainable parameters are exactly what
-    travels), the local learning rate, and how the server combines client states.
+    travels), the local learning rate, how a client trains (`local_train`, `client_loss`),
+    what the train message carries (`client_state`, `round_config`), how the server combines
+    client states (`aggregate`) and what it does afterwards (`server_update`), and what the
+    run's summary reports (`summary_fields`). The strategy, the server app and the client app
+    only call these hooks, so a new algorithm is one module.
 
     Attributes
     ----------
@@ -25,12 +30,26 @@ class Algorithm:
 
     name: str = ""
     summary: str = ""
+    # Every client sends the same keys and shapes; robust aggregation rules, DP noise and SecAgg+
+    # act on such updates only (False for per-client LoRA ranks).
+    same_shape_updates: bool = True
     lr_setting: str = "lora_lr"  # the Settings field holding the peak local learning rate (`compare --tune` tunes it)
     needs_teacher: bool = False  # the server pre-trains the teacher before round 1 (FedKDLoRA)
     teacher_on_client: bool = False  # clients keep a teacher across rounds (FedKDLoRA, client placement)
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Refuse settings this algorithm cannot honour, with one message naming them."""
+        s = self.settings
+        if not self.same_shape_updates:
+            needs = [need for need, wrong in (("aggregation=mean", s.aggregation != "mean"), ("dp-noise=0", s.dp_noise > 0),
+                                              ("secure-aggregation=none", s.secure_aggregation != "none")) if wrong]
+            if needs:
+                raise ValueError(f"{self.name} clients send updates of different shapes (each its own LoRA rank), so it "
+                                 f"needs {', '.join(needs)}: robust rules, DP noise and SecAgg+ need same-shape updates")
 
     def build_model(self, settings: Settings) -> nn.Module:
         """The model for `settings` (the server's or one client's); its trainable parameters travel."""
@@ -57,6 +76,22 @@ class Algorithm:
         """What the server sends a client: by default the global state itself."""
         return global_state
 
+    def round_config(self, server_round: int) -> dict[str, int | float | str]:
+        """Extra entries of the train message's config besides `server-round`, `lr` and the
+        run name (default: none)."""
+        return {}
+
+    def client_loss(self, model: nn.Module, global_state: State) -> LossFn:
+        """The loss a client minimises, given the state it received (default: cross-entropy)."""
+        return supervised_loss
+
+    def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
+                    kept_state: State | None) -> LocalWork:
+        """A client's training of `model` (holding `global_state`) on its `rows`, in place.
+        `kept_state` is what the client kept from its last round (default: nothing)."""
+        return LocalWork(supervised_round(self.settings, model, rows, seed, lr, steps,
+                                          self.client_loss(model, global_state)))
+
     def aggregate(self, states: list[State], weights: list[float]) -> State:
         """Combine client states into the new global state: the `aggregation` rule (default:
         weighted mean by examples)."""
@@ -71,8 +106,13 @@ class Algorithm:
         """Inverse of `checkpoint_state`."""
 
     def server_update(self, state: State, server_round: int) -> tuple[State, dict[str, float]]:
-        """Server-side training after aggregation: (new global state, metrics to record). Default: none."""
+        """Server-side work after aggregation: (new global state, metrics to record). Default: none."""
         return state, {}
+
+    def summary_fields(self) -> dict:
+        """What `summary.json` and `partitions.json` report about the model: the global LoRA rank
+        (None without LoRA) and each client's rank (None when all train the global model)."""
+        return {"lora_r": None, "client_ranks": None}
 
 
 _REGISTRY: dict[str, type[Algorithm]] = {}

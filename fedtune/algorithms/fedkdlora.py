@@ -11,15 +11,21 @@ The teacher is the model pre-trained on the public slice (`fedtune teacher`, cac
 
 from __future__ import annotations
 
+import functools
+import math
+
 from torch import nn
 
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.config import Settings
-from fedtune.models import add_lora
+from fedtune.data import cached_task_data, train_loader
+from fedtune.distill import MutualDistillation
+from fedtune.local import LocalWork, cached_model, dev_loader, local_steps, round_seed
+from fedtune.models import add_lora, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.teacher import build_student, load_teacher, require_teacher
-from fedtune.train import seed_everything
+from fedtune.train import TrainResult, evaluate, seed_everything, train
 
 
 @register
@@ -40,17 +46,61 @@ class FedKDLoRA(FedLoRA):
         return add_lora(build_student(settings, teacher), settings.lora_r, settings.lora_alpha,
                         settings.lora_dropout, settings.lora_targets)
 
+    def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
+                    kept_state: State | None) -> LocalWork:
+        """With the teacher on the client: mutual distillation of its teacher (kept from its last
+        round) and the student on its rows; the teacher's dev metrics are reported."""
+        if not self.teacher_on_client:
+            return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state)
+        result, teacher, metrics = distil(self, rows, kept_state, seed, lr, steps)
+        return LocalWork(result, teacher, {f"teacher-dev-{k}": v for k, v in metrics.items()})
+
     def server_update(self, state: State, server_round: int) -> tuple[State, dict[str, float]]:
+        """With the teacher on the server: mutual distillation on the public slice after averaging,
+        for as many steps as an average client's local training (or `kd-server-steps`)."""
         if self.teacher_on_client:
             return state, {}
-        from fedtune.local import server_distillation  # local imports the algorithm registry
-
-        state, self.teacher_state, metrics = server_distillation(self.settings, state, self.teacher_state,
-                                                                 server_round, self.round_lr(server_round))
-        return state, metrics
+        settings = self.settings
+        public = cached_task_data(settings).public
+        if len(public) == 0:
+            raise ValueError("kd-placement=server distils on the public slice, but public-fraction is 0")
+        student = cached_model(self, settings)
+        load_trainable_state(student, state)
+        steps = settings.kd_server_steps or local_steps(settings, math.ceil(len(cached_task_data(settings).private)
+                                                                            / settings.clients))
+        seed = round_seed(settings.seed, server_round, settings.clients)  # partition ids are 0..clients-1
+        _, self.teacher_state, metrics = distil(self, public, self.teacher_state, seed, self.round_lr(server_round),
+                                                steps)
+        return trainable_state(student), {f"teacher_dev_{k}": v for k, v in metrics.items()}
 
     def checkpoint_state(self) -> State:
         return dict(self.teacher_state or {})
 
     def restore(self, state: State) -> None:
         self.teacher_state = dict(state) or None
+
+
+@functools.lru_cache(maxsize=2)
+def _distillation(settings: Settings) -> tuple[MutualDistillation, State]:
+    """The pre-trained teacher with LoRA, paired with the cached student; and the teacher's initial state."""
+    teacher = load_teacher(require_teacher(settings))
+    seed_everything(settings.seed)  # same teacher LoRA init on every process
+    teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
+    student = cached_model(FedKDLoRA(settings), settings)
+    distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight)
+    return distiller, distiller.kept_state()
+
+
+def distil(algorithm: FedKDLoRA, rows, teacher_state: State | None, seed: int, lr: float,
+           steps: int) -> tuple[TrainResult, State, dict[str, float]]:
+    """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and the
+    student (already loaded) on `rows`: (train result, new teacher state, teacher dev metrics)."""
+    settings = algorithm.settings
+    distiller, initial = _distillation(settings)
+    distiller.load_kept_state(initial if teacher_state is None else teacher_state)
+    seed_everything(seed)
+    loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
+    result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
+                   loss_fn=lambda model, batch: model.loss(batch))
+    metrics = evaluate(distiller.teacher, dev_loader(settings), settings.task)
+    return result, distiller.kept_state(), metrics

@@ -18,3 +18,6 @@ class FedLoRA(Algorithm):
     def build_model(self, settings: Settings) -> nn.Module:
         model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
         return add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
+
+    def summary_fields(self) -> dict:
+        return {"lora_r": self.server_settings().lora_r, "client_ranks": None}

@@ -18,11 +18,10 @@ MAX_SERVER_RANK = 512
 class HeterogeneousRanks(FedLoRA):
     """Shared by FlexLoRA and HetLoRA: a rank per client, a larger global LoRA on the server."""
 
+    same_shape_updates = False
+
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        if settings.aggregation != "mean":
-            raise ValueError(f"aggregation={settings.aggregation!r} needs same-shape client states; "
-                             f"{self.name} clients have different ranks (use aggregation=mean)")
         self.ranks = assign_ranks(settings.rank_distribution, settings.rank_set, settings.clients, settings.seed,
                                   settings.lora_r, settings.client_ranks)
 
@@ -34,6 +33,9 @@ class HeterogeneousRanks(FedLoRA):
 
     def client_settings(self, partition_id: int) -> Settings:
         return self.settings.replace(lora_r=self.ranks[partition_id])
+
+    def summary_fields(self) -> dict:
+        return {"lora_r": self.server_rank(), "client_ranks": self.ranks}
 
 
 @register
