@@ -74,6 +74,19 @@ def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: lis
             for label, changes in rows for i in range(seeds)]
 
 
+def check_rounds(cell: Cell, rounds: list[dict], path: Path) -> None:
+    """Refuse to store a federated cell in which a round kept no client's reply (the model did
+    not change that round), unless the cell simulates dropouts: it would enter the table as a
+    measurement of the method when it measures a failure."""
+    if cell.settings.dropout > 0:
+        return
+    for record in rounds[1:]:
+        if record["accepted"] == 0:
+            reasons = sorted({d["reason"] for d in record["dropped"]}) or ["no reply"]
+            raise RuntimeError(f"{cell.label} (seed {cell.settings.seed}): no client reply was usable in round "
+                               f"{record['round']} ({'; '.join(reasons)[:500]}); not cached. Run folder: {path}")
+
+
 def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
     """The cell's result, from the cache or from running it now."""
     cached = cells_dir / f"{cell.key}.json"
@@ -94,6 +107,7 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
 
         path = run_federated(settings, quiet)
         rounds = read_jsonl(path / "rounds.jsonl")
+        check_rounds(cell, rounds, path)
     result = {"label": cell.label, "seed": settings.seed, "key": cell.key, "run": str(path),
               "wall_seconds": time.perf_counter() - start, "settings": settings.to_dict(),
               "summary": json.loads((path / "summary.json").read_text()), "rounds": rounds}

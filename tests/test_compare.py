@@ -132,3 +132,15 @@ def test_seed_table_puts_each_task_in_its_own_columns(tmp_path):
     # Rows in the grid's order (centralized LoRA before Fed-LoRA); a task without the method shows "-".
     assert lines[2:] == ["| LoRA | - | - | 0.8500 ± 0.0000 | - |",
                          "| Fed-LoRA | 0.2000 ± 0.0100 | 0.7000 ± 0.0000 | 0.8000 ± 0.0200 | 1.249 |"]
+
+
+def test_a_cell_whose_round_kept_no_reply_is_refused_not_cached(base):
+    from fedtune.grid import check_rounds
+
+    cell = make_grid(base, seeds=1, methods=["Fed-LoRA"])[0]
+    good = [{"round": 0, "accepted": 0, "dropped": []}, {"round": 1, "accepted": 2, "dropped": []}]
+    check_rounds(cell, good, Path("run"))
+    failed = good + [{"round": 2, "accepted": 0, "dropped": [{"node": 1, "reason": "client error: boom"}] * 2}]
+    with pytest.raises(RuntimeError, match="no client reply was usable in round 2 \\(client error: boom\\)"):
+        check_rounds(cell, failed, Path("run"))
+    check_rounds(make_grid(base.replace(dropout=0.5), seeds=1, methods=["Fed-LoRA"])[0], failed, Path("run"))
