@@ -98,6 +98,13 @@ class Settings:
                              "aggregation) or 'client' (each client keeps its own teacher; FedKD)", KD_PLACEMENTS)
     kd_hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); 0: off")
     kd_server_steps: int = _opt(0, "server-side distillation steps per round (0: as many as an average client's local steps)")
+    # --- FedProx (fedprox) and the adaptive server optimizer (fedadam)
+    prox_mu: float = _opt(0.01, "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2 on the travelling "
+                          "parameters")
+    server_lr: float = _opt(0.01, "fedadam: server learning rate (eta) of Adam on the aggregated update")
+    server_beta1: float = _opt(0.9, "fedadam: first-moment decay (beta_1)")
+    server_beta2: float = _opt(0.99, "fedadam: second-moment decay (beta_2)")
+    server_tau: float = _opt(1e-3, "fedadam: adaptivity tau (added to the root of the second moment)")
     # --- update compression (client -> server)
     codec: str = _opt("none", "how clients encode their update: none (fp32 state), fp16, int8, or svd (FedKD)", CODECS)
     svd_energy_start: float = _opt(0.95, "svd codec: energy kept in round 1")
@@ -140,6 +147,10 @@ class Settings:
                                                   or self.dp_noise > 0 or self.secagg_clip <= 0):
             problems.append("secure-aggregation needs codec=none, aggregation=mean, dp-noise=0 and secagg-clip > 0 "
                             "(the server only ever sees the masked sum)")
+        if self.prox_mu < 0 or self.server_lr <= 0 or self.server_tau <= 0:
+            problems.append("prox-mu must be >= 0, server-lr and server-tau > 0")
+        if not (0.0 <= self.server_beta1 < 1.0 and 0.0 <= self.server_beta2 < 1.0):
+            problems.append("server-beta1 and server-beta2 must be in [0, 1)")
         if self.krum_malicious < 0:
             problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
         if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:

@@ -29,6 +29,9 @@ METHODS: list[tuple[str, dict]] = [
     ("Fed-LoRA-KD (client teachers)", {"algorithm": "fedkdlora", "kd_placement": "client"}),
     ("FlexLoRA", {"algorithm": "flexlora"}),
     ("HetLoRA", {"algorithm": "hetlora"}),
+    ("FFA-LoRA", {"algorithm": "ffa-lora"}),
+    ("FedProx", {"algorithm": "fedprox"}),
+    ("FedAdam", {"algorithm": "fedadam"}),
 ]
 SWEEP_RANKS = (4, 8, 16, 32)
 

@@ -102,7 +102,8 @@ class SecureRounds:
             server_round = flower_round + strategy.offset
             sampled = strategy.sample(server_round)
             lr = strategy.lr_at(server_round)
-            self.round_config = {**dict(train_config), "server-round": server_round, "lr": lr, KEYS: ",".join(state)}
+            self.round_config = {**dict(train_config), **strategy.algorithm.round_config(server_round),
+                                 "server-round": server_round, "lr": lr, KEYS: ",".join(state)}
             self.mean_update, self.results = None, []
             self.grid.bytes_up = self.grid.bytes_down = 0
             legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -117,11 +118,12 @@ class SecureRounds:
                      "accepted": len(self.results), "dropped": dropped, "aggregate_seconds": 0.0}
             if self.mean_update is not None:
                 start = time.perf_counter()
+                previous = state
                 state = {k: v + torch.from_numpy(np.asarray(u)).to(v.dtype)
                          for (k, v), u in zip(state.items(), self.mean_update, strict=True)}
                 stats["aggregate_seconds"] = time.perf_counter() - start
                 start = time.perf_counter()
-                state, server_metrics = strategy.algorithm.server_update(state, server_round)
+                state, server_metrics = strategy.algorithm.server_update(state, server_round, previous)
                 stats["server_seconds"] = time.perf_counter() - start
                 weights = [r.num_examples for r in self.results]
                 stats["train_loss"] = float(np.average([r.metrics["train-loss"] for r in self.results],

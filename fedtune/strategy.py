@@ -62,6 +62,7 @@ class FedTuneStrategy(FedAvg):
         self.uniform_weights = False  # DP: every client weighs the same (the noise is calibrated to that)
         self.rounds: dict[int, dict] = {}  # per-round accounting, read by the server app
         self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
+        self.global_state: dict = {}  # the global state at the start of this round
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids trained this round: a seeded draw without replacement."""
@@ -76,6 +77,7 @@ class FedTuneStrategy(FedAvg):
         config["lr"] = self.lr_at(server_round)
         config.update(self.algorithm.round_config(server_round))
         global_state = arrays.to_torch_state_dict()
+        self.global_state = global_state  # what this round's updates are relative to
         sampled = self.sample(server_round)
         self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}
         records: dict[int, RecordDict] = {}  # one record per distinct state: most algorithms send one
@@ -120,7 +122,7 @@ class FedTuneStrategy(FedAvg):
         aggregated = self.algorithm.aggregate(states, weights)
         stats["aggregate_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        aggregated, server_metrics = self.algorithm.server_update(aggregated, server_round)
+        aggregated, server_metrics = self.algorithm.server_update(aggregated, server_round, self.global_state)
         stats["server_seconds"] = time.perf_counter() - start
         stats["train_loss"] = float(np.average([m["train-loss"] for m in metrics], weights=weights))
         stats["examples_seen"] = int(sum(m["examples-seen"] for m in metrics))

@@ -1,7 +1,8 @@
 """`fedtune compare --tune`: each method's learning rate chosen on a validation split of the
 private train rows, never on GLUE dev (dev is the test set every table reports).
 
-For every row of the grid, one trial per value of the method's learning-rate grid runs at a
+For every row of the grid, one trial per value of the method's learning-rate grid (then of its
+algorithm's own `tunables`, at the chosen learning rate) runs at a
 reduced budget (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized
 epochs; a best value at an edge of the grid gets one more trial a step past it), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
 best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the lower held-out loss. Trials
@@ -26,13 +27,24 @@ HOLDOUT_FRACTION: dict[str, float] = {"sst2": 0.02, "cola": 0.1}
 TUNE_ROUND_SHARE = 0.3  # trials run 3 of 10 rounds
 
 
+def _row_algorithm(settings: Settings):
+    from fedtune.algorithms import get_algorithm
+
+    return get_algorithm(settings.algorithm, settings)
+
+
 def lr_setting(settings: Settings, centralized: bool) -> str:
     """The Settings field holding the learning rate this row trains with."""
     if centralized:
         return "full_lr" if settings.method == "finetune" else "lora_lr"
-    from fedtune.algorithms import get_algorithm
+    return _row_algorithm(settings).lr_setting
 
-    return get_algorithm(settings.algorithm, settings).lr_setting
+
+def search_space(settings: Settings, centralized: bool) -> dict[str, tuple[float, ...]]:
+    """What a row tunes, in order: its learning rate, then its algorithm's own settings
+    (FedProx's `prox-mu`, FedAdam's `server-lr`)."""
+    name = lr_setting(settings, centralized)
+    return {name: LR_GRID[name], **({} if centralized else _row_algorithm(settings).tunables)}
 
 
 def trial_settings(settings: Settings, centralized: bool, name: str, value: float) -> Settings:
@@ -44,9 +56,9 @@ def trial_settings(settings: Settings, centralized: bool, name: str, value: floa
     return settings.replace(**changes)
 
 
-def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet: bool = False) -> dict:
-    """Try every learning rate of the row's grid; the record of the trials and the chosen value."""
-    name = lr_setting(settings, centralized)
+def tune_setting(label: str, settings: Settings, centralized: bool, name: str, grid: tuple[float, ...],
+                 cells_dir, quiet: bool = False) -> dict:
+    """Try every value of `grid` for the field `name`; the record of the trials and the chosen value."""
     metric = primary_metric(settings.task)
 
     def run_trial(value: float) -> dict:
@@ -58,7 +70,6 @@ def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet
     def score(t: dict) -> tuple:
         return t[metric], -t["loss"]
 
-    grid = LR_GRID[name]
     trials = [run_trial(value) for value in grid]
     best = max(trials, key=score)
     # The best at an edge of the grid may not be the best: try one more step past it (same ratio).
@@ -75,14 +86,27 @@ def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet
             "trials": trials}
 
 
+def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet: bool = False) -> list[dict]:
+    """Tune the row's settings one after another (coordinate search): the learning rate first,
+    then each of its algorithm's own settings at the chosen learning rate. One record each."""
+    records = []
+    for name, grid in search_space(settings, centralized).items():
+        records.append(tune_setting(label, settings, centralized, name, grid, cells_dir, quiet))
+        settings = settings.replace(**{name: records[-1]["chosen"]})
+    return records
+
+
 def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False) -> list[dict]:
     """Tune every row of the grid (or the rows in `methods`) on `base`'s first seed."""
     tuned = []
     for cell in make_grid(base, seeds=1, methods=methods):
-        tuned.append(tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet))
+        tuned += tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet)
     return tuned
 
 
 def chosen_values(tuning: list[dict]) -> dict[str, dict]:
-    """{row label: {field: chosen value}}, what `make_grid` applies to a row's cells."""
-    return {t["method"]: {t["setting"].replace("-", "_"): t["chosen"]} for t in tuning}
+    """{row label: {field: chosen value, ...}}, what `make_grid` applies to a row's cells."""
+    chosen: dict[str, dict] = {}
+    for t in tuning:
+        chosen.setdefault(t["method"], {})[t["setting"].replace("-", "_")] = t["chosen"]
+    return chosen

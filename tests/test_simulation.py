@@ -21,7 +21,8 @@ def base(tiny_bert, glue_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(base):
-    return {name: run_federated(base.replace(algorithm=name), quiet=True) for name in ("fedavg", "fedlora")} | {
+    return {name: run_federated(base.replace(algorithm=name), quiet=True)
+            for name in ("fedavg", "fedlora", "ffa-lora", "fedprox", "fedadam")} | {
         "fedlora-again": run_federated(base.replace(algorithm="fedlora"), quiet=True),
         "flexlora": run_federated(base.replace(algorithm="flexlora", client_ranks="2,4,8"), quiet=True),
         "fedavg-int8": run_federated(base.replace(algorithm="fedavg", codec="int8"), quiet=True),
@@ -35,7 +36,8 @@ def runs(base):
                                        quiet=True)}
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client"])
+@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client",
+                                  "ffa-lora", "fedprox", "fedadam"])
 def test_run_folder_is_complete(runs, name):
     path = runs[name]
     assert not path.name.endswith(".incomplete")
@@ -49,7 +51,7 @@ def test_run_folder_is_complete(runs, name):
     assert sum(p["size"] for p in partitions) == 90
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedlora"])
+@pytest.mark.parametrize("name", ["fedavg", "fedlora", "ffa-lora"])
 def test_bytes_per_round_are_the_travelling_state_times_clients(runs, name):
     rounds = read_jsonl(runs[name] / "rounds.jsonl")
     payload = rounds[1]["travelling_parameters"] * 4 * 3  # float32, 3 clients
@@ -204,3 +206,18 @@ def test_secure_rounds_survive_a_client_that_fails_mid_protocol(runs, base):
         assert r["accepted"] == len(r["clients"]) - len(failing) and len(r["dropped"]) == len(failing)
     assert sum(len(r["dropped"]) for r in rounds) > 0  # seed 42 drops someone in these rounds
     assert rounds[-1]["dev_loss"] != rounds[0]["dev_loss"]  # the surviving clients' mean was applied
+
+
+def test_ffa_lora_sends_everything_fedlora_sends_but_lora_a(runs):
+    fedlora, ffa = (read_jsonl(runs[n] / "rounds.jsonl")[1]["travelling_parameters"] for n in ("fedlora", "ffa-lora"))
+    assert fedlora - ffa == 8 * 4 * 32  # tiny BERT: 8 LoRA modules, A is r x in = 4 x 32
+    summary = json.loads((runs["ffa-lora"] / "summary.json").read_text())
+    assert summary["lora_r"] == 4 and "LoRA A" in summary["frozen"]
+
+
+def test_fedadam_and_fedprox_change_what_fedlora_learns(runs):
+    """Same clients, data and seeds as FedLoRA: the server's Adam step and the proximal term each
+    change the trajectory (and mu > 0 is not a no-op)."""
+    dev = {n: [r["dev_loss"] for r in read_jsonl(runs[n] / "rounds.jsonl")] for n in ("fedlora", "fedprox", "fedadam")}
+    assert dev["fedlora"][0] == dev["fedprox"][0] == dev["fedadam"][0]  # the same initial model
+    assert dev["fedprox"][1:] != dev["fedlora"][1:] and dev["fedadam"][1:] != dev["fedlora"][1:]

@@ -34,6 +34,7 @@ class Algorithm:
     # act on such updates only (False for per-client LoRA ranks).
     same_shape_updates: bool = True
     lr_setting: str = "lora_lr"  # the Settings field holding the peak local learning rate (`compare --tune` tunes it)
+    tunables: dict[str, tuple[float, ...]] = {}  # more Settings fields `compare --tune` tries, with their grids
     needs_teacher: bool = False  # the server pre-trains the teacher before round 1 (FedKDLoRA)
     teacher_on_client: bool = False  # clients keep a teacher across rounds (FedKDLoRA, client placement)
 
@@ -105,8 +106,9 @@ class Algorithm:
     def restore(self, state: State) -> None:
         """Inverse of `checkpoint_state`."""
 
-    def server_update(self, state: State, server_round: int) -> tuple[State, dict[str, float]]:
-        """Server-side work after aggregation: (new global state, metrics to record). Default: none."""
+    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
+        """Server-side work after aggregation of `state`, `previous` being the global state the
+        round started from: (new global state, metrics to record). Default: none."""
         return state, {}
 
     def summary_fields(self) -> dict:

@@ -55,7 +55,7 @@ class FedKDLoRA(FedLoRA):
         result, teacher, metrics = distil(self, rows, kept_state, seed, lr, steps)
         return LocalWork(result, teacher, {f"teacher-dev-{k}": v for k, v in metrics.items()})
 
-    def server_update(self, state: State, server_round: int) -> tuple[State, dict[str, float]]:
+    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
         """With the teacher on the server: mutual distillation on the public slice after averaging,
         for as many steps as an average client's local training (or `kd-server-steps`)."""
         if self.teacher_on_client:
