@@ -93,6 +93,10 @@ class Settings:
     rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
     rank_set: str = _opt("4,8,16,32", "comma-separated ranks clients can have")
     client_ranks: str = _opt("", "explicit comma-separated rank per client (overrides rank-distribution)")
+    hetlora_weighting: str = _opt("sparsity", "hetlora: weigh each client's LoRA module by the norm of its update "
+                                  "(sparsity, the paper's) or by its examples", ("sparsity", "examples"))
+    hetlora_rescale: int = _opt(1, "hetlora: 1 rescales B on truncation and padding so a component means the same "
+                                "update at the client's scale alpha/r and the server's alpha/R; 0: plain")
     # --- FedKDLoRA (fedkdlora)
     kd_placement: str = _opt("server", "where the teacher lives: 'server' (distils on the public slice after "
                              "aggregation) or 'client' (each client keeps its own teacher; FedKD)", KD_PLACEMENTS)
@@ -151,6 +155,8 @@ class Settings:
             problems.append("prox-mu must be >= 0, server-lr and server-tau > 0")
         if not (0.0 <= self.server_beta1 < 1.0 and 0.0 <= self.server_beta2 < 1.0):
             problems.append("server-beta1 and server-beta2 must be in [0, 1)")
+        if self.hetlora_rescale not in (0, 1):
+            problems.append(f"hetlora-rescale={self.hetlora_rescale} (must be 0 or 1)")
         if self.krum_malicious < 0:
             problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
         if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:

@@ -59,6 +59,11 @@ class Cell:
         values = {k: v for k, v in {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}.items()
                   if v != defaults[k] and k != "out-dir"}
         values["kind"] = "centralized" if self.centralized else "federated"
+        if not self.centralized:  # an algorithm whose maths changed gets new cells (old keys stay valid for v1)
+            from fedtune.algorithms import get_algorithm
+
+            if (version := get_algorithm(settings.algorithm, settings).version) != 1:
+                values["algorithm-version"] = version
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -144,3 +144,12 @@ def test_a_cell_whose_round_kept_no_reply_is_refused_not_cached(base):
     with pytest.raises(RuntimeError, match="no client reply was usable in round 2 \\(client error: boom\\)"):
         check_rounds(cell, failed, Path("run"))
     check_rounds(make_grid(base.replace(dropout=0.5), seeds=1, methods=["Fed-LoRA"])[0], failed, Path("run"))
+
+
+def test_an_algorithm_whose_maths_changed_does_not_reuse_old_cells(base, monkeypatch):
+    from fedtune.algorithms.hetlora import HetLoRA
+
+    [cell] = make_grid(base, seeds=1, methods=["HetLoRA"])
+    key = cell.key
+    monkeypatch.setattr(HetLoRA, "version", HetLoRA.version + 1)
+    assert cell.key != key

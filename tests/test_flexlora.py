@@ -6,7 +6,7 @@ import torch
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.aggregate import weighted_mean
 from fedtune.algorithms.lora_maths import (flexlora_aggregate, hetlora_aggregate, merged_delta_svd,
-                                           truncate_for_client)
+                                           truncate_for_client, zero_pad)
 from fedtune.config import Settings
 from fedtune.ranks import assign_ranks
 
@@ -116,3 +116,35 @@ def test_algorithms_give_each_client_its_rank():
     assert [flex.client_settings(p).lora_r for p in range(4)] == flex.ranks
     assert flex.server_settings().lora_r == sum(flex.ranks)
     assert get_algorithm("hetlora", settings.replace(algorithm="hetlora")).server_settings().lora_r == 16
+
+
+@pytest.mark.parametrize("rescale, ratio", [(0, 4.0), (1, 1.0)])
+def test_hetlora_truncated_components_mean_the_same_update_on_client_and_server(rescale, ratio):
+    # A rank-4 client of a rank-16 server: the client runs its LoRA at alpha / 4, the server the
+    # same components at alpha / 16. Plain truncation makes them 4x larger on the client.
+    alpha, R, r = 16.0, 16, 4
+    torch.manual_seed(0)
+    server = {A_KEY: torch.randn(R, IN), B_KEY: torch.randn(OUT, R)}
+    settings = Settings(algorithm="hetlora", clients=2, client_ranks=f"{R},{r}", lora_alpha=alpha,
+                        hetlora_rescale=rescale)
+    sent = get_algorithm("hetlora", settings).client_state(server, partition_id=1)
+    on_client = (alpha / r) * sent[B_KEY] @ sent[A_KEY]
+    on_server = (alpha / R) * server[B_KEY][:, :r] @ server[A_KEY][:r]
+    assert torch.linalg.norm(on_client) / torch.linalg.norm(on_server) == pytest.approx(ratio, rel=1e-5)
+    # And back: padding the client's pair keeps its update under the server's scale (rescale=1).
+    padded = zero_pad(sent, R, rescale=bool(rescale))
+    back = (alpha / R) * padded[B_KEY] @ padded[A_KEY]
+    assert torch.linalg.norm(back) / torch.linalg.norm(on_client) == pytest.approx(1.0 / ratio, rel=1e-5)
+
+
+def test_hetlora_sparsity_weighting_weighs_modules_by_update_norm():
+    head = "classifier.weight"
+    small = {A_KEY: torch.ones(1, IN), B_KEY: torch.ones(OUT, 1), head: torch.zeros(2)}
+    large = {A_KEY: torch.ones(1, IN), B_KEY: 3 * torch.ones(OUT, 1), head: torch.ones(2)}
+    # ||B A|| is 1x and 3x the same matrix: weights 1/4 and 3/4, so B = (1 * 1 + 3 * 3) / 4 = 2.5.
+    merged = hetlora_aggregate([small, large], [1.0, 1.0], server_rank=1, sparsity_alpha=16.0)
+    assert torch.allclose(merged[B_KEY], torch.full((OUT, 1), 2.5))
+    assert torch.allclose(merged[A_KEY], torch.ones(1, IN))
+    assert torch.equal(merged[head], torch.full((2,), 0.5))  # the head keeps the example weights
+    by_examples = hetlora_aggregate([small, large], [1.0, 1.0], server_rank=1)
+    assert torch.allclose(by_examples[B_KEY], torch.full((OUT, 1), 2.0))

@@ -24,7 +24,8 @@ def runs(base):
     return {name: run_federated(base.replace(algorithm=name), quiet=True)
             for name in ("fedavg", "fedlora", "ffa-lora", "fedprox", "fedadam")} | {
         "fedlora-again": run_federated(base.replace(algorithm="fedlora"), quiet=True),
-        "flexlora": run_federated(base.replace(algorithm="flexlora", client_ranks="2,4,8"), quiet=True),
+        **{name: run_federated(base.replace(algorithm=name, client_ranks="2,4,8"), quiet=True)
+           for name in ("flexlora", "hetlora")},
         "fedavg-int8": run_federated(base.replace(algorithm="fedavg", codec="int8"), quiet=True),
         **{f"fedkdlora-{placement}": run_federated(base.replace(algorithm="fedkdlora", kd_placement=placement,
                                                                 teacher_epochs=0.05, codec=codec), quiet=True)
@@ -36,7 +37,7 @@ def runs(base):
                                        quiet=True)}
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "fedkdlora-server", "fedkdlora-client",
+@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "hetlora", "fedkdlora-server", "fedkdlora-client",
                                   "ffa-lora", "fedprox", "fedadam"])
 def test_run_folder_is_complete(runs, name):
     path = runs[name]

@@ -30,6 +30,7 @@ class Algorithm:
 
     name: str = ""
     summary: str = ""
+    version: int = 1  # raised when the maths change, so cached grid cells of the old maths are not reused
     # Every client sends the same keys and shapes; robust aggregation rules, DP noise and SecAgg+
     # act on such updates only (False for per-client LoRA ranks).
     same_shape_updates: bool = True

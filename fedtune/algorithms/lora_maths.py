@@ -94,16 +94,44 @@ def truncate_for_client(state: State, rank: int, rescale: bool) -> State:
     return out
 
 
-def zero_pad(state: State, rank: int) -> State:
-    """HetLoRA: pad every LoRA pair with zeros up to `rank` (A rows, B columns)."""
+def zero_pad(state: State, rank: int, rescale: bool = False) -> State:
+    """HetLoRA: pad every LoRA pair with zeros up to `rank` (A rows, B columns).
+
+    rescale=True multiplies B by rank / r, so that the padded pair under the larger rank's
+    scale alpha / rank is the same delta as the client's pair under its own alpha / r.
+    """
     out = dict(state)
     for a_key, b_key in lora_pairs(state).values():
         A, B = state[a_key], state[b_key]
         out[a_key] = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], dim=0)
-        out[b_key] = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
+        out[b_key] = torch.cat([B * (rank / B.shape[1] if rescale else 1.0), B.new_zeros(B.shape[0], rank - B.shape[1])],
+                               dim=1)
     return out
 
 
-def hetlora_aggregate(states: list[State], weights: list[float], server_rank: int) -> State:
-    """HetLoRA baseline: zero-pad every client to `server_rank`, then the weighted mean."""
-    return weighted_mean([zero_pad(s, server_rank) for s in states], weights)
+def delta_norms(state: State, alpha: float) -> dict[str, float]:
+    """Module prefix -> ||(alpha / r) B @ A||_F, the size of the update the module makes."""
+    return {prefix: float(torch.linalg.norm((alpha / state[a].shape[0]) * state[b].double() @ state[a].double()))
+            for prefix, (a, b) in lora_pairs(state).items()}
+
+
+def hetlora_aggregate(states: list[State], weights: list[float], server_rank: int, rescale: bool = False,
+                      sparsity_alpha: float | None = None) -> State:
+    """HetLoRA: zero-pad every client to `server_rank` (with `rescale`, keeping each client's
+    delta), then a weighted mean.
+
+    Weights: `weights` (examples) by default; with `sparsity_alpha` (the LoRA alpha), Cho et al.'s
+    sparsity-weighted aggregation: per module, client k weighs ||(alpha / r_k) B_k A_k||_F (the
+    head keeps `weights`). A module every client left at zero falls back to `weights`.
+    """
+    padded = [zero_pad(s, server_rank, rescale) for s in states]
+    merged = weighted_mean(padded, weights)
+    if sparsity_alpha is None:
+        return merged
+    norms = [delta_norms(s, sparsity_alpha) for s in states]
+    for prefix, (a_key, b_key) in lora_pairs(states[0]).items():
+        module_weights = [n[prefix] for n in norms]
+        if sum(module_weights) > 0:
+            pair = weighted_mean([{a_key: p[a_key], b_key: p[b_key]} for p in padded], module_weights)
+            merged.update(pair)
+    return merged
