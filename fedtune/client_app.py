@@ -62,12 +62,14 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         config = msg.content["config"]
         server_round = int(config["server-round"])
         received = msg.content["arrays"].to_torch_state_dict()
+        extras = msg.content["extras"].to_torch_state_dict() if "extras" in msg.content.array_records else {}
         if simulated_failure(settings, server_round, partition_id):
             raise RuntimeError(f"simulated dropout of client {partition_id} in round {server_round}")
         # What this client keeps between rounds (its teacher) stays on its own disk, never in a reply.
         kept_folder = state_folder(settings.out_dir, str(config["run-name"]))
         result = client_update(algorithm_for(settings), partition_id, num_partitions, received, server_round=server_round,
-                               lr=float(config["lr"]), kept_state=load_kept(kept_folder, partition_id, server_round))
+                               lr=float(config["lr"]), kept_state=load_kept(kept_folder, partition_id, server_round),
+                               extras=extras)
         if result.kept_state is not None:
             save_kept(kept_folder, partition_id, server_round, result.kept_state)
         codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)

@@ -30,6 +30,8 @@ METHODS: list[tuple[str, dict]] = [
     ("FlexLoRA", {"algorithm": "flexlora"}),
     ("HetLoRA", {"algorithm": "hetlora"}),
     ("FFA-LoRA", {"algorithm": "ffa-lora"}),
+    ("FedEx-LoRA", {"algorithm": "fedex-lora"}),
+    ("FLoRA", {"algorithm": "flora"}),
     ("FedProx", {"algorithm": "fedprox"}),
     ("FedAdam", {"algorithm": "fedadam"}),
 ]

@@ -98,12 +98,13 @@ class ClientResult:
 
 
 def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, global_state: State,
-                  server_round: int, lr: float, kept_state: State | None = None) -> ClientResult:
+                  server_round: int, lr: float, kept_state: State | None = None,
+                  extras: State | None = None) -> ClientResult:
     """Load the global state, train on this client's partition, return the new trainable state.
 
     `kept_state` is what this client kept from its previous round (FedKDLoRA's client teacher;
     None the first time); the result carries the updated one, which the caller stores locally
-    and never sends.
+    and never sends. `extras` are the arrays the algorithm sent besides the state.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
@@ -112,7 +113,8 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
     load_trainable_state(model, global_state)
     rows = cached_task_data(settings).private.select(client_partitions(settings, num_partitions)[partition_id])
     work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
-                                 lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state)
+                                 lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state,
+                                 extras=extras or {})
     return ClientResult(trainable_state(model), len(rows), work.result.examples, work.result.loss,
                         work.result.seconds, work.kept_state, work.metrics)
 

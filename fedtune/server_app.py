@@ -155,7 +155,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
 
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, result.arrays.to_torch_state_dict() if len(result.arrays) else state)
-    model.save_pretrained(run.path / "model")
+    algorithm.save_model(model, run.path / "model")
     load_tokenizer(settings.model).save_pretrained(run.path / "model")
     plot_rounds(records, settings.task, run.path / "metrics.png")
     plot_partitions(partitions, run.path / "partitions.png")

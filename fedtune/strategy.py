@@ -80,15 +80,16 @@ class FedTuneStrategy(FedAvg):
         self.global_state = global_state  # what this round's updates are relative to
         sampled = self.sample(server_round)
         self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}
-        records: dict[int, RecordDict] = {}  # one record per distinct state: most algorithms send one
+        records: dict = {}  # one record per distinct state (most algorithms send one), one per client with extras
         messages = []
         for p in sampled:
-            state = self.sent[p]
-            if id(state) not in records:
+            state, extras = self.sent[p], self.algorithm.downlink_extras(p, server_round)
+            key = ("client", p) if extras else id(state)
+            if key not in records:
                 arrays_p = arrays if state is global_state else ArrayRecord(state)
-                records[id(state)] = RecordDict({self.arrayrecord_key: arrays_p, self.configrecord_key: config})
-            messages.append(Message(content=records[id(state)], message_type=MessageType.TRAIN,
-                                    dst_node_id=self.nodes[p]))
+                content = {self.arrayrecord_key: arrays_p, self.configrecord_key: config}
+                records[key] = RecordDict(content | ({"extras": ArrayRecord(extras)} if extras else {}))
+            messages.append(Message(content=records[key], message_type=MessageType.TRAIN, dst_node_id=self.nodes[p]))
         self.rounds[server_round] = {"sampled": sampled, "lr": config["lr"],
                                      "bytes_down": sum(wire_bytes(m) for m in messages)}
         return messages

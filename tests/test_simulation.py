@@ -25,7 +25,8 @@ def runs(base):
             for name in ("fedavg", "fedlora", "ffa-lora", "fedprox", "fedadam")} | {
         "fedlora-again": run_federated(base.replace(algorithm="fedlora"), quiet=True),
         **{name: run_federated(base.replace(algorithm=name, client_ranks="2,4,8"), quiet=True)
-           for name in ("flexlora", "hetlora")},
+           for name in ("flexlora", "hetlora", "flora")},
+        "fedex-lora": run_federated(base.replace(algorithm="fedex-lora"), quiet=True),
         "fedavg-int8": run_federated(base.replace(algorithm="fedavg", codec="int8"), quiet=True),
         **{f"fedkdlora-{placement}": run_federated(base.replace(algorithm="fedkdlora", kd_placement=placement,
                                                                 teacher_epochs=0.05, codec=codec), quiet=True)
@@ -38,7 +39,7 @@ def runs(base):
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "hetlora", "fedkdlora-server", "fedkdlora-client",
-                                  "ffa-lora", "fedprox", "fedadam"])
+                                  "ffa-lora", "fedprox", "fedadam", "fedex-lora", "flora"])
 def test_run_folder_is_complete(runs, name):
     path = runs[name]
     assert not path.name.endswith(".incomplete")
@@ -222,3 +223,22 @@ def test_fedadam_and_fedprox_change_what_fedlora_learns(runs):
     dev = {n: [r["dev_loss"] for r in read_jsonl(runs[n] / "rounds.jsonl")] for n in ("fedlora", "fedprox", "fedadam")}
     assert dev["fedlora"][0] == dev["fedprox"][0] == dev["fedadam"][0]  # the same initial model
     assert dev["fedprox"][1:] != dev["fedlora"][1:] and dev["fedadam"][1:] != dev["fedlora"][1:]
+
+
+def test_exact_aggregation_runs_keep_every_reply_and_count_the_base_updates(runs, tiny_bert):
+    fedlora = read_jsonl(runs["fedlora"] / "rounds.jsonl")
+    for name in ("fedex-lora", "flora"):
+        rounds = read_jsonl(runs[name] / "rounds.jsonl")
+        assert all(r["accepted"] == 3 and not r["dropped"] for r in rounds[1:]), name  # no client missed an update
+        # Round 2's messages carry round 1's base update: per module and client, FedEx's residual has
+        # rank (3 clients + 1) x 4 and FLoRA's stack rank 2 + 4 + 8, each (32 + 32) floats wide.
+        rank = {"fedex-lora": 4 * 4, "flora": 2 + 4 + 8}[name]
+        extra = 3 * 8 * rank * 64 * 4  # 3 messages, 8 modules, float32
+        assert rounds[2]["bytes_down"] > extra
+        if name == "fedex-lora":  # otherwise FedLoRA's message
+            assert extra <= rounds[2]["bytes_down"] - fedlora[2]["bytes_down"] <= extra * 1.02 + 30_000
+    # The export is a plain transformers model (the base updates and the LoRA merged in).
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(runs["fedex-lora"] / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())

@@ -78,6 +78,11 @@ class Algorithm:
         """What the server sends a client: by default the global state itself."""
         return global_state
 
+    def downlink_extras(self, partition_id: int, server_round: int) -> State:
+        """Arrays a client needs besides its state (e.g. updates of the frozen base), sent in the
+        train message's `extras` record and counted in its bytes (default: none)."""
+        return {}
+
     def round_config(self, server_round: int) -> dict[str, int | float | str]:
         """Extra entries of the train message's config besides `server-round`, `lr` and the
         run name (default: none)."""
@@ -88,9 +93,10 @@ class Algorithm:
         return supervised_loss
 
     def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
-                    kept_state: State | None) -> LocalWork:
+                    kept_state: State | None, extras: State) -> LocalWork:
         """A client's training of `model` (holding `global_state`) on its `rows`, in place.
-        `kept_state` is what the client kept from its last round (default: nothing)."""
+        `kept_state` is what the client kept from its last round (default: nothing), `extras`
+        what `downlink_extras` sent it."""
         return LocalWork(supervised_round(self.settings, model, rows, seed, lr, steps,
                                           self.client_loss(model, global_state)))
 
@@ -111,6 +117,10 @@ class Algorithm:
         """Server-side work after aggregation of `state`, `previous` being the global state the
         round started from: (new global state, metrics to record). Default: none."""
         return state, {}
+
+    def save_model(self, model: nn.Module, folder) -> None:
+        """Write the final global model (default: `save_pretrained`: full weights, or the PEFT adapter)."""
+        model.save_pretrained(folder)
 
     def summary_fields(self) -> dict:
         """What `summary.json` and `partitions.json` report about the model: the global LoRA rank

@@ -47,11 +47,12 @@ class FedKDLoRA(FedLoRA):
                         settings.lora_dropout, settings.lora_targets)
 
     def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
-                    kept_state: State | None) -> LocalWork:
+                    kept_state: State | None, extras: State) -> LocalWork:
         """With the teacher on the client: mutual distillation of its teacher (kept from its last
         round) and the student on its rows; the teacher's dev metrics are reported."""
         if not self.teacher_on_client:
-            return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state)
+            return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
+                                       extras=extras)
         result, teacher, metrics = distil(self, rows, kept_state, seed, lr, steps)
         return LocalWork(result, teacher, {f"teacher-dev-{k}": v for k, v in metrics.items()})
 

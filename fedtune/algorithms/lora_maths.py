@@ -135,3 +135,25 @@ def hetlora_aggregate(states: list[State], weights: list[float], server_rank: in
             pair = weighted_mean([{a_key: p[a_key], b_key: p[b_key]} for p in padded], module_weights)
             merged.update(pair)
     return merged
+
+
+def fedex_residual(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[float],
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedEx-LoRA's residual as factors (P, Q): P @ Q = scale * (sum_k w_k B_k A_k - mean(B) mean(A)),
+    with w normalised and mean() the weighted mean. P is (out, (K+1) r), Q ((K+1) r, in)."""
+    total = float(sum(weights))
+    w = [x / total for x in weights]
+    mean_a = sum(wk * A.double() for wk, A in zip(w, As))
+    mean_b = sum(wk * B.double() for wk, B in zip(w, Bs))
+    P = torch.cat([scale * wk * B.double() for wk, B in zip(w, Bs)] + [-scale * mean_b], dim=1)
+    Q = torch.cat([A.double() for A in As] + [mean_a], dim=0)
+    return P.to(Bs[0].dtype), Q.to(As[0].dtype)
+
+
+def flora_stack(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[float],
+                scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA's stacking: (P, Q) with P @ Q = sum_k w_k scale_k B_k A_k (w normalised), exactly;
+    the ranks may differ. P = [w_1 s_1 B_1 ... w_K s_K B_K] (out, sum r_k), Q = [A_1; ...; A_K]."""
+    total = float(sum(weights))
+    P = torch.cat([(wk / total) * s * B for wk, s, B in zip(weights, scales, Bs)], dim=1)
+    return P, torch.cat(list(As), dim=0)
