@@ -25,8 +25,13 @@ BATCHINGS = ("random", "by-length")
 SECURE_AGGREGATIONS = ("none", "secagg+")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, federated: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "federated": federated})
+
+
+def _fed(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A setting only federated runs read (centralized runs ignore it; their cached cells do too)."""
+    return _opt(default, help, choices, federated=True)
 
 
 @dataclass(frozen=True)
@@ -66,54 +71,54 @@ class Settings:
     epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)")
     teacher_epochs: float = _opt(1.0, "epochs of teacher pre-training on the public slice (kd)")
     # --- federated
-    algorithm: str = _opt("fedlora", "federated algorithm (see `fedtune algorithms`)")
-    clients: int = _opt(4, "number of clients (simulated SuperNodes)")
-    rounds: int = _opt(3, "federated rounds")
-    fraction_train: float = _opt(1.0, "fraction of clients sampled per round")
-    local_epochs: float = _opt(1.0, "local epochs per round (ignored when local-steps > 0)")
-    local_steps: int = _opt(0, "local optimizer steps per round (0: use local-epochs)")
-    partition: str = _opt("iid", "how train rows are split across clients", PARTITIONS)
-    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration (partition = dirichlet)")
-    classes_per_client: int = _opt(1, "labels per client (partition = pathological)")
-    min_partition_size: int = _opt(1, "every client gets at least this many rows")
-    round_timeout: float = _opt(3600.0, "seconds the server waits for replies in a round")
-    aggregation: str = _opt("mean", "how the server combines client states: example-weighted mean, or a robust "
+    algorithm: str = _fed("fedlora", "federated algorithm (see `fedtune algorithms`)")
+    clients: int = _fed(4, "number of clients (simulated SuperNodes)")
+    rounds: int = _fed(3, "federated rounds")
+    fraction_train: float = _fed(1.0, "fraction of clients sampled per round")
+    local_epochs: float = _fed(1.0, "local epochs per round (ignored when local-steps > 0)")
+    local_steps: int = _fed(0, "local optimizer steps per round (0: use local-epochs)")
+    partition: str = _fed("iid", "how train rows are split across clients", PARTITIONS)
+    dirichlet_alpha: float = _fed(0.5, "Dirichlet concentration (partition = dirichlet)")
+    classes_per_client: int = _fed(1, "labels per client (partition = pathological)")
+    min_partition_size: int = _fed(1, "every client gets at least this many rows")
+    round_timeout: float = _fed(3600.0, "seconds the server waits for replies in a round")
+    aggregation: str = _fed("mean", "how the server combines client states: example-weighted mean, or a robust "
                             "rule (coordinate median, trimmed mean, Krum)", AGGREGATIONS)
-    trim_fraction: float = _opt(0.2, "trimmed-mean: share of clients cut at each end, per coordinate")
-    krum_malicious: int = _opt(1, "krum: number of malicious clients assumed (f)")
-    dp_noise: float = _opt(0.0, "differential privacy: Gaussian noise multiplier z (> 0 turns on DP-FedAvg with "
+    trim_fraction: float = _fed(0.2, "trimmed-mean: share of clients cut at each end, per coordinate")
+    krum_malicious: int = _fed(1, "krum: number of malicious clients assumed (f)")
+    dp_noise: float = _fed(0.0, "differential privacy: Gaussian noise multiplier z (> 0 turns on DP-FedAvg with "
                            "client-side clipping; noise std z * dp-clip / sampled clients)")
-    dp_clip: float = _opt(1.0, "differential privacy: L2 norm each client's update is clipped to")
-    dp_delta: float = _opt(1e-5, "differential privacy: delta at which epsilon is reported")
-    secure_aggregation: str = _opt("none", "secagg+: clients mask their updates (Flower's SecAgg+), the server "
+    dp_clip: float = _fed(1.0, "differential privacy: L2 norm each client's update is clipped to")
+    dp_delta: float = _fed(1e-5, "differential privacy: delta at which epsilon is reported")
+    secure_aggregation: str = _fed("none", "secagg+: clients mask their updates (Flower's SecAgg+), the server "
                                    "sees only their weighted mean", SECURE_AGGREGATIONS)
-    secagg_clip: float = _opt(8.0, "secagg+: update values are clipped to +-this before quantization")
-    dropout: float = _opt(0.0, "simulated fault: probability that a sampled client fails in a round")
+    secagg_clip: float = _fed(8.0, "secagg+: update values are clipped to +-this before quantization")
+    dropout: float = _fed(0.0, "simulated fault: probability that a sampled client fails in a round")
     # --- heterogeneous LoRA ranks (flexlora, hetlora)
-    rank_distribution: str = _opt("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
-    rank_set: str = _opt("4,8,16,32", "comma-separated ranks clients can have")
-    client_ranks: str = _opt("", "explicit comma-separated rank per client (overrides rank-distribution)")
-    hetlora_weighting: str = _opt("sparsity", "hetlora: weigh each client's LoRA module by the norm of its update "
+    rank_distribution: str = _fed("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
+    rank_set: str = _fed("4,8,16,32", "comma-separated ranks clients can have")
+    client_ranks: str = _fed("", "explicit comma-separated rank per client (overrides rank-distribution)")
+    hetlora_weighting: str = _fed("sparsity", "hetlora: weigh each client's LoRA module by the norm of its update "
                                   "(sparsity, the paper's) or by its examples", ("sparsity", "examples"))
-    hetlora_rescale: int = _opt(1, "hetlora: 1 rescales B on truncation and padding so a component means the same "
+    hetlora_rescale: int = _fed(1, "hetlora: 1 rescales B on truncation and padding so a component means the same "
                                 "update at the client's scale alpha/r and the server's alpha/R; 0: plain")
     # --- FedKDLoRA (fedkdlora)
-    kd_placement: str = _opt("server", "where the teacher lives: 'server' (distils on the public slice after "
+    kd_placement: str = _fed("server", "where the teacher lives: 'server' (distils on the public slice after "
                              "aggregation) or 'client' (each client keeps its own teacher; FedKD)", KD_PLACEMENTS)
-    kd_hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); 0: off")
-    kd_server_steps: int = _opt(0, "server-side distillation steps per round (0: as many as an average client's local steps)")
+    kd_hidden_weight: float = _fed(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); 0: off")
+    kd_server_steps: int = _fed(0, "server-side distillation steps per round (0: as many as an average client's local steps)")
     # --- FedProx (fedprox) and the adaptive server optimizer (fedadam)
-    prox_mu: float = _opt(0.01, "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2 on the travelling "
+    prox_mu: float = _fed(0.01, "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2 on the travelling "
                           "parameters")
-    server_lr: float = _opt(0.01, "fedadam: server learning rate (eta) of Adam on the aggregated update")
-    server_beta1: float = _opt(0.9, "fedadam: first-moment decay (beta_1)")
-    server_beta2: float = _opt(0.99, "fedadam: second-moment decay (beta_2)")
-    server_tau: float = _opt(1e-3, "fedadam: adaptivity tau (added to the root of the second moment)")
+    server_lr: float = _fed(0.01, "fedadam: server learning rate (eta) of Adam on the aggregated update")
+    server_beta1: float = _fed(0.9, "fedadam: first-moment decay (beta_1)")
+    server_beta2: float = _fed(0.99, "fedadam: second-moment decay (beta_2)")
+    server_tau: float = _fed(1e-3, "fedadam: adaptivity tau (added to the root of the second moment)")
     # --- update compression (client -> server)
-    codec: str = _opt("none", "how clients encode their update: none (fp32 state), fp16, int8, or svd (FedKD)", CODECS)
-    svd_energy_start: float = _opt(0.95, "svd codec: energy kept in round 1")
-    svd_energy_end: float = _opt(0.98, "svd codec: energy kept in the last round (linear in between)")
-    resume: str = _opt("", "folder (<name>.incomplete) of an interrupted run: continue after its last checkpointed round")
+    codec: str = _fed("none", "how clients encode their update: none (fp32 state), fp16, int8, or svd (FedKD)", CODECS)
+    svd_energy_start: float = _fed(0.95, "svd codec: energy kept in round 1")
+    svd_energy_end: float = _fed(0.98, "svd codec: energy kept in the last round (linear in between)")
+    resume: str = _fed("", "folder (<name>.incomplete) of an interrupted run: continue after its last checkpointed round")
     # --- output
     out_dir: str = _opt("runs", "folder under which each run writes its own folder")
 
@@ -203,6 +208,11 @@ class Settings:
         import os
 
         return self.glue_dir or os.environ.get("GLUE_DIR", "")
+
+
+def federated_only() -> tuple[str, ...]:
+    """The fields only federated runs read."""
+    return tuple(f.name for f in dataclasses.fields(Settings) if f.metadata["federated"])
 
 
 def key_of(field_name: str) -> str:

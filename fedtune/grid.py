@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from fedtune.config import Settings
+from fedtune.config import Settings, federated_only
 from fedtune.console import say
 from fedtune.runs import read_jsonl, write_json
 
@@ -37,11 +37,8 @@ METHODS: list[tuple[str, dict]] = [
 ]
 SWEEP_RANKS = (4, 8, 16, 32)
 
-# Settings a centralized run does not read: normalised before hashing so grids share those cells.
-FEDERATED_ONLY = ("algorithm", "clients", "rounds", "fraction_train", "local_epochs", "local_steps", "partition",
-                  "dirichlet_alpha", "classes_per_client", "min_partition_size", "round_timeout",
-                  "rank_distribution", "rank_set", "client_ranks", "kd_placement", "kd_server_steps", "codec",
-                  "svd_energy_start", "svd_energy_end")
+# Settings a centralized run does not read (marked in Settings): normalised before hashing so grids share those cells.
+FEDERATED_ONLY = federated_only()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedtune.comm import wire_bytes
-from fedtune.strategy import FedTuneStrategy
+from fedtune.strategy import FedTuneStrategy, RoundStats
 
 KEYS = "state-keys"  # config entry naming the update's tensors (legacy Parameters are a bare list)
 
@@ -113,23 +113,22 @@ class SecureRounds:
             answered = {int(r.metrics["partition-id"]) for r in self.results}
             dropped = [{"node": strategy.nodes[p], "reason": "no masked update (failed, timed out, or the "
                         "protocol halted)"} for p in sampled if p not in answered]
-            stats = {"sampled": sampled, "lr": lr, "bytes_up": self.grid.bytes_up,
-                     "bytes_down": self.grid.bytes_down, "received": len(self.results),
-                     "accepted": len(self.results), "dropped": dropped, "aggregate_seconds": 0.0}
+            stats = RoundStats(sampled=sampled, lr=lr, bytes_up=self.grid.bytes_up, bytes_down=self.grid.bytes_down,
+                               received=len(self.results), accepted=len(self.results), dropped=dropped)
             if self.mean_update is not None:
                 start = time.perf_counter()
                 previous = state
                 state = {k: v + torch.from_numpy(np.asarray(u)).to(v.dtype)
                          for (k, v), u in zip(state.items(), self.mean_update, strict=True)}
-                stats["aggregate_seconds"] = time.perf_counter() - start
+                stats.aggregate_seconds = time.perf_counter() - start
                 start = time.perf_counter()
                 state, server_metrics = strategy.algorithm.server_update(state, server_round, previous)
-                stats["server_seconds"] = time.perf_counter() - start
+                stats.server_seconds = time.perf_counter() - start
                 weights = [r.num_examples for r in self.results]
-                stats["train_loss"] = float(np.average([r.metrics["train-loss"] for r in self.results],
+                stats.train_loss = float(np.average([r.metrics["train-loss"] for r in self.results],
                                                        weights=weights))
-                stats["examples_seen"] = int(sum(r.metrics["examples-seen"] for r in self.results))
-                stats["extra"] = server_metrics
+                stats.examples_seen = int(sum(r.metrics["examples-seen"] for r in self.results))
+                stats.extra = server_metrics
             strategy.rounds[server_round] = stats
             evaluate_fn(flower_round, ArrayRecord(state))
         return SimpleNamespace(arrays=ArrayRecord(state))

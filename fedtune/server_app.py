@@ -12,18 +12,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.algorithms import get_algorithm
+from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, quiet_libraries, say
 from fedtune.local import cached_model, evaluate_state, initial_state
-from fedtune.models import load_tokenizer, load_trainable_state
+from fedtune.models import State, load_tokenizer, load_trainable_state
 from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.privacy import PrivacyLedger, private
 from fedtune.runs import RunDir
 from fedtune.secure import SecureRounds
-from fedtune.strategy import FedTuneStrategy
+from fedtune.strategy import FedTuneStrategy, RoundStats
 from fedtune.teacher import pretrain_teacher
 
 CHECKPOINT = "checkpoint.pt"
@@ -82,11 +82,7 @@ def save_checkpoint(run: RunDir, state: dict, algorithm_state: dict, records: li
 def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     """Run the whole federation (or resume it, with `resume`); returns the finished run folder."""
     algorithm = get_algorithm(settings.algorithm, settings)
-    teacher_dev = {}
-    if algorithm.needs_teacher:  # before the handshake: clients may need it from round 1
-        teacher = pretrain_teacher(settings, quiet)
-        teacher_dev = {f"teacher_dev_{k}": v for k, v in
-                       json.loads((teacher / "teacher.json").read_text())["dev"].items()}
+    teacher_dev = pretrained_teacher_metrics(algorithm, quiet)  # before the handshake: clients may need it
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run, checkpoint = open_run(settings)
     partitions = partition_report(settings, settings.clients)
@@ -94,67 +90,108 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         for p in partitions:
             p["lora-r"] = ranks[p["partition-id"]]
     run.write_json("partitions.json", partitions)
+    strategy, runner, ledger = build_runner(algorithm, nodes, partitions)
+    state = initial_state(algorithm)
+    recorder = RoundRecorder(run, algorithm, strategy, ledger, teacher_dev, sum(t.numel() for t in state.values()))
+    if checkpoint:
+        state = recorder.resume(checkpoint)
+        say(f"resuming {run.path} after round {strategy.offset}", quiet)
+    say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
+        f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
+    with progress_bar(settings.rounds, "rounds", quiet) as update:
+        recorder.on_round = update
+        result = runner.start(grid=grid, initial_arrays=ArrayRecord(state),
+                              num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
+                              train_config=ConfigRecord({"run-name": run.final_path.name}),
+                              evaluate_fn=recorder.evaluate)
+    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state
+    return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet)
+
+
+def pretrained_teacher_metrics(algorithm: Algorithm, quiet: bool) -> dict[str, float]:
+    """Pre-train (or reuse) the teacher when the algorithm needs one; its dev metrics for round 0."""
+    if not algorithm.needs_teacher:
+        return {}
+    teacher = pretrain_teacher(algorithm.settings, quiet)
+    return {f"teacher_dev_{k}": v for k, v in json.loads((teacher / "teacher.json").read_text())["dev"].items()}
+
+
+def build_runner(algorithm: Algorithm, nodes: dict[int, int], partitions: list[dict]):
+    """(strategy, what runs the rounds: the strategy, its DP wrapper or SecAgg+, DP ledger or None)."""
+    settings = algorithm.settings
     codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
     runner = private(strategy, settings)  # the DP wrapper around it, when dp-noise > 0
     if settings.secure_aggregation == "secagg+":
         runner = SecureRounds(strategy, settings.secagg_clip, max_weight=max(p["size"] for p in partitions))
     ledger = PrivacyLedger(settings, len(strategy.sample(1))) if settings.dp_noise > 0 else None
-    state = initial_state(algorithm)
-    travelling = sum(t.numel() for t in state.values())
-    records: list[dict] = []
-    if checkpoint:
-        state, records = checkpoint["global"], checkpoint["records"]
-        algorithm.restore(checkpoint["algorithm"])
-        run.write_jsonl("rounds.jsonl", records)  # drops a round that never reached its checkpoint
-        strategy.offset = records[-1]["round"]
-        for record in records:  # the privacy already spent
-            if ledger and "dp_epsilon" in record:
-                ledger.release()
-        say(f"resuming {run.path} after round {strategy.offset}", quiet)
-    say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
-        f"{travelling:,} parameters travel -> {run.path}", quiet)
-    now = time.perf_counter()
-    clock = {"last": now, "start": now - (records[-1]["elapsed"] if records else 0.0)}
+    return strategy, runner, ledger
 
-    with progress_bar(settings.rounds, "rounds", quiet) as update:
-        def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
-            if flower_round == 0 and records:  # resumed: the last round is already evaluated
-                return MetricRecord({k[4:]: v for k, v in records[-1].items() if k.startswith("dev_")})
-            server_round = flower_round + strategy.offset
-            metrics = evaluate_state(algorithm, arrays.to_torch_state_dict())
-            stats = strategy.rounds.get(server_round, {})
-            previous = records[-1] if records else {"cum_bytes_up": 0, "cum_bytes_down": 0}
-            now = time.perf_counter()
-            record = {"round": server_round, "train_loss": stats.get("train_loss"),
-                      **{f"dev_{k}": v for k, v in metrics.items()},
-                      **(stats.get("extra", {}) if server_round else teacher_dev),
-                      "bytes_up": stats.get("bytes_up", 0), "bytes_down": stats.get("bytes_down", 0),
-                      "cum_bytes_up": previous["cum_bytes_up"] + stats.get("bytes_up", 0),
-                      "cum_bytes_down": previous["cum_bytes_down"] + stats.get("bytes_down", 0),
-                      "clients": stats.get("sampled", []), "accepted": stats.get("accepted", 0),
-                      "dropped": stats.get("dropped", []), "lr": stats.get("lr"),
-                      "examples_seen": stats.get("examples_seen", 0),
-                      "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
-                      "server_seconds": stats.get("server_seconds", 0.0),
-                      "seconds": now - clock["last"], "elapsed": now - clock["start"],
-                      "travelling_parameters": travelling}
-            if ledger and server_round and stats.get("accepted", 0):
-                record["dp_epsilon"] = ledger.release()
-            clock["last"] = now
-            records.append(record)
-            run.append_jsonl("rounds.jsonl", record)
-            save_checkpoint(run, arrays.to_torch_state_dict(), algorithm.checkpoint_state(), records)
-            update(server_round)
-            return MetricRecord(metrics)
 
-        result = runner.start(grid=grid, initial_arrays=ArrayRecord(state),
-                              num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
-                              train_config=ConfigRecord({"run-name": run.final_path.name}),
-                              evaluate_fn=evaluate_fn)
+class RoundRecorder:
+    """Evaluates the global model after every round (Flower's `evaluate_fn`) and writes the
+    round's record to rounds.jsonl and the checkpoint."""
 
+    def __init__(self, run: RunDir, algorithm: Algorithm, strategy: FedTuneStrategy, ledger: PrivacyLedger | None,
+                 teacher_dev: dict[str, float], travelling: int):
+        self.run, self.algorithm, self.strategy, self.ledger = run, algorithm, strategy, ledger
+        self.teacher_dev, self.travelling = teacher_dev, travelling
+        self.records: list[dict] = []
+        self.on_round = lambda server_round: None
+        now = time.perf_counter()
+        self.clock = {"last": now, "start": now}
+
+    def resume(self, checkpoint: dict) -> State:
+        """Take over an interrupted run's records; the global state to continue from."""
+        self.records = checkpoint["records"]
+        self.algorithm.restore(checkpoint["algorithm"])
+        self.run.write_jsonl("rounds.jsonl", self.records)  # drops a round that never reached its checkpoint
+        self.strategy.offset = self.records[-1]["round"]
+        for record in self.records:  # the privacy already spent
+            if self.ledger and "dp_epsilon" in record:
+                self.ledger.release()
+        self.clock["start"] -= self.records[-1]["elapsed"]
+        return checkpoint["global"]
+
+    def evaluate(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if flower_round == 0 and self.records:  # resumed: the last round is already evaluated
+            return MetricRecord({k[4:]: v for k, v in self.records[-1].items() if k.startswith("dev_")})
+        server_round = flower_round + self.strategy.offset
+        state = arrays.to_torch_state_dict()
+        metrics = evaluate_state(self.algorithm, state)
+        record = self.record(server_round, metrics, self.strategy.rounds.get(server_round, RoundStats()))
+        self.records.append(record)
+        self.run.append_jsonl("rounds.jsonl", record)
+        save_checkpoint(self.run, state, self.algorithm.checkpoint_state(), self.records)
+        self.on_round(server_round)
+        return MetricRecord(metrics)
+
+    def record(self, server_round: int, metrics: dict[str, float], stats: RoundStats) -> dict:
+        """One line of rounds.jsonl."""
+        previous = self.records[-1] if self.records else {"cum_bytes_up": 0, "cum_bytes_down": 0}
+        now = time.perf_counter()
+        record = {"round": server_round, "train_loss": stats.train_loss,
+                  **{f"dev_{k}": v for k, v in metrics.items()},
+                  **(stats.extra if server_round else self.teacher_dev),
+                  "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
+                  "cum_bytes_up": previous["cum_bytes_up"] + stats.bytes_up,
+                  "cum_bytes_down": previous["cum_bytes_down"] + stats.bytes_down,
+                  "clients": stats.sampled, "accepted": stats.accepted, "dropped": stats.dropped, "lr": stats.lr,
+                  "examples_seen": stats.examples_seen, "aggregate_seconds": stats.aggregate_seconds,
+                  "server_seconds": stats.server_seconds, "seconds": now - self.clock["last"],
+                  "elapsed": now - self.clock["start"], "travelling_parameters": self.travelling}
+        if self.ledger and server_round and stats.accepted:
+            record["dp_epsilon"] = self.ledger.release()
+        self.clock["last"] = now
+        return record
+
+
+def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[dict], partitions: list[dict],
+               private_run: bool, quiet: bool) -> Path:
+    """Save the final model, plots and summary.json; rename the run folder to its final name."""
+    settings = algorithm.settings
     model = cached_model(algorithm, algorithm.server_settings())
-    load_trainable_state(model, result.arrays.to_torch_state_dict() if len(result.arrays) else state)
+    load_trainable_state(model, state)
     algorithm.save_model(model, run.path / "model")
     load_tokenizer(settings.model).save_pretrained(run.path / "model")
     plot_rounds(records, settings.task, run.path / "metrics.png")
@@ -162,7 +199,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     final = records[-1]
     run.write_json("summary.json", {
         "algorithm": settings.algorithm, "task": settings.task, "clients": settings.clients,
-        "rounds": settings.rounds, "travelling_parameters": travelling,
+        "rounds": settings.rounds, "travelling_parameters": final["travelling_parameters"],
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
         "teacher_dev": {k[12:]: v for k, v in final.items() if k.startswith("teacher_dev_")} or None,
         "codec": settings.codec, "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
@@ -170,7 +207,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         "examples_seen": sum(r["examples_seen"] for r in records),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
         **algorithm.summary_fields(),
-        "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if ledger else None,
+        "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
         "seconds": final["elapsed"]})
     (run.path / CHECKPOINT).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()

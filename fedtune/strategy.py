@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -18,6 +19,25 @@ from fedtune.codecs import Codec
 from fedtune.comm import wire_bytes
 
 log = logging.getLogger("fedtune")
+
+
+@dataclass
+class RoundStats:
+    """What one round of training did, as the strategy (or the SecAgg+ runner) saw it; the
+    server app turns it into the round's line of rounds.jsonl."""
+
+    sampled: list[int] = field(default_factory=list)  # partition ids sent a train message
+    lr: float | None = None  # the local learning rate sent
+    bytes_down: int = 0
+    bytes_up: int = 0
+    received: int = 0
+    accepted: int = 0
+    dropped: list[dict] = field(default_factory=list)  # {"node", "reason"} per reply not used
+    aggregate_seconds: float = 0.0
+    server_seconds: float = 0.0  # the algorithm's server_update
+    train_loss: float | None = None  # example-weighted mean over accepted replies
+    examples_seen: int = 0
+    extra: dict[str, float] = field(default_factory=dict)  # client extras (teacher-*) and server metrics
 
 
 class FedTuneStrategy(FedAvg):
@@ -60,7 +80,7 @@ class FedTuneStrategy(FedAvg):
         self.lr_at = lr_at
         self.offset = 0  # rounds already done before `start` (a resumed run)
         self.uniform_weights = False  # DP: every client weighs the same (the noise is calibrated to that)
-        self.rounds: dict[int, dict] = {}  # per-round accounting, read by the server app
+        self.rounds: dict[int, RoundStats] = {}  # per-round accounting, read by the server app
         self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
         self.global_state: dict = {}  # the global state at the start of this round
 
@@ -90,15 +110,15 @@ class FedTuneStrategy(FedAvg):
                 content = {self.arrayrecord_key: arrays_p, self.configrecord_key: config}
                 records[key] = RecordDict(content | ({"extras": ArrayRecord(extras)} if extras else {}))
             messages.append(Message(content=records[key], message_type=MessageType.TRAIN, dst_node_id=self.nodes[p]))
-        self.rounds[server_round] = {"sampled": sampled, "lr": config["lr"],
-                                     "bytes_down": sum(wire_bytes(m) for m in messages)}
+        self.rounds[server_round] = RoundStats(sampled=sampled, lr=config["lr"],
+                                               bytes_down=sum(wire_bytes(m) for m in messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
         replies = list(replies)
-        stats = self.rounds.setdefault(server_round, {})
-        stats["bytes_up"] = sum(wire_bytes(m) for m in replies if not m.has_error())
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats.bytes_up = sum(wire_bytes(m) for m in replies if not m.has_error())
         accepted, dropped, answered = [], [], set()
         for msg in replies:
             state, reason = self.check(msg)
@@ -111,7 +131,7 @@ class FedTuneStrategy(FedAvg):
                 log.warning("round %d: dropped reply from node %d: %s", server_round, msg.metadata.src_node_id, reason)
             else:
                 accepted.append((int(msg.content["metrics"]["partition-id"]), state, msg.content["metrics"]))
-        stats.update(received=len(replies), accepted=len(accepted), dropped=dropped)
+        stats.received, stats.accepted, stats.dropped = len(replies), len(accepted), dropped
         if not accepted:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, None
@@ -121,18 +141,18 @@ class FedTuneStrategy(FedAvg):
         weights = [1.0 if self.uniform_weights else float(m["num-examples"]) for m in metrics]
         start = time.perf_counter()
         aggregated = self.algorithm.aggregate(states, weights)
-        stats["aggregate_seconds"] = time.perf_counter() - start
+        stats.aggregate_seconds = time.perf_counter() - start
         start = time.perf_counter()
         aggregated, server_metrics = self.algorithm.server_update(aggregated, server_round, self.global_state)
-        stats["server_seconds"] = time.perf_counter() - start
-        stats["train_loss"] = float(np.average([m["train-loss"] for m in metrics], weights=weights))
-        stats["examples_seen"] = int(sum(m["examples-seen"] for m in metrics))
+        stats.server_seconds = time.perf_counter() - start
+        stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
+        stats.examples_seen = int(sum(m["examples-seen"] for m in metrics))
         # Per-client extras (e.g. each client's teacher on the dev set): example-weighted means.
         extras = sorted({key for m in metrics for key in m if key.startswith("teacher-")})
-        stats["extra"] = {key.replace("-", "_"): float(np.average([m[key] for m in metrics], weights=weights))
-                          for key in extras if all(key in m for m in metrics)}
-        stats["extra"].update(server_metrics)
-        record = MetricRecord({"train-loss": stats["train_loss"], "examples-seen": stats["examples_seen"]})
+        stats.extra = {key.replace("-", "_"): float(np.average([m[key] for m in metrics], weights=weights))
+                       for key in extras if all(key in m for m in metrics)}
+        stats.extra.update(server_metrics)
+        record = MetricRecord({"train-loss": stats.train_loss, "examples-seen": stats.examples_seen})
         return ArrayRecord(aggregated), record
 
     def check(self, msg: Message) -> tuple[dict | None, str | None]:

@@ -102,4 +102,4 @@ def test_strategy_decodes_updates_and_drops_undecodable_ones():
     arrays, _ = strategy.aggregate_train(1, replies)
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.tensor([2.0, 2.0]), atol=0.02, rtol=0)
     stats = strategy.rounds[1]
-    assert stats["accepted"] == 2 and "lacks 'w@scale'" in stats["dropped"][0]["reason"]
+    assert stats.accepted == 2 and "lacks 'w@scale'" in stats.dropped[0]["reason"]

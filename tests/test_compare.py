@@ -153,3 +153,18 @@ def test_an_algorithm_whose_maths_changed_does_not_reuse_old_cells(base, monkeyp
     key = cell.key
     monkeypatch.setattr(HetLoRA, "version", HetLoRA.version + 1)
     assert cell.key != key
+
+
+def test_centralized_cells_ignore_every_federated_only_setting(base):
+    from fedtune.config import federated_only
+
+    old_list = {"algorithm", "clients", "rounds", "fraction_train", "local_epochs", "local_steps", "partition",
+                "dirichlet_alpha", "classes_per_client", "min_partition_size", "round_timeout", "rank_distribution",
+                "rank_set", "client_ranks", "kd_placement", "kd_server_steps", "codec", "svd_energy_start",
+                "svd_energy_end"}  # the hand-kept list this replaced
+    assert old_list <= set(federated_only()) and "lora_lr" not in federated_only()
+    [lora] = make_grid(base, seeds=1, methods=["LoRA"])
+    for changes in ({"prox_mu": 0.5}, {"server_lr": 0.5}, {"codec": "fp16"}, {"dp_clip": 3.0}, {"hetlora_rescale": 0}):
+        [changed] = make_grid(base.replace(**changes), seeds=1, methods=["LoRA"])
+        assert changed.key == lora.key, changes
+    assert make_grid(base.replace(lora_lr=0.5), seeds=1, methods=["LoRA"])[0].key != lora.key

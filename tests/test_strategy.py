@@ -41,8 +41,8 @@ def test_garbage_replies_are_dropped_and_the_rest_averaged():
     # (1 * [1, 1] + 2 * [4, 7]) / 3 = [3, 5]
     assert np.allclose(arrays["w"].numpy(), [3.0, 5.0])
     stats = strategy.rounds[1]
-    assert stats["accepted"] == 2 and len(stats["dropped"]) == 4
-    reasons = " | ".join(d["reason"] for d in stats["dropped"])
+    assert stats.accepted == 2 and len(stats.dropped) == 4
+    reasons = " | ".join(d["reason"] for d in stats.dropped)
     for expected in ("NaN or Inf", "shape", "keys differ", "not sent to node 101"):
         assert expected in reasons
 
@@ -54,7 +54,7 @@ def test_duplicate_and_nan_loss_replies_are_dropped():
                reply({"w": torch.ones(2)}, 1, examples=1, **{"train-loss": float("nan")})]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.allclose(arrays["w"].numpy(), [1.0, 1.0])  # only the first reply of partition 0
-    reasons = " | ".join(d["reason"] for d in strategy.rounds[1]["dropped"])
+    reasons = " | ".join(d["reason"] for d in strategy.rounds[1].dropped)
     assert "second reply for partition 0" in reasons and "train-loss is nan" in reasons
 
 
@@ -62,7 +62,7 @@ def test_reply_without_weight_is_dropped():
     strategy = make_strategy()
     strategy.sent = {0: {"w": torch.zeros(2)}}
     arrays, _ = strategy.aggregate_train(1, [reply({"w": torch.ones(2)}, 0, examples=0)])
-    assert arrays is None and "num-examples" in strategy.rounds[1]["dropped"][0]["reason"]
+    assert arrays is None and "num-examples" in strategy.rounds[1].dropped[0]["reason"]
 
 
 def test_sampling_is_seeded_and_sized():
