@@ -15,7 +15,7 @@ from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.metrics import primary_metric
-from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer
+from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged
 from fedtune.runs import RunDir
 from fedtune.teacher import build_student, load_teacher, pretrain_teacher
 from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
@@ -82,7 +82,10 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     with progress_bar(steps, f"{settings.method} {settings.task}", quiet) as update:
         result = train(model, batches, lr=lr, steps=steps, schedule=settings.lr_schedule,
                        weight_decay=settings.weight_decay, on_step=on_step, **({"loss_fn": loss_fn} if loss_fn else {}))
-    model.save_pretrained(run.path / "model")
+    if settings.method == "kd":  # the student's own architecture, merged: see FedKDLoRA.save_model
+        save_merged(model, run.path / "model")
+    else:
+        model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
     final = history[-1]
     run.write_json("summary.json", {"method": settings.method, "task": settings.task,

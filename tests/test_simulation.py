@@ -242,3 +242,12 @@ def test_exact_aggregation_runs_keep_every_reply_and_count_the_base_updates(runs
 
     model = AutoModelForSequenceClassification.from_pretrained(runs["fedex-lora"] / "model")
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedlora", "flexlora", "hetlora", "fedkdlora-server", "fedkdlora-client",
+                                  "ffa-lora", "fedprox", "fedadam", "fedex-lora", "flora"])
+def test_export_loads_without_fedtune_and_gives_the_reported_metrics(runs, name, glue_dir, evaluate_export):
+    reported = json.loads((runs[name] / "summary.json").read_text())["dev"]
+    measured = evaluate_export(runs[name], glue_dir)
+    assert measured["accuracy"] == reported["accuracy"] and measured["mcc"] == pytest.approx(reported["mcc"], abs=1e-12)
+    assert measured["loss"] == pytest.approx(reported["loss"], abs=1e-5)

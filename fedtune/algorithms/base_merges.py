@@ -11,14 +11,13 @@ dropped (e.g. after a simulated `dropout`, which these algorithms therefore refu
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.local import LocalWork, cached_model
+from fedtune.models import save_merged
 from fedtune.train import seed_everything
 
 VERSION = "__round__"  # key of the kept base: the last round whose update it holds
@@ -107,7 +106,7 @@ class MergesIntoBase(FedLoRA):
 
     def save_model(self, model: nn.Module, folder) -> None:
         """The updated base with the LoRA merged in: plain transformers weights."""
-        copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
+        save_merged(model, folder)
 
     # ---- client ----------------------------------------------------------------------------
     def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,

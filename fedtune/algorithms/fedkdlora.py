@@ -23,7 +23,7 @@ from fedtune.config import Settings
 from fedtune.data import cached_task_data, train_loader
 from fedtune.distill import MutualDistillation
 from fedtune.local import LocalWork, cached_model, dev_loader, local_steps, round_seed
-from fedtune.models import add_lora, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
 from fedtune.teacher import build_student, load_teacher, require_teacher
 from fedtune.train import TrainResult, evaluate, seed_everything, train
 
@@ -73,6 +73,11 @@ class FedKDLoRA(FedLoRA):
         _, self.teacher_state, metrics = distil(self, public, self.teacher_state, seed, self.round_lr(server_round),
                                                 steps)
         return trainable_state(student), {f"teacher_dev_{k}": v for k, v in metrics.items()}
+
+    def save_model(self, model: nn.Module, folder) -> None:
+        """The student with its LoRA merged in, as a plain model of its own depth: an adapter
+        would name the teacher as its base, and loading it there silently gives a different model."""
+        save_merged(model, folder)
 
     def checkpoint_state(self) -> State:
         return dict(self.teacher_state or {})
