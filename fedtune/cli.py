@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         for f in dataclasses.fields(Settings):
+            if f.metadata["centralized"] and name == "run" or f.metadata["federated"] and name in ("centralized",
+                                                                                                     "teacher"):
+                continue  # options this command never reads
             choices = f.metadata.get("choices")
             sub.add_argument(f"--{key_of(f.name)}", dest=f.name, default=argparse.SUPPRESS, metavar=f.type.upper(),
                              choices=choices, help=f"{f.metadata['help']} (default: {f.default!r})")

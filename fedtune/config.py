@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 TASKS = ("cola", "sst2")
+# The registered federated algorithms (`fedtune algorithms`), listed here so `--help` needs no
+# heavy imports; tests/test_config.py checks it against the registry.
+ALGORITHMS = ("fedadam", "fedavg", "fedex-lora", "fedkdlora", "fedlora", "fedprox", "ffa-lora", "flexlora", "flora",
+              "hetlora")
 CENTRALIZED_METHODS = ("finetune", "lora", "kd")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -25,8 +29,10 @@ BATCHINGS = ("random", "by-length")
 SECURE_AGGREGATIONS = ("none", "secagg+")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, federated: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "federated": federated})
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, federated: bool = False,
+         centralized: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "federated": federated,
+                                            "centralized": centralized})
 
 
 def _fed(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -67,11 +73,12 @@ class Settings:
     kd_temperature: float = _opt(1.0, "softmax temperature of the distillation KL term")
     seed: int = _opt(42, "seed for data order, partitions, sampling and initialisation")
     # --- centralized
-    method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS)
-    epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)")
+    method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS, centralized=True)
+    epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)", centralized=True)
     teacher_epochs: float = _opt(1.0, "epochs of teacher pre-training on the public slice (kd)")
     # --- federated
-    algorithm: str = _fed("fedlora", "federated algorithm (see `fedtune algorithms`)")
+    algorithm: str = _fed("fedlora", f"federated algorithm: {', '.join(ALGORITHMS)} (`fedtune algorithms` says what "
+                          "each does)")
     clients: int = _fed(4, "number of clients (simulated SuperNodes)")
     rounds: int = _fed(3, "federated rounds")
     fraction_train: float = _fed(1.0, "fraction of clients sampled per round")

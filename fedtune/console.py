@@ -42,6 +42,18 @@ def say(message: str, quiet: bool = False) -> None:
         console.print(message)
 
 
+class _Expected:
+    """Drops Flower warnings about choices fedtune makes on purpose: the `run_simulation` entry
+    point (deprecated in favour of `flwr run`, which `fedtune run` wraps in-process) and server-side
+    evaluation only (`fraction_evaluate` 0)."""
+
+    EXPECTED = ("DEPRECATED FEATURE", "This is a deprecated feature", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
+
+
 def quiet_libraries() -> None:
     """Hide library chatter (load reports, per-step bars, Flower's INFO log); keep warnings.
 
@@ -57,5 +69,8 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(logging.WARNING)
+    if not any(isinstance(f, _Expected) for f in flwr.filters):
+        flwr.addFilter(_Expected())
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -12,28 +12,8 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from fedtune.config import TASKS, Settings
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    folder: str  # folder name in the GLUE layout
-    hub_config: str  # config name of `nyu-mll/glue` on the HF hub
-    num_labels: int
-    primary_metric: str
-
-
-TASK_SPECS = {
-    "cola": TaskSpec("cola", "CoLA", "cola", 2, "mcc"),
-    "sst2": TaskSpec("sst2", "SST-2", "sst2", 2, "accuracy"),
-}
-
-
-def task_spec(task: str) -> TaskSpec:
-    if task not in TASK_SPECS:
-        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
-    return TASK_SPECS[task]
+from fedtune.config import Settings
+from fedtune.tasks import TASK_SPECS, TaskSpec, task_spec  # noqa: F401  (re-exported)
 
 
 class DataError(RuntimeError):

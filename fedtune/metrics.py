@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, matthews_corrcoef
 
-from fedtune.data import task_spec
+from fedtune.tasks import task_spec
 
 
 def classification_metrics(task: str, labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     """Accuracy for every task; Matthews correlation too for CoLA (GLUE's CoLA metric)."""
+    from sklearn.metrics import accuracy_score, matthews_corrcoef  # ~1 s to import: only when evaluating
     metrics = {"accuracy": float(accuracy_score(labels, predictions))}
     if task == "cola":
         metrics["mcc"] = float(matthews_corrcoef(labels, predictions))

@@ -62,3 +62,30 @@ def test_pyproject_run_config_lists_every_setting():
     # `flwr run --run-config` can only override keys listed there, so all must be.
     assert set(run_config) == set(Settings().to_dict())
     Settings.from_run_config(run_config)  # and they validate
+
+
+def test_help_lists_the_algorithms_and_only_the_options_a_command_reads(capsys):
+    from fedtune.algorithms import algorithm_names
+    from fedtune.config import ALGORITHMS
+
+    assert ALGORITHMS == tuple(algorithm_names())  # the help's list is the registry's
+    for command, present, absent in (("run", ["--algorithm", "--rounds", "--lora-lr"], ["--method", "--epochs"]),
+                                     ("centralized", ["--method", "--epochs"], ["--rounds", "--algorithm"])):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        assert all(option in text for option in present) and not any(f"{o} " in text for o in absent), command
+        if command == "run":
+            assert all(name in " ".join(text.split()) for name in ALGORITHMS)
+
+
+def test_flowers_expected_warnings_are_dropped_and_others_kept():
+    import logging
+
+    from fedtune.console import quiet_libraries
+
+    quiet_libraries()
+    flwr = logging.getLogger("flwr")
+    record = lambda text: logging.LogRecord("flwr", logging.WARNING, __file__, 1, text, None, None)  # noqa: E731
+    assert not flwr.filter(record("DEPRECATED FEATURE: The `run_simulation` function is deprecated"))
+    assert flwr.filter(record("round 2: dropped reply from node 7: client error"))
