@@ -21,6 +21,8 @@ COMMANDS = {
     "algorithms": "list the registered federated algorithms",
     "compare": "run the method-comparison grid (centralized + federated, several seeds); finished cells are reused",
     "report": "print a Markdown table of the finished runs under a folder",
+    "predict": "label sentences with an exported model (a run's model/ folder)",
+    "evaluate": "loss and metrics of an exported model on GLUE dev or a labelled TSV, as a run reports them",
 }
 
 
@@ -33,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if name == "report":
             sub.add_argument("folder", help="folder holding run folders (searched recursively)")
+            continue
+        if name in ("predict", "evaluate"):
+            sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a run's model/ folder")
+            sub.add_argument("--task", choices=("cola", "sst2"), help="default: the run's (config.json beside MODEL_DIR)")
+            if name == "predict":
+                sub.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences to label")
+                sub.add_argument("--file", type=Path, help="more sentences, one a line")
+                sub.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+            else:
+                sub.add_argument("--file", type=Path, help="a labelled TSV in the task's GLUE format (default: GLUE dev)")
+                sub.add_argument("--glue-dir", default="", help="GLUE folder for dev (default: the run's, or GLUE_DIR)")
             continue
         if name == "resume":
             sub.add_argument("folder", help="the interrupted run's folder (<name>.incomplete); its config.json is used")
@@ -77,6 +90,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_dict(given, base)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from fedtune.predict import predict
+
+    sentences = list(args.sentences)
+    if args.file:
+        if not args.file.is_file():
+            raise FileNotFoundError(f"--file {args.file} does not exist")
+        sentences += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not sentences:
+        raise ValueError("nothing to label: give sentences or --file")
+    quiet_libraries()
+    rows = predict(args.model_dir, sentences, args.task)
+    if args.json:
+        print("\n".join(json.dumps(row) for row in rows))
+    else:
+        from fedtune.console import print_table
+
+        print_table(f"predictions of {args.model_dir}", [{k: r[k] for k in ("label", "probability", "sentence")}
+                                                         for r in rows])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = build_parser().parse_args(argv)
@@ -93,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             if not summaries:
                 raise ValueError(f"no finished run (summary.json) under {args.folder}")
             print(markdown_table(summaries))
+            return 0
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "evaluate":
+            from fedtune.predict import evaluate_export
+
+            quiet_libraries()
+            glue_dir = args.glue_dir or os.environ.get("GLUE_DIR", "")
+            print(json.dumps(evaluate_export(args.model_dir, args.task, args.file, glue_dir)))
             return 0
         if args.command == "resume":
             from fedtune.simulation import run_federated

@@ -112,3 +112,23 @@ def test_bundled_model_adapter_names_its_hub_id_and_loads_from_a_hub_cache(glue_
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     measured = evaluate_export(path, glue_dir, extra_env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert measured["accuracy"] == json.loads((path / "summary.json").read_text())["dev"]["accuracy"]
+
+
+def test_predict_and_evaluate_use_an_export_as_the_run_reported_it(settings, capsys, tmp_path):
+    from fedtune.cli import main
+
+    path = run_centralized(settings.replace(method="lora"), quiet=True)
+    assert main(["evaluate", str(path / "model")]) == 0  # task, GLUE folder and eval-limit from the run
+    measured = json.loads(capsys.readouterr().out)
+    reported = json.loads((path / "summary.json").read_text())["dev"]
+    assert measured["accuracy"] == reported["accuracy"] and measured["loss"] == pytest.approx(reported["loss"], abs=1e-6)
+
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("The cat sat on the mat.\n\nMat the on sat cat the.\n")
+    assert main(["predict", str(path / "model"), "Who did you see?", "--file", str(sentences), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["sentence"] for r in rows] == ["Who did you see?", "The cat sat on the mat.", "Mat the on sat cat the."]
+    assert all(r["label"] in ("unacceptable", "acceptable") and 0.5 <= r["probability"] <= 1.0 for r in rows)
+
+    assert main(["predict", str(tmp_path), "x"]) == 2  # not a model: one clear error
+    assert "holds no exported model" in capsys.readouterr().err
