@@ -93,7 +93,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
                                     "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
                                     "train_samples": result.examples, "seconds": final["seconds"],
                                     "trainable_parameters": trainable, "total_parameters": total,
-                                    "epochs": history})
+                                    "epochs": history, "settings": settings.non_default()})
     path = run.finish()
     print_table(f"{settings.method} on {settings.task}", history, quiet)
     say(f"saved {path}", quiet)

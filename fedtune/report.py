@@ -8,12 +8,21 @@ from pathlib import Path
 from fedtune.runs import INCOMPLETE
 
 
-def find_summaries(root: str | Path) -> list[dict]:
-    """Summaries of the finished runs under `root` (folders still `.incomplete` are skipped)."""
+def find_summaries(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
+    """Summaries of the finished runs under `root` (folders still `.incomplete` are skipped; a
+    summary.json that cannot be read is named in `skipped`, with why, and left out)."""
     found = []
     for path in sorted(Path(root).rglob("summary.json")):
-        if not path.parent.name.endswith(INCOMPLETE):
-            found.append({**json.loads(path.read_text()), "run": path.parent.name})
+        if path.parent.name.endswith(INCOMPLETE):
+            continue
+        try:
+            summary = json.loads(path.read_text())
+            summary["dev"]["accuracy"], summary["task"], summary["seconds"]  # noqa: B018  (the fields the table reads)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if skipped is not None:
+                skipped.append(f"{path}: {type(err).__name__}: {err}")
+            continue
+        found.append({**summary, "run": path.parent.name})
     return found
 
 

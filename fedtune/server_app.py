@@ -202,13 +202,13 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "rounds": settings.rounds, "travelling_parameters": final["travelling_parameters"],
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
         "teacher_dev": {k[12:]: v for k, v in final.items() if k.startswith("teacher_dev_")} or None,
-        "codec": settings.codec, "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
+        "codec": settings.codec, "aggregation": settings.aggregation, "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
         "examples_seen": sum(r["examples_seen"] for r in records),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
         **algorithm.summary_fields(),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
-        "seconds": final["elapsed"]})
+        "seconds": final["elapsed"], "settings": settings.non_default()})
     (run.path / CHECKPOINT).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)

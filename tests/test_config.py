@@ -89,3 +89,37 @@ def test_flowers_expected_warnings_are_dropped_and_others_kept():
     record = lambda text: logging.LogRecord("flwr", logging.WARNING, __file__, 1, text, None, None)  # noqa: E731
     assert not flwr.filter(record("DEPRECATED FEATURE: The `run_simulation` function is deprecated"))
     assert flwr.filter(record("round 2: dropped reply from node 7: client error"))
+
+
+def test_probed_faults_end_in_one_clear_message(tmp_path, capsys, glue_dir):
+    from fedtune.cli import main
+
+    bad = tmp_path / "run.toml"
+    bad.write_text("rounds = = 3\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert f"settings file {bad} is not valid TOML" in capsys.readouterr().err
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    assert main(["centralized", "--model", str(empty), "--task", "cola", "--glue-dir", str(glue_dir)]) == 2
+    assert f"model folder {empty} holds no Hugging Face model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"krum needs at least 2 \* krum-malicious \+ 3 = 5 sampled clients.*samples 2"):
+        Settings(aggregation="krum", krum_malicious=1, clients=2)
+    Settings(aggregation="krum", krum_malicious=1, clients=5)  # n = 2f + 3 is enough
+
+
+def test_report_names_and_skips_a_corrupt_summary(tmp_path, capsys):
+    import json
+
+    from fedtune.cli import main
+
+    good = tmp_path / "centralized-lora-cola-1"
+    good.mkdir()
+    (good / "summary.json").write_text(json.dumps({"method": "lora", "task": "cola", "dev": {"accuracy": 0.7},
+                                                   "train_samples": 10, "seconds": 3.0}))
+    broken = tmp_path / "fedlora-cola-2"
+    broken.mkdir()
+    (broken / "summary.json").write_text('{"algorithm": "fedlora", ')
+    assert main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "centralized-lora-cola-1" in out and "fedlora-cola-2" not in out
+    assert f"skipped unreadable {broken / 'summary.json'}: JSONDecodeError" in err
