@@ -15,6 +15,7 @@ from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.metrics import primary_metric
+from fedtune.preflight import check_out_dir
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged
 from fedtune.runs import RunDir
 from fedtune.teacher import build_student, load_teacher, pretrain_teacher
@@ -52,6 +53,7 @@ def build_model(settings: Settings, quiet: bool = False):
 
 def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     """Train one centralized baseline; returns the finished run folder."""
+    check_out_dir(settings.out_dir)
     data = cached_task_data(settings)
     tokenizer = load_tokenizer(settings.model)
     model, lr, loss_fn = build_model(settings, quiet)

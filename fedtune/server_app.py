@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -57,10 +58,9 @@ def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     return nodes
 
 
-def open_run(settings: Settings) -> tuple[RunDir, dict | None]:
-    """A new run folder, or with `resume` the interrupted one and its last checkpoint."""
-    if not settings.resume:
-        return RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings), None
+def resumable_run(settings: Settings) -> RunDir:
+    """The interrupted run `settings.resume` names, checked (it has a checkpoint, the same
+    settings); writes nothing."""
     run = RunDir.reopen(settings.resume)
     if not (run.path / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run.path} has no {CHECKPOINT}: it stopped before round 0 finished; start it anew")
@@ -69,14 +69,28 @@ def open_run(settings: Settings) -> tuple[RunDir, dict | None]:
     if differ:
         raise ValueError(f"settings differ from the run being resumed in {', '.join(differ)}; "
                          f"resume with `fedtune resume {run.path}`, which reads its config.json")
+    return run
+
+
+def open_run(settings: Settings) -> tuple[RunDir, dict | None]:
+    """A new run folder, or with `resume` the interrupted one and its last checkpoint."""
+    if not settings.resume:
+        return RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings), None
+    run = resumable_run(settings)
     return run, torch.load(run.path / CHECKPOINT, weights_only=False)
 
 
 def save_checkpoint(run: RunDir, state: dict, algorithm_state: dict, records: list[dict]) -> None:
-    """Everything a resumed server needs after a round, written atomically."""
+    """Everything a resumed server needs after a round, written atomically (no .tmp left on failure)."""
     tmp = run.path / (CHECKPOINT + ".tmp")
-    torch.save({"global": state, "algorithm": algorithm_state, "records": records}, tmp)
-    os.replace(tmp, run.path / CHECKPOINT)
+    try:
+        torch.save({"global": state, "algorithm": algorithm_state, "records": records}, tmp)
+        os.replace(tmp, run.path / CHECKPOINT)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(run.path).free
+        raise RuntimeError(f"could not write the checkpoint in {run.path} ({free / 1e6:.0f} MB free on that disk"
+                           f"{': it is full' if free < 512e6 else ''}): {err}") from None
 
 
 def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:

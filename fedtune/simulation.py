@@ -21,11 +21,11 @@ def run_federated(settings: Settings, quiet: bool = False) -> Path:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
 
-    from fedtune.algorithms import get_algorithm
     from fedtune.client_app import make_client_app
+    from fedtune.preflight import check_federated
     from fedtune.server_app import make_server_app
 
-    get_algorithm(settings.algorithm, settings)  # fail on bad settings before starting the engine
+    check_federated(settings)  # bad input fails here, in seconds, before Ray starts or a folder is made
     outcome: dict = {}
     run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),
                    num_supernodes=settings.clients, backend_config=backend_config())

@@ -1,0 +1,46 @@
+"""Bad input fails before anything starts: no simulation engine, no run folder, one message."""
+
+import pytest
+
+import flwr.simulation
+from fedtune.cli import main
+from fedtune.config import Settings
+from fedtune.simulation import run_federated
+
+
+@pytest.fixture
+def base(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("the simulation started"))
+    return Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=1, train_limit=40,
+                    out_dir=str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"glue_dir": "/nonexistent/glue"}, RuntimeError, "GLUE file not found: /nonexistent/glue/CoLA/train.tsv"),
+    ({"clients": 50}, ValueError, "40 train rows cannot give 50 clients"),
+    ({"algorithm": "flexlora", "dp_noise": 1.0}, ValueError, "needs dp-noise=0"),
+    ({"algorithm": "fedex-lora", "dropout": 0.3}, ValueError, "needs dropout=0"),
+    ({"resume": "/nonexistent/fedlora-cola-1.incomplete"}, FileNotFoundError, "does not exist"),
+])
+def test_bad_input_fails_before_the_engine_starts_and_leaves_no_run_folder(base, changes, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        run_federated(base.replace(**changes), quiet=True)
+    assert not any((tmp_path / "runs").glob("*-*"))  # no run folder, complete or not
+
+
+def test_resume_of_a_folder_without_checkpoint_is_refused(base, tmp_path):
+    folder = tmp_path / "runs" / "fedlora-cola-1.incomplete"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no checkpoint.pt: it stopped before round 0 finished"):
+        run_federated(base.replace(resume=str(folder)), quiet=True)
+
+
+def test_an_out_dir_that_is_a_file_is_named(base, tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=f"--out-dir {target} is a file, not a folder"):
+        run_federated(base.replace(out_dir=str(target)), quiet=True)
+    code = main(["run", "--task", "cola", "--glue-dir", base.glue_dir, "--model", base.model, "--out-dir", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and str(target) in err
