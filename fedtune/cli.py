@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a simulation (there `simulation.stop_on_interrupt` answers)
+        from fedtune.runs import interrupted_message
+
+        print(interrupted_message(), file=sys.stderr)
+        return 130
     return 0
 
 

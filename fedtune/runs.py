@@ -11,6 +11,7 @@ from typing import Any
 from fedtune.config import Settings
 
 INCOMPLETE = ".incomplete"
+ACTIVE: list[RunDir] = []  # run folders this process is writing (what Ctrl-C reports)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -38,6 +39,7 @@ class RunDir:
         self.path = base.with_name(base.name + INCOMPLETE)
         self.path.mkdir(parents=True)
         write_json(self.path / "config.json", settings.to_dict())
+        ACTIVE.append(self)
 
     @classmethod
     def reopen(cls, folder: str | Path) -> RunDir:
@@ -50,6 +52,7 @@ class RunDir:
             raise FileNotFoundError(f"run folder {folder} does not exist")
         run = cls.__new__(cls)
         run.path, run.final_path = folder, folder.with_name(folder.name[: -len(INCOMPLETE)])
+        ACTIVE.append(run)
         return run
 
     def write_jsonl(self, filename: str, records: list[dict]) -> None:
@@ -70,7 +73,24 @@ class RunDir:
     def finish(self) -> Path:
         os.replace(self.path, self.final_path)
         self.path = self.final_path
+        if self in ACTIVE:
+            ACTIVE.remove(self)
         return self.final_path
+
+
+def interrupted_message() -> str:
+    """What Ctrl-C leaves, in one line: the checkpoint and the command that resumes it, or (no
+    round finished yet) that nothing is left: the folder is removed."""
+    import shutil
+
+    if not ACTIVE:
+        return "fedtune: interrupted before a run folder was made; nothing to resume"
+    run = ACTIVE[-1]
+    if (run.path / "checkpoint.pt").is_file():
+        return (f"fedtune: interrupted; the last finished round is checkpointed in {run.path.resolve()}; "
+                f"continue with: fedtune resume {run.path.resolve()}")
+    shutil.rmtree(run.path, ignore_errors=True)
+    return f"fedtune: interrupted with nothing to resume (no round checkpointed); removed {run.path}"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
 
 from fedtune.config import Settings
@@ -16,6 +19,39 @@ def backend_config() -> dict:
             "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False}}
 
 
+@contextlib.contextmanager
+def stop_on_interrupt():
+    """While the simulation runs, Ctrl-C (SIGINT) stops every process it started (Ray's too),
+    prints one line (`runs.interrupted_message`) and exits with 130, without the tracebacks of
+    Flower's threads and Ray's actors, and without waiting for them. The checkpoint written after
+    each round is complete (it is replaced atomically), so `fedtune resume` continues from it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach only the main thread
+        return
+
+    def stop(signum, frame):
+        import psutil
+
+        from fedtune.runs import interrupted_message
+
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        terminal = os.dup(2)
+        os.dup2(quiet, 2)  # what dying threads and actors would print
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(children, timeout=5)
+        os.write(terminal, (interrupted_message() + "\n").encode())
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_federated(settings: Settings, quiet: bool = False) -> Path:
     """Simulate `settings.clients` SuperNodes; returns the finished run folder."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -27,8 +63,9 @@ def run_federated(settings: Settings, quiet: bool = False) -> Path:
 
     check_federated(settings)  # bad input fails here, in seconds, before Ray starts or a folder is made
     outcome: dict = {}
-    run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),
-                   num_supernodes=settings.clients, backend_config=backend_config())
+    with stop_on_interrupt():
+        run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),
+                       num_supernodes=settings.clients, backend_config=backend_config())
     if "run_dir" not in outcome:
         raise RuntimeError("the federated run did not finish; the log above says why")
     return outcome["run_dir"]
