@@ -210,17 +210,30 @@ def _bin(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
+def deployment_run_config(nodes: int, run_config: str, workdir: Path) -> str:
+    """The run config `flwr run` gets: one client per node, run folders under the work folder."""
+    run_config = f"clients={nodes} {run_config}".strip()
+    return run_config if "out-dir=" in run_config else f'{run_config} out-dir="{workdir / "runs"}"'
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run fedtune on a local SuperLink + SuperNodes (TLS, node auth).")
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/deployment"))
-    parser.add_argument("--port", type=int, default=9300)
-    parser.add_argument("--run-config", default="", help="Flower run config; clients must equal --nodes")
+    parser = argparse.ArgumentParser(description="Run fedtune on a local SuperLink + SuperNodes (TLS, node auth).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=2, help="SuperNodes to start, one client (partition) each")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/deployment"),
+                        help="folder (relative to the current one) for certificates, logs, Flower's state and the "
+                        "run folder (<workdir>/runs)")
+    parser.add_argument("--port", type=int, default=9300, help="the SuperLink's port on 127.0.0.1 (also port+1)")
+    parser.add_argument("--run-config", default="",
+                        help="Flower run config, e.g. 'rounds=2 train-limit=400'; clients is set to --nodes and "
+                        "out-dir to <workdir>/runs unless given")
     args = parser.parse_args(argv)
-    run_config = f"clients={args.nodes} {args.run_config}".strip()
-    with LocalFederation(args.workdir, args.nodes, args.port) as federation:
+    workdir = args.workdir.resolve()
+    run_config = deployment_run_config(args.nodes, args.run_config, workdir)
+    with LocalFederation(workdir, args.nodes, args.port) as federation:
         result = federation.run(run_config)
     print(result.stdout, result.stderr, sep="\n")
+    print(f"certificates, logs and Flower's state: {workdir}; run folders: {workdir / 'runs'}")
     return result.returncode
 
 

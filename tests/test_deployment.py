@@ -59,3 +59,10 @@ def test_a_killed_supernode_rejoins_and_the_run_completes(tiny_bert, glue_dir, t
 def _rounds(out):
     files = list(out.glob("*/rounds.jsonl"))
     return read_jsonl(files[0]) if files else []
+
+
+def test_deployment_writes_run_folders_under_its_workdir(tmp_path):
+    from fedtune.deployment import deployment_run_config
+
+    assert deployment_run_config(2, "rounds=2", tmp_path) == f'clients=2 rounds=2 out-dir="{tmp_path}/runs"'
+    assert deployment_run_config(3, 'out-dir="/elsewhere"', tmp_path) == 'clients=3 out-dir="/elsewhere"'
