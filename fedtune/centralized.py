@@ -16,7 +16,7 @@ from fedtune.console import print_table, progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.metrics import primary_metric
 from fedtune.preflight import check_out_dir
-from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged
+from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
 from fedtune.runs import RunDir
 from fedtune.teacher import build_student, load_teacher, pretrain_teacher
 from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
@@ -87,7 +87,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     if settings.method == "kd":  # the student's own architecture, merged: see FedKDLoRA.save_model
         save_merged(model, run.path / "model")
     else:
-        model.save_pretrained(run.path / "model")
+        save_model(model, run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
     final = history[-1]
     run.write_json("summary.json", {"method": settings.method, "task": settings.task,

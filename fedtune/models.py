@@ -77,6 +77,17 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0) -> PreTrainedMode
     return model
 
 
+def save_model(model: nn.Module, folder) -> None:
+    """`save_pretrained`: full weights, or a PEFT adapter (with the head; never the embeddings,
+    which LoRA leaves as they are: peft would otherwise look the base up on the hub to check)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder)
+
+
 def save_merged(model: nn.Module, folder) -> None:
     """Save a LoRA model with its adapters merged in, as plain transformers weights (the model
     itself is left as it was)."""

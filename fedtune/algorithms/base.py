@@ -7,6 +7,7 @@ from torch import nn
 from fedtune.algorithms.aggregate import State, robust_aggregate
 from fedtune.config import Settings
 from fedtune.local import LocalWork, supervised_round
+from fedtune.models import save_model
 from fedtune.train import LossFn, schedule_factor, supervised_loss
 
 
@@ -120,7 +121,7 @@ class Algorithm:
 
     def save_model(self, model: nn.Module, folder) -> None:
         """Write the final global model (default: `save_pretrained`: full weights, or the PEFT adapter)."""
-        model.save_pretrained(folder)
+        save_model(model, folder)
 
     def summary_fields(self) -> dict:
         """What `summary.json` and `partitions.json` report about the model: the global LoRA rank
