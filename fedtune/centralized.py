@@ -14,6 +14,7 @@ import torch
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
+from fedtune.devices import compute
 from fedtune.metrics import primary_metric
 from fedtune.preflight import check_out_dir
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
@@ -45,7 +46,7 @@ def build_model(settings: Settings, quiet: bool = False):
     if settings.method == "lora":
         return add_lora(load_classifier(settings.model, num_labels, settings.seed), **lora), settings.lora_lr, None
     if settings.method == "kd":
-        teacher = load_teacher(pretrain_teacher(settings, quiet))
+        teacher = load_teacher(pretrain_teacher(settings, quiet)).to(compute(settings.device, settings.precision)[0])
         student = add_lora(build_student(settings, teacher), **lora)
         return student, settings.lora_lr, kd_loss_fn(teacher, settings.kd_temperature)
     raise ValueError(f"unknown method {settings.method!r} (known: finetune, lora, kd)")
@@ -56,7 +57,9 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     check_out_dir(settings.out_dir)
     data = cached_task_data(settings)
     tokenizer = load_tokenizer(settings.model)
+    device, precision = compute(settings.device, settings.precision)
     model, lr, loss_fn = build_model(settings, quiet)
+    model.to(device)
     seed_everything(settings.seed)
     batches = train_loader(data.private, tokenizer, settings, settings.seed)
     dev_loader = eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
@@ -75,7 +78,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
         update(step)
         if step in checkpoints:
             record = {"epoch": round(step / len(batches), 3), "step": step, "train_loss": mean_loss,
-                      **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task).items()},
+                      **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task, precision).items()},
                       "samples": examples, "seconds": time.perf_counter() - start}
             history.append(record)
             run.append_jsonl("epochs.jsonl", record)
@@ -83,7 +86,8 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     start = time.perf_counter()
     with progress_bar(steps, f"{settings.method} {settings.task}", quiet) as update:
         result = train(model, batches, lr=lr, steps=steps, schedule=settings.lr_schedule,
-                       weight_decay=settings.weight_decay, on_step=on_step, **({"loss_fn": loss_fn} if loss_fn else {}))
+                       weight_decay=settings.weight_decay, on_step=on_step, precision=precision,
+                       **({"loss_fn": loss_fn} if loss_fn else {}))
     if settings.method == "kd":  # the student's own architecture, merged: see FedKDLoRA.save_model
         save_merged(model, run.path / "model")
     else:

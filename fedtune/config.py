@@ -73,6 +73,14 @@ class Settings:
     lr_schedule: str = _opt("linear", "decay over steps (centralized) or over rounds (federated)", LR_SCHEDULES)
     kd_temperature: float = _opt(1.0, "softmax temperature of the distillation KL term")
     seed: int = _opt(42, "seed for data order, partitions, sampling and initialisation")
+    # --- hardware
+    device: str = _opt("auto", "where to compute: auto (CUDA if present, else MPS, else CPU), cpu, cuda, cuda:N or "
+                       "mps; what travels and what is saved stays on the CPU")
+    precision: str = _opt("auto", "auto (bf16 on CUDA devices that support it, else fp32), fp32, bf16 (autocast) "
+                          "or fp16 (autocast and a grad scaler; CUDA only)", ("auto", "fp32", "bf16", "fp16"))
+    client_gpus: float = _fed(0.0, "simulation: GPU share each simulated client reserves (0.25: 4 clients share a "
+                              "GPU); 0: a whole GPU when computing on CUDA, none otherwise")
+    client_cpus: int = _fed(0, "simulation: CPU cores each simulated client reserves (0: all, one client at a time)")
     # --- centralized
     method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS, centralized=True)
     epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)", centralized=True)
@@ -168,6 +176,8 @@ class Settings:
             problems.append("prox-mu must be >= 0, server-lr and server-tau > 0")
         if not (0.0 <= self.server_beta1 < 1.0 and 0.0 <= self.server_beta2 < 1.0):
             problems.append("server-beta1 and server-beta2 must be in [0, 1)")
+        if self.client_gpus < 0 or self.client_cpus < 0:
+            problems.append("client-gpus and client-cpus must be >= 0")
         if self.hetlora_rescale not in (0, 1):
             problems.append(f"hetlora-rescale={self.hetlora_rescale} (must be 0 or 1)")
         if self.krum_malicious < 0:

@@ -74,7 +74,7 @@ class MutualDistillation(nn.Module):
 
     def kept_state(self) -> dict[str, torch.Tensor]:
         """Trainable tensors that stay where they are (the teacher's and the projection's)."""
-        return {name: p.detach().clone() for name, p in self.named_parameters()
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters()
                 if p.requires_grad and not name.startswith("student.")}
 
     def load_kept_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
+from fedtune.devices import compute, model_device
 from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
 from fedtune.train import LossFn, TrainResult, evaluate, seed_everything, steps_for, train
@@ -33,7 +35,7 @@ def _built_model(algorithm: Algorithm, settings: Settings) -> tuple[nn.Module, S
     if settings not in _MODELS:
         if len(_MODELS) >= _MAX_MODELS:
             del _MODELS[next(iter(_MODELS))]  # the oldest
-        model = algorithm.build_model(settings)
+        model = algorithm.build_model(settings).to(compute(settings.device, settings.precision)[0])
         _MODELS[settings] = (model, trainable_state(model))
     return _MODELS[settings]
 
@@ -74,7 +76,7 @@ def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: 
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
     return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
-                 loss_fn=loss_fn)
+                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1])
 
 
 @dataclass
@@ -115,6 +117,8 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
     work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
                                  lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state,
                                  extras=extras or {})
+    if model_device(model).type == "cuda":
+        torch.cuda.empty_cache()  # the optimizer's state is gone with its turn; give its memory back
     return ClientResult(trainable_state(model), len(rows), work.result.examples, work.result.loss,
                         work.result.seconds, work.kept_state, work.metrics)
 
@@ -131,4 +135,5 @@ def evaluate_state(algorithm: Algorithm, state: State) -> dict[str, float]:
     """Evaluation-set loss and metrics of the server's model holding `state`."""
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, state)
-    return evaluate(model, dev_loader(algorithm.settings), algorithm.settings.task)
+    settings = algorithm.settings
+    return evaluate(model, dev_loader(settings), settings.task, compute(settings.device, settings.precision)[1])

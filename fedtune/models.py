@@ -173,7 +173,7 @@ State = dict[str, torch.Tensor]  # parameter name -> tensor: what travels, what 
 
 def trainable_state(model: nn.Module) -> State:
     """Exactly the parameters that train: this is what a client sends."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}  # travels: CPU
 
 
 def load_trainable_state(model: nn.Module, state: State) -> None:

@@ -41,7 +41,10 @@ def check_federated(settings: Settings):
     from fedtune.algorithms import get_algorithm
     from fedtune.partition import client_partitions
 
+    from fedtune.devices import compute
+
     check_out_dir(settings.out_dir)
+    compute(settings.device, settings.precision)  # a device that is not there, fp16 without CUDA
     algorithm = get_algorithm(settings.algorithm, settings)  # combinations of settings it cannot honour
     if settings.resume:
         from fedtune.server_app import resumable_run

@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from fedtune.config import Settings
 from fedtune.console import progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
+from fedtune.devices import compute
 from fedtune.models import check_same_tokenizer, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
@@ -47,15 +48,16 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
         raise ValueError("public-fraction is 0, so there is no public slice to pre-train the teacher on")
     tokenizer = load_tokenizer(settings.model)
     seed_everything(settings.seed)
-    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
+    device, precision = compute(settings.device, settings.precision)
+    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed).to(device)
     loader = train_loader(data.public, tokenizer, settings, settings.seed)
     steps = steps_for(len(loader), settings.teacher_epochs)
     with progress_bar(steps, "teacher on public slice", quiet) as update:
         result = train(model, loader, lr=settings.full_lr, steps=steps, schedule=settings.lr_schedule,
                        weight_decay=settings.weight_decay,
-                       on_step=lambda step, *_: update(step))
+                       on_step=lambda step, *_: update(step), precision=precision)
     metrics = evaluate(model, eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
-                                          settings.eval_batch_size), settings.task)
+                                          settings.eval_batch_size), settings.task, precision)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

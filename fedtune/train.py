@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtune.devices import autocast, model_device, to_device
 from fedtune.metrics import classification_metrics
 
 
@@ -79,24 +80,33 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "constant",
           weight_decay: float = 0.0, loss_fn: LossFn = supervised_loss, extra_params=(),
-          on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
-    """Run `steps` AdamW steps over `loader`, decaying lr by `schedule` over those steps.
+          on_step: Callable[[int, float, int], None] | None = None, precision: str = "fp32") -> TrainResult:
+    """Run `steps` AdamW steps over `loader`, decaying lr by `schedule` over those steps, on the
+    model's device, in `precision` (fp32; bf16 or fp16 autocast, fp16 with a grad scaler).
 
     `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation).
     """
+    device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     model.train()
     total_loss, examples, start = 0.0, 0, time.perf_counter()
     batches = cycle(loader)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule_factor(schedule, step / steps)
-        batch = next(batches)
-        loss = loss_fn(model, batch)
+        batch = to_device(next(batches), device)
+        with autocast(device, precision):
+            loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total_loss += loss.item()
         examples += len(batch["labels"])
         if on_step:
@@ -106,15 +116,17 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, task: str) -> dict[str, float]:
-    """Mean cross-entropy, accuracy, and Matthews correlation for CoLA."""
+def evaluate(model: nn.Module, loader, task: str, precision: str = "fp32") -> dict[str, float]:
+    """Mean cross-entropy, accuracy, and Matthews correlation for CoLA (on the model's device)."""
     model.eval()
+    device = model_device(model)
     total_loss, rows, predictions, labels = 0.0, 0, [], []
     for batch in loader:
-        out = model(**batch)
-        total_loss += out.loss.item() * len(batch["labels"])
+        with autocast(device, precision):
+            out = model(**to_device(batch, device))
+        total_loss += out.loss.float().item() * len(batch["labels"])
         rows += len(batch["labels"])
-        predictions.append(out.logits.argmax(-1).numpy())
+        predictions.append(out.logits.float().argmax(-1).cpu().numpy())
         labels.append(batch["labels"].numpy())
     metrics = classification_metrics(task, np.concatenate(labels), np.concatenate(predictions))
     return {"loss": total_loss / rows, **metrics}

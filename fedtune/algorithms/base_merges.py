@@ -43,8 +43,8 @@ def fold_in(base: dict[str, torch.Tensor], factors: State, from_round: int) -> i
                            f"round(s) {missing} never reached it; it cannot rejoin this run")
     for t in rounds:
         for prefix, weight in base.items():
-            weight += (factors[factor_key(t, prefix, "P")].double() @ factors[factor_key(t, prefix, "Q")].double()).to(
-                weight.dtype)
+            p, q = factors[factor_key(t, prefix, "P")], factors[factor_key(t, prefix, "Q")]
+            weight += (p.double() @ q.double()).to(weight.device, weight.dtype)
     return rounds[-1] if rounds else from_round
 
 
@@ -121,5 +121,5 @@ class MergesIntoBase(FedLoRA):
         seed_everything(seed)
         work = super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=None,
                                    extras={})
-        work.kept_state = {**{k: w.clone() for k, w in base.items()}, VERSION: torch.tensor(version)}
+        work.kept_state = {**{k: w.cpu().clone() for k, w in base.items()}, VERSION: torch.tensor(version)}
         return work

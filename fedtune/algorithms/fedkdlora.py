@@ -21,6 +21,7 @@ from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, train_loader
+from fedtune.devices import compute
 from fedtune.distill import MutualDistillation
 from fedtune.local import LocalWork, cached_model, dev_loader, local_steps, round_seed
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
@@ -94,6 +95,7 @@ def _distillation(settings: Settings) -> tuple[MutualDistillation, State]:
     teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
     student = cached_model(FedKDLoRA(settings), settings)
     distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight)
+    distiller.to(compute(settings.device, settings.precision)[0])  # the student is there already
     return distiller, distiller.kept_state()
 
 
@@ -106,7 +108,8 @@ def distil(algorithm: FedKDLoRA, rows, teacher_state: State | None, seed: int, l
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
+    precision = compute(settings.device, settings.precision)[1]
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
-                   loss_fn=lambda model, batch: model.loss(batch))
-    metrics = evaluate(distiller.teacher, dev_loader(settings), settings.task)
+                   loss_fn=lambda model, batch: model.loss(batch), precision=precision)
+    metrics = evaluate(distiller.teacher, dev_loader(settings), settings.task, precision)
     return result, distiller.kept_state(), metrics

@@ -1,0 +1,98 @@
+"""Device and precision resolution, and that every compute path honours them (on CPU: CI has no GPU)."""
+
+import json
+
+import pytest
+import torch
+
+from fedtune.config import Settings
+from fedtune.devices import autocast, resolve_device, resolve_precision
+
+
+def test_explicit_and_missing_devices(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='cuda' was asked for, but this machine has 0 CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="MPS .* is not available"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"device='cuda:1' was asked for, but this machine has 1 CUDA"):
+        resolve_device("cuda:1")
+
+
+def test_precision_defaults_to_bf16_on_capable_cuda_and_fp32_elsewhere(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", cuda) == "bf16" and resolve_precision("fp16", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto", cuda) == "fp32"
+    with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        Settings(precision="fp8")
+
+
+def test_a_missing_device_fails_before_anything_starts(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    from fedtune.simulation import run_federated
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, device="cuda", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="CUDA device"):
+        run_federated(settings, quiet=True)
+    assert not list(tmp_path.iterdir())
+
+
+def _linear_output_dtypes(model, run) -> set:
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype)) for m in model.modules()
+             if isinstance(m, torch.nn.Linear)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_client_training_and_server_evaluation_compute_in_the_precision_asked(tiny_bert, glue_dir, tmp_path,
+                                                                              precision, dtype):
+    from fedtune.algorithms import get_algorithm
+    from fedtune.local import cached_model, client_update, evaluate_state, initial_state
+
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, train_limit=40,
+                        eval_limit=16, batch_size=8, max_length=32, local_steps=2, lora_r=2, device="cpu",
+                        precision=precision, out_dir=str(tmp_path))
+    algorithm = get_algorithm("fedlora", settings)
+    state = initial_state(algorithm)
+    model = cached_model(algorithm, settings)
+    assert _linear_output_dtypes(model, lambda: client_update(algorithm, 0, 2, state, 1, 1e-3)) == {dtype}
+    assert _linear_output_dtypes(model, lambda: evaluate_state(algorithm, state)) == {dtype}
+    result = client_update(algorithm, 0, 2, state, 1, 1e-3)
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in result.state.values())  # what travels
+
+
+def test_centralized_on_cpu_explicitly_equals_the_default(tiny_bert, glue_dir, tmp_path):
+    from fedtune.centralized import run_centralized
+
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, train_limit=32, eval_limit=16,
+                        batch_size=8, max_length=32, epochs=1, lora_r=2, method="lora", out_dir=str(tmp_path))
+    default = run_centralized(settings, quiet=True)
+    explicit = run_centralized(settings.replace(device="cpu", precision="fp32"), quiet=True)
+    assert (json.loads((default / "summary.json").read_text())["dev"]
+            == json.loads((explicit / "summary.json").read_text())["dev"])
+
+
+def test_autocast_is_off_for_fp32():
+    with autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu")
