@@ -116,6 +116,10 @@ class Settings:
     client_ranks: str = _fed("", "explicit comma-separated rank per client (overrides rank-distribution)")
     hetlora_weighting: str = _fed("sparsity", "hetlora: weigh each client's LoRA module by the norm of its update "
                                   "(sparsity, the paper's) or by its examples", ("sparsity", "examples"))
+    hetlora_prune: float = _fed(0.99, "hetlora: rank self-pruning decay gamma; a client whose local training shrank "
+                                "the tail of its LoRA beyond gamma*r cuts its rank to int(gamma*r) (1: off)")
+    hetlora_prune_weight: float = _fed(0.01, "hetlora: weight of the self-pruning regulariser "
+                                       "sum_modules ||A_tail|| * ||B_tail||")
     hetlora_rescale: int = _fed(1, "hetlora: 1 rescales B on truncation and padding so a component means the same "
                                 "update at the client's scale alpha/r and the server's alpha/R; 0: plain")
     # --- FedKDLoRA (fedkdlora)
@@ -178,6 +182,8 @@ class Settings:
             problems.append("server-beta1 and server-beta2 must be in [0, 1)")
         if self.client_gpus < 0 or self.client_cpus < 0:
             problems.append("client-gpus and client-cpus must be >= 0")
+        if not 0.0 < self.hetlora_prune <= 1.0 or self.hetlora_prune_weight < 0:
+            problems.append("hetlora-prune must be in (0, 1] and hetlora-prune-weight >= 0")
         if self.hetlora_rescale not in (0, 1):
             problems.append(f"hetlora-rescale={self.hetlora_rescale} (must be 0 or 1)")
         if self.krum_malicious < 0:

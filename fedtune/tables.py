@@ -98,10 +98,16 @@ def tuning_rows(tuning: list[dict]) -> list[dict]:
     return rows
 
 
+SMOKE = "sst2-iid-small-new-algorithms.json"  # the algorithms issue's smoke grid
+
+
 def blocks(folder: Path = RESULTS) -> dict[str, str]:
     """Every generated block, by name."""
     standard = load_grids("standard", folder)
-    return {"standard-headline": headline(standard), "standard-grids": grid_tables(standard)}
+    smoke = folder / SMOKE
+    return {"standard-headline": headline(standard), "standard-grids": grid_tables(standard),
+            "smoke-new-algorithms": markdown(json.loads(smoke.read_text())["table"]) if smoke.is_file()
+            else "_Not run yet._"}
 
 
 def render(text: str, generated: dict[str, str]) -> str:

@@ -148,3 +148,40 @@ def test_hetlora_sparsity_weighting_weighs_modules_by_update_norm():
     assert torch.equal(merged[head], torch.full((2,), 0.5))  # the head keeps the example weights
     by_examples = hetlora_aggregate([small, large], [1.0, 1.0], server_rank=1)
     assert torch.allclose(by_examples[B_KEY], torch.full((OUT, 1), 2.0))
+
+
+def test_hetlora_pruning_regulariser_by_hand():
+    from fedtune.algorithms.lora_maths import tail_norm
+
+    A, B = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    assert tail_norm([(A, B)], keep=1).item() == 8.0  # ||A[1:]|| * ||B[:, 1:]|| = 2 * 4
+    assert tail_norm([(A, B), (A, B)], keep=2).item() == 0.0
+
+
+def test_hetlora_client_cuts_its_rank_when_training_shrinks_the_tail(tiny_bert, glue_dir, tmp_path):
+    from fedtune.algorithms.hetlora import lora_parameters
+    from fedtune.local import cached_model, client_update, initial_state
+
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, algorithm="hetlora", clients=2,
+                        client_ranks="4,2", train_limit=40, eval_limit=16, batch_size=8, max_length=32, local_steps=3,
+                        hetlora_prune=0.75, hetlora_prune_weight=100.0, out_dir=str(tmp_path))
+    algorithm = get_algorithm("hetlora", settings)
+    start = {k: v + 0.05 * torch.randn_like(v) for k, v in initial_state(algorithm).items()}  # a non-zero tail
+    sent = algorithm.client_state(start, 0)
+    result = client_update(algorithm, 0, 2, sent, 2, 1e-3)
+    # A strong regulariser shrinks the component past int(0.75 * 4) = 3, so the client cuts to rank 3.
+    assert int(result.kept_state["rank"]) == 3
+    for key, value in result.state.items():
+        if ".lora_A." in key:
+            assert torch.count_nonzero(value[3:]) == 0 and torch.count_nonzero(value[:3]) > 0
+        if ".lora_B." in key:
+            assert torch.count_nonzero(value[:, 3:]) == 0
+    # Next round it starts at rank 3: whatever the server sends past it is cut before training.
+    again = client_update(algorithm, 0, 2, sent, 3, 1e-3, kept_state=result.kept_state)
+    assert int(again.kept_state["rank"]) <= 3
+    assert all(torch.count_nonzero(v[3:]) == 0 for k, v in again.state.items() if ".lora_A." in k)
+    model = cached_model(algorithm, algorithm.client_settings(0))
+    assert len(lora_parameters(model)) == 8  # tiny BERT: query and value in 4 layers
+    # Without the regulariser and gamma = 1, nothing is cut.
+    off = get_algorithm("hetlora", settings.replace(hetlora_prune=1.0))
+    assert int(client_update(off, 0, 2, sent, 2, 1e-3).kept_state["rank"]) == 4

@@ -8,21 +8,45 @@ Two choices keep it a fair baseline and close to the paper:
   `hetlora-rescale 0` gives the plain truncation and padding of the first version.
 - aggregation: `hetlora-weighting sparsity` (the paper's, default) weighs each client's module
   by the Frobenius norm of its update (alpha / r_k) B_k A_k; `examples` by partition size.
-The paper's rank self-pruning is not implemented.
+- rank self-pruning (`hetlora-prune` gamma, `hetlora-prune-weight` lambda): a client adds
+  lambda * sum ||A_tail|| ||B_tail|| over the components past int(gamma * r) to its loss; when
+  its local training shrank that tail, it cuts its rank to int(gamma * r) for good (the rank is
+  kept on its own disk). A cut component is zero in its reply, which zero-padding aggregation
+  reads as a smaller rank; the reply keeps its shape, so the bytes sent do not shrink.
 """
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.flexlora import HeterogeneousRanks
-from fedtune.algorithms.lora_maths import hetlora_aggregate, truncate_for_client
+from fedtune.algorithms.lora_maths import hetlora_aggregate, tail_norm, truncate_for_client
+from fedtune.local import LocalWork
+from fedtune.train import LossFn, supervised_loss
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) weight parameters of every LoRA module of `model`."""
+    return [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+
+@torch.no_grad()
+def cut_rank(pairs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
+    """Zero every component past `rank` (they then get no gradient: B_tail A_tail stays 0)."""
+    for A, B in pairs:
+        A[rank:] = 0
+        B[:, rank:] = 0
 
 
 @register
 class HetLoRA(HeterogeneousRanks):
     name = "hetlora"
-    version = 2  # 2: scales kept equal on client and server, sparsity-weighted aggregation
+    version = 2  # 2: scales kept equal on client and server, sparsity-weighted aggregation, self-pruning
+    keep = 0  # while a client trains: the components its pruning regulariser leaves alone
     summary = "per-client LoRA ranks; zero-padded A/B, norm-weighted mean, truncated; scales kept equal"
 
     def server_rank(self) -> int:
@@ -30,6 +54,28 @@ class HetLoRA(HeterogeneousRanks):
 
     def client_state(self, global_state: State, partition_id: int) -> State:
         return truncate_for_client(global_state, self.ranks[partition_id], rescale=bool(self.settings.hetlora_rescale))
+
+    def client_loss(self, model: nn.Module, global_state: State) -> LossFn:
+        pairs, weight, keep = lora_parameters(model), self.settings.hetlora_prune_weight, self.keep
+        if weight == 0 or self.settings.hetlora_prune >= 1:
+            return supervised_loss
+        return lambda model, batch: supervised_loss(model, batch) + weight * tail_norm(pairs, keep)
+
+    def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
+                    kept_state: State | None, extras: State) -> LocalWork:
+        """FedLoRA's training at the client's current rank, then self-pruning (see the module doc)."""
+        pairs = lora_parameters(model)
+        rank = int(kept_state["rank"]) if kept_state else pairs[0][0].shape[0]
+        cut_rank(pairs, rank)  # components cut in an earlier round stay cut
+        self.keep = max(1, int(self.settings.hetlora_prune * rank))
+        before = float(tail_norm(pairs, self.keep))
+        work = super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
+                                   extras=extras)
+        if self.keep < rank and float(tail_norm(pairs, self.keep)) < before:
+            rank = self.keep
+            cut_rank(pairs, rank)
+        work.kept_state = {"rank": torch.tensor(rank)}
+        return work
 
     def aggregate(self, states: list[State], weights: list[float]) -> State:
         s = self.settings

@@ -157,3 +157,9 @@ def flora_stack(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[fl
     total = float(sum(weights))
     P = torch.cat([(wk / total) * s * B for wk, s, B in zip(weights, scales, Bs)], dim=1)
     return P, torch.cat(list(As), dim=0)
+
+
+def tail_norm(pairs: list[tuple[torch.Tensor, torch.Tensor]], keep: int) -> torch.Tensor:
+    """HetLoRA's self-pruning regulariser: sum over modules of ||A[keep:]|| * ||B[:, keep:]||, the
+    size of the components past the first `keep` (A is (r, in), B (out, r)). Differentiable."""
+    return sum(torch.linalg.norm(A[keep:]) * torch.linalg.norm(B[:, keep:]) for A, B in pairs)
