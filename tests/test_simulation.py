@@ -167,8 +167,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(runs, base, monkeyp
     ignored = ("seconds", "elapsed", "bytes")
     strip = lambda rs: [{k: v for k, v in r.items() if not any(w in k for w in ignored)} for r in rs]
     assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(runs["fedkdlora-client"] / "rounds.jsonl"))
-    final = load_file(str(resumed / "model" / "adapter_model.safetensors"))
-    reference = load_file(str(runs["fedkdlora-client"] / "model" / "adapter_model.safetensors"))
+    final = load_file(str(resumed / "model" / "model.safetensors"))
+    reference = load_file(str(runs["fedkdlora-client"] / "model" / "model.safetensors"))
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
 
 
