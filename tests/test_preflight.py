@@ -21,8 +21,15 @@ def base(tiny_bert, glue_dir, tmp_path, monkeypatch):
     ({"algorithm": "flexlora", "dp_noise": 1.0}, ValueError, "needs dp-noise=0"),
     ({"algorithm": "fedex-lora", "dropout": 0.3}, ValueError, "needs dropout=0"),
     ({"resume": "/nonexistent/fedlora-cola-1.incomplete"}, FileNotFoundError, "does not exist"),
+    ({"model": "/"}, ValueError, "model folder / holds no Hugging Face model"),
+    ({"glue_dir": "MALFORMED"}, RuntimeError, r"train.tsv:1: expected 4 tab-separated columns"),
 ])
 def test_bad_input_fails_before_the_engine_starts_and_leaves_no_run_folder(base, changes, error, message, tmp_path):
+    if changes.get("glue_dir") == "MALFORMED":
+        (tmp_path / "glue" / "CoLA").mkdir(parents=True)
+        for name in ("train.tsv", "dev.tsv"):
+            (tmp_path / "glue" / "CoLA" / name).write_text("only one column\n")
+        changes = {"glue_dir": str(tmp_path / "glue")}
     with pytest.raises(error, match=message):
         run_federated(base.replace(**changes), quiet=True)
     assert not any((tmp_path / "runs").glob("*-*"))  # no run folder, complete or not
