@@ -68,10 +68,13 @@ class HetLoRA(HeterogeneousRanks):
         rank = int(kept_state["rank"]) if kept_state else pairs[0][0].shape[0]
         cut_rank(pairs, rank)  # components cut in an earlier round stay cut
         self.keep = max(1, int(self.settings.hetlora_prune * rank))
-        before = float(tail_norm(pairs, self.keep))
+        with torch.no_grad():
+            before = float(tail_norm(pairs, self.keep))
         work = super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
                                    extras=extras)
-        if self.keep < rank and float(tail_norm(pairs, self.keep)) < before:
+        with torch.no_grad():
+            after = float(tail_norm(pairs, self.keep))
+        if self.keep < rank and after < before:
             rank = self.keep
             cut_rank(pairs, rank)
         work.kept_state = {"rank": torch.tensor(rank)}
