@@ -80,6 +80,8 @@ class Settings:
                           "or fp16 (autocast and a grad scaler; CUDA only)", ("auto", "fp32", "bf16", "fp16"))
     client_gpus: float = _fed(0.0, "simulation: GPU share each simulated client reserves (0.25: 4 clients share a "
                               "GPU); 0: a whole GPU when computing on CUDA, none otherwise")
+    engine: str = _fed("ray", "simulation engine: ray (Flower's simulation engine, Ray actors) or local (this one "
+                       "process, no Ray: the same apps through an in-process Flower Grid)", ("ray", "local"))
     client_cpus: int = _fed(0, "simulation: CPU cores each simulated client reserves (0: all, one client at a time)")
     # --- centralized
     method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS, centralized=True)

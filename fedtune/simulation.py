@@ -70,6 +70,11 @@ def run_federated(settings: Settings, quiet: bool = False) -> Path:
     from fedtune.server_app import make_server_app
 
     check_federated(settings)  # bad input fails here, in seconds, before Ray starts or a folder is made
+    if settings.engine == "local":
+        from fedtune.inprocess import run_local
+
+        with stop_on_interrupt():
+            return run_local(settings, make_client_app(settings), quiet)
     outcome: dict = {}
     with stop_on_interrupt():
         run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),

@@ -251,3 +251,18 @@ def test_export_loads_without_fedtune_and_gives_the_reported_metrics(runs, name,
     measured = evaluate_export(runs[name], glue_dir)
     assert measured["accuracy"] == reported["accuracy"] and measured["mcc"] == pytest.approx(reported["mcc"], abs=1e-12)
     assert measured["loss"] == pytest.approx(reported["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedlora", "fedkdlora-client"])
+def test_the_local_engine_gives_the_ray_engines_rounds(runs, base, name):
+    """The same apps in one process, no Ray: identical per-round metrics for the same seed on CPU
+    (bytes differ by a few per message: node ids are varints of different lengths)."""
+    changes = {"algorithm": "fedkdlora", "kd_placement": "client", "teacher_epochs": 0.05} if name != "fedlora" else {}
+    local = read_jsonl(run_federated(base.replace(engine="local", **changes), quiet=True) / "rounds.jsonl")
+    ray = read_jsonl(runs[name] / "rounds.jsonl")
+    ignored = ("seconds", "elapsed", "bytes", "clients", "dropped")
+    strip = lambda rs: [{k: v for k, v in r.items() if not any(w in k for w in ignored)} for r in rs]  # noqa: E731
+    assert strip(local) == strip(ray)
+    for a, b in zip(local, ray):
+        assert abs(a["bytes_up"] - b["bytes_up"]) <= 3 * 32 and abs(a["bytes_down"] - b["bytes_down"]) <= 3 * 32
+        assert a["clients"] == b["clients"] and a["accepted"] == b["accepted"]
