@@ -39,6 +39,9 @@ SWEEP_RANKS = (4, 8, 16, 32)
 
 # Settings a centralized run does not read (marked in Settings): normalised before hashing so grids share those cells.
 FEDERATED_ONLY = federated_only()
+# Settings that choose how a run executes, not what it computes (the engines' per-round metrics are
+# tested equal; the client shares only schedule Ray actors): cells computed either way are the same cell.
+EXECUTION_ONLY = ("engine", "client-cpus", "client-gpus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Cell:
         # Only values that differ from the defaults: a setting added later (at its default) keeps old keys.
         defaults = Settings().to_dict()
         values = {k: v for k, v in {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}.items()
-                  if v != defaults[k] and k != "out-dir"}
+                  if v != defaults[k] and k != "out-dir" and k not in EXECUTION_ONLY}
         values["kind"] = "centralized" if self.centralized else "federated"
         if not self.centralized:  # an algorithm whose maths changed gets new cells (old keys stay valid for v1)
             from fedtune.algorithms import get_algorithm

@@ -168,3 +168,11 @@ def test_centralized_cells_ignore_every_federated_only_setting(base):
         [changed] = make_grid(base.replace(**changes), seeds=1, methods=["LoRA"])
         assert changed.key == lora.key, changes
     assert make_grid(base.replace(lora_lr=0.5), seeds=1, methods=["LoRA"])[0].key != lora.key
+
+
+def test_the_engine_and_client_shares_do_not_make_new_cells(base):
+    # The engines' per-round metrics are tested equal (test_simulation), so a grid may resume on either.
+    [cell] = make_grid(base, seeds=1, methods=["Fed-LoRA"])
+    for changes in ({"engine": "local"}, {"client_cpus": 1}, {"client_gpus": 0.25}):
+        assert make_grid(base.replace(**changes), seeds=1, methods=["Fed-LoRA"])[0].key == cell.key, changes
+    assert make_grid(base.replace(rounds=base.rounds + 1), seeds=1, methods=["Fed-LoRA"])[0].key != cell.key
