@@ -42,9 +42,9 @@ def build_model(settings: Settings, quiet: bool = False):
     lora = dict(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                 targets=settings.lora_targets)
     if settings.method == "finetune":
-        return load_classifier(settings.model, num_labels, settings.seed), settings.full_lr, None
+        return load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout), settings.full_lr, None
     if settings.method == "lora":
-        return add_lora(load_classifier(settings.model, num_labels, settings.seed), **lora), settings.lora_lr, None
+        return add_lora(load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout), **lora), settings.lora_lr, None
     if settings.method == "kd":
         teacher = load_teacher(pretrain_teacher(settings, quiet)).to(compute(settings.device, settings.precision)[0])
         student = add_lora(build_student(settings, teacher), **lora)

@@ -62,6 +62,9 @@ class Settings:
     lora_alpha: float = _opt(16.0, "LoRA alpha (update scale is alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
     lora_targets: str = _opt("", "comma-separated module names to wrap; empty: chosen per architecture")
+    model_dropout: float = _opt(-1.0, "dropout inside the model (hidden states, attention, head): -1 keeps the "
+                                "model's own (0.1 for all-MiniLM-L6-v2); 0 turns it off (no random masks: "
+                                "faster on CPU, see the README's Benchmarks)")
     # --- local training
     lora_lr: float = _opt(1e-3, "learning rate when the base model is frozen (LoRA, FedLoRA)")
     full_lr: float = _opt(5e-5, "learning rate when every weight trains (finetune, FedAvg)")
@@ -167,6 +170,8 @@ class Settings:
                 problems.append(f"{key_of(name)}={getattr(self, name)} (must be in (0, 1])")
         if not 0.0 <= self.trim_fraction < 0.5:
             problems.append(f"trim-fraction={self.trim_fraction} (must be in [0, 0.5))")
+        if not (self.model_dropout == -1 or 0.0 <= self.model_dropout < 1.0):
+            problems.append(f"model-dropout={self.model_dropout} (must be -1 for the model's own, or in [0, 1))")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} (must be in [0, 1))")
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:

@@ -61,8 +61,19 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_classifier(spec: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
-    """A sequence classifier; the new head is initialised from `seed`, so loads repeat."""
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout in `model` (and in its config, so a saved copy keeps it) set to `p`."""
+    for name, value in model.config.to_dict().items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(model.config, name, p)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p  # BERT's attention reads its dropout.p at each call
+
+
+def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = -1.0) -> PreTrainedModel:
+    """A sequence classifier; the new head is initialised from `seed`, so loads repeat.
+    `dropout` >= 0 replaces every dropout probability inside the model (-1 keeps the model's own)."""
     path = resolve_model_path(spec)
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(seed)
@@ -74,6 +85,8 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0) -> PreTrainedMode
     model.config.pad_token_id = tokenizer.pad_token_id  # decoder LMs pool at the last non-pad token
     if hub_id := HUB_IDS.get(spec, spec if spec in HUB_IDS.values() else None):
         model.config._name_or_path = model.name_or_path = hub_id  # the hub id, not this machine's path
+    if dropout >= 0:
+        set_dropout(model, dropout)
     return model
 
 

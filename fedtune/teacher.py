@@ -27,7 +27,7 @@ def teacher_settings(settings: Settings) -> dict:
     resolved = {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}
     # Keys added later count only when not at their default, so older teachers stay valid. The
     # holdout does not change the teacher's weights, but its recorded metrics are on the holdout.
-    keys = TEACHER_KEYS + tuple(k for k in ("batching", "holdout-fraction") if resolved[k] != Settings().to_dict()[k])
+    keys = TEACHER_KEYS + tuple(k for k in ("batching", "holdout-fraction", "model-dropout") if resolved[k] != Settings().to_dict()[k])
     return {k: resolved[k] for k in keys}
 
 
@@ -49,7 +49,7 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     tokenizer = load_tokenizer(settings.model)
     seed_everything(settings.seed)
     device, precision = compute(settings.device, settings.precision)
-    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed).to(device)
+    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout).to(device)
     loader = train_loader(data.public, tokenizer, settings, settings.seed)
     steps = steps_for(len(loader), settings.teacher_epochs)
     with progress_bar(steps, "teacher on public slice", quiet) as update:
@@ -89,4 +89,4 @@ def build_student(settings: Settings, teacher: PreTrainedModel) -> PreTrainedMod
     if not settings.student:
         return make_student(teacher)
     check_same_tokenizer(settings.model, settings.student)
-    return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed)
+    return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)

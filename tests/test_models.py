@@ -71,3 +71,28 @@ def test_teacher_and_student_must_share_a_tokenizer(tiny_bert, tmp_path):
     with pytest.raises(ValueError, match="different tokenizers"):
         check_same_tokenizer(tiny_bert, str(tmp_path))
     check_same_tokenizer(tiny_bert, tiny_bert)  # same model: fine
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_distilbert"])
+def test_model_dropout_zero_makes_training_forward_passes_deterministic(fixture, request):
+    path = request.getfixturevalue(fixture)
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    own, off = load_classifier(path, 2, seed=0), load_classifier(path, 2, seed=0, dropout=0.0)
+    own.train(), off.train()
+    assert not torch.equal(own(**batch).logits, own(**batch).logits)  # the model's own dropout (0.1) is random
+    assert torch.equal(off(**batch).logits, off(**batch).logits)
+    off.eval()
+    assert torch.allclose(off(**batch).logits, own.eval()(**batch).logits)  # the same weights: only dropout changed
+    assert all(m.p == 0.0 for m in off.modules() if isinstance(m, torch.nn.Dropout))
+    saved = {k: v for k, v in off.config.to_dict().items() if "dropout" in k and isinstance(v, float)}
+    assert saved and set(saved.values()) == {0.0}  # a saved copy (a teacher) keeps it
+
+
+def test_model_dropout_is_checked_and_changes_the_teacher_only_when_set(tmp_path):
+    from fedtune.config import Settings
+    from fedtune.teacher import teacher_dir
+
+    with pytest.raises(ValueError, match="model-dropout=1.5"):
+        Settings(model_dropout=1.5)
+    assert teacher_dir(Settings(model_dropout=-1.0)) == teacher_dir(Settings())
+    assert teacher_dir(Settings(model_dropout=0.0)) != teacher_dir(Settings())

@@ -17,4 +17,4 @@ class FedAvg(Algorithm):
     lr_setting = "full_lr"
 
     def build_model(self, settings: Settings) -> nn.Module:
-        return load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
+        return load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)

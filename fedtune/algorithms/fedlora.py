@@ -16,7 +16,7 @@ class FedLoRA(Algorithm):
     summary = "LoRA adapters + head travel, averaged by examples (A and B averaged separately)"
 
     def build_model(self, settings: Settings) -> nn.Module:
-        model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed)
+        model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)
         return add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
 
     def summary_fields(self) -> dict:
