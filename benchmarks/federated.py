@@ -89,22 +89,31 @@ class MemoryWatch:
 
 
 def many_clients(clients: int = 1000, fraction: float = 0.05, rounds: int = 3, local_steps: int = 2,
-                 settings: Settings | None = None) -> dict:
-    """FlexLoRA with `clients` simulated SuperNodes on all of SST-2, `fraction` of them per round."""
+                 settings: Settings | None = None, engine: str = "ray") -> dict:
+    """FlexLoRA with `clients` simulated SuperNodes on all of SST-2, `fraction` of them per round.
+
+    Per-client overhead: a round's wall time minus what the clients' training loops took (summed:
+    clients train one at a time), aggregation, server-side work and evaluation, per sampled client.
+    """
     out = tempfile.mkdtemp(prefix="fedtune-bench-")
     settings = (settings or Settings(task="sst2")).replace(
         algorithm="flexlora", clients=clients, fraction_train=fraction, rounds=rounds, local_steps=local_steps,
-        batch_size=16, eval_limit=256, out_dir=out)
+        batch_size=16, eval_limit=256, out_dir=out, engine=engine)
     start = time.perf_counter()
     with MemoryWatch() as memory:
         path = run_federated(settings, quiet=True)
     total = time.perf_counter() - start
     records = read_jsonl(path / "rounds.jsonl")
     summary = json.loads((path / "summary.json").read_text())
-    return {"clients": clients, "per_round": len(records[1]["clients"]), "rounds": rounds,
+    overhead = [(r["seconds"] - r["client_train_seconds"] - r["aggregate_seconds"] - r["server_seconds"]
+                 - r["eval_seconds"]) / len(r["clients"]) for r in records[1:]]
+    return {"engine": engine, "clients": clients, "per_round": len(records[1]["clients"]), "rounds": rounds,
             "local_steps": local_steps, "batch_size": settings.batch_size,
             "seconds_per_round": [r["seconds"] for r in records[1:]],
+            "client_train_seconds": [r["client_train_seconds"] for r in records[1:]],
+            "eval_seconds": [r["eval_seconds"] for r in records[1:]],
             "aggregate_seconds": [r["aggregate_seconds"] for r in records[1:]],
+            "overhead_per_client": overhead, "setup_seconds": total - records[-1]["elapsed"],
             "total_seconds": total, "peak_rss_gb": memory.peak_rss / 1e9, "peak_pss_gb": memory.peak_pss / 1e9,
             "dev_accuracy": summary["dev"]["accuracy"],
             "mb_up_per_round": sum(r["bytes_up"] for r in records[1:]) / rounds / 1e6}

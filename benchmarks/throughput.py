@@ -64,7 +64,7 @@ def build(method: str, settings: Settings):
 
 
 def lr_of(method: str, settings: Settings) -> float:
-    return settings.full_lr if method == "full" else settings.lora_lr
+    return settings.full_lr if method.startswith("full") else settings.lora_lr
 
 
 def count_flops(model, loss_fn, batches) -> int:
@@ -118,16 +118,25 @@ def evaluation_seconds(settings: Settings) -> dict:
     return {"rows": len(dev), "seconds": seconds}
 
 
-def run(steps: int = 20, methods=("full", "lora", "kd", "lora by-length"), settings: Settings | None = None) -> dict:
+NO_DROPOUT = ", model-dropout 0"
+METHODS = ("full", "lora", "kd", "lora by-length", "full" + NO_DROPOUT, "lora" + NO_DROPOUT,
+           "lora by-length" + NO_DROPOUT)
+
+
+def row_settings(method: str, settings: Settings) -> Settings:
+    return settings.replace(model_dropout=0.0) if method.endswith(NO_DROPOUT) else settings
+
+
+def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> dict:
     """Each method: fedtune's `train` and the raw loop over the same batches (by-length: batches
-    from the length-grouped sampler, `batching by-length`)."""
+    from the length-grouped sampler, `batching by-length`; model-dropout 0: no dropout inside the model)."""
     settings = settings or Settings(task="sst2")
     peak = matmul_peak()
     batches = {False: sst2_batches(settings, steps + 2), True: sst2_batches(settings, steps + 2, by_length=True)}
     rows = []
     for method in methods:
         warmup, timed = batches["by-length" in method][:2], batches["by-length" in method][2:]
-        model, loss_fn = build(method.split()[0], settings)
+        model, loss_fn = build(method.split()[0].rstrip(","), row_settings(method, settings))
         lr = lr_of(method, settings)
         raw_loop(model, loss_fn, warmup, lr)
         flops = count_flops(model, loss_fn, timed)
@@ -145,4 +154,5 @@ def run(steps: int = 20, methods=("full", "lora", "kd", "lora by-length"), setti
         row["mfu"] = row["fedtune_gflops"] / peak
     return {"matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
             "batch_size": settings.batch_size, "max_length": settings.max_length, "rows": rows,
-            "evaluation": evaluation_seconds(settings), "lora_profile": profile_shares("lora", settings)}
+            "evaluation": evaluation_seconds(settings), "lora_profile": profile_shares("lora", settings),
+            "lora_profile_no_dropout": profile_shares("lora", settings.replace(model_dropout=0.0))}

@@ -128,6 +128,7 @@ class SecureRounds:
                 stats.train_loss = float(np.average([r.metrics["train-loss"] for r in self.results],
                                                        weights=weights))
                 stats.examples_seen = int(sum(r.metrics["examples-seen"] for r in self.results))
+                stats.client_train_seconds = float(sum(r.metrics.get("train-seconds", 0.0) for r in self.results))
                 stats.extra = server_metrics
             strategy.rounds[server_round] = stats
             evaluate_fn(flower_round, ArrayRecord(state))

@@ -150,6 +150,7 @@ class RoundRecorder:
                  teacher_dev: dict[str, float], travelling: int):
         self.run, self.algorithm, self.strategy, self.ledger = run, algorithm, strategy, ledger
         self.teacher_dev, self.travelling = teacher_dev, travelling
+        self.eval_seconds = 0.0  # the last evaluation, recorded with its round
         self.records: list[dict] = []
         self.on_round = lambda server_round: None
         now = time.perf_counter()
@@ -172,7 +173,9 @@ class RoundRecorder:
             return MetricRecord({k[4:]: v for k, v in self.records[-1].items() if k.startswith("dev_")})
         server_round = flower_round + self.strategy.offset
         state = arrays.to_torch_state_dict()
+        start = time.perf_counter()
         metrics = evaluate_state(self.algorithm, state)
+        self.eval_seconds = time.perf_counter() - start
         record = self.record(server_round, metrics, self.strategy.rounds.get(server_round, RoundStats()))
         self.records.append(record)
         self.run.append_jsonl("rounds.jsonl", record)
@@ -192,7 +195,8 @@ class RoundRecorder:
                   "cum_bytes_down": previous["cum_bytes_down"] + stats.bytes_down,
                   "clients": stats.sampled, "accepted": stats.accepted, "dropped": stats.dropped, "lr": stats.lr,
                   "examples_seen": stats.examples_seen, "aggregate_seconds": stats.aggregate_seconds,
-                  "server_seconds": stats.server_seconds, "seconds": now - self.clock["last"],
+                  "server_seconds": stats.server_seconds, "client_train_seconds": stats.client_train_seconds,
+                  "eval_seconds": self.eval_seconds, "seconds": now - self.clock["last"],
                   "elapsed": now - self.clock["start"], "travelling_parameters": self.travelling}
         if self.ledger and server_round and stats.accepted:
             record["dp_epsilon"] = self.ledger.release()

@@ -37,6 +37,7 @@ class RoundStats:
     server_seconds: float = 0.0  # the algorithm's server_update
     train_loss: float | None = None  # example-weighted mean over accepted replies
     examples_seen: int = 0
+    client_train_seconds: float = 0.0  # the accepted clients' training loops, summed (the rest of a turn is overhead)
     extra: dict[str, float] = field(default_factory=dict)  # client extras (teacher-*) and server metrics
 
 
@@ -147,6 +148,7 @@ class FedTuneStrategy(FedAvg):
         stats.server_seconds = time.perf_counter() - start
         stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
         stats.examples_seen = int(sum(m["examples-seen"] for m in metrics))
+        stats.client_train_seconds = float(sum(m.get("train-seconds", 0.0) for m in metrics))
         # Per-client extras (e.g. each client's teacher on the dev set): example-weighted means.
         extras = sorted({key for m in metrics for key in m if key.startswith("teacher-")})
         stats.extra = {key.replace("-", "_"): float(np.average([m[key] for m in metrics], weights=weights))

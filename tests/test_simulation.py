@@ -65,6 +65,16 @@ def test_bytes_per_round_are_the_travelling_state_times_clients(runs, name):
     assert payload <= rounds[2]["bytes_down"]
 
 
+@pytest.mark.parametrize("name", ["fedlora", "fedlora-secagg"])
+def test_a_round_records_its_clients_training_and_its_evaluation_time(runs, name):
+    """The parts of a round's wall time that are not overhead (the benchmarks subtract them)."""
+    rounds = read_jsonl(runs[name] / "rounds.jsonl")
+    assert rounds[0]["client_train_seconds"] == 0.0 and rounds[0]["eval_seconds"] > 0  # round 0 evaluates only
+    for r in rounds[1:]:
+        assert 0 < r["client_train_seconds"] and 0 < r["eval_seconds"]
+        assert r["client_train_seconds"] + r["eval_seconds"] + r["aggregate_seconds"] < r["seconds"]
+
+
 def test_fedlora_uplink_is_far_below_fedavg(runs):
     up = {name: read_jsonl(runs[name] / "rounds.jsonl")[1]["bytes_up"] for name in ("fedavg", "fedlora")}
     assert up["fedlora"] < 0.05 * up["fedavg"]
