@@ -89,13 +89,20 @@ def targets(results: dict) -> list[str]:
     return ["| target | measured | goal | |", "|---|---:|---:|---|", *lines] if lines else []
 
 
+def on(part: dict) -> str:
+    """Where and when a part was measured: its host's CPU and the date."""
+    return f"{part['machine'].split(',')[0]}, {part['updated']}"
+
+
 def render(results: dict) -> str:
     """The README section, from the saved results."""
-    out = [f"Measured on: {results['machine']} (updated {results['updated']}).", "",
+    machines = sorted({(results[p]["updated"], results[p]["machine"]) for p in PARTS if p in results}, reverse=True)
+    out = ["Measured on: " + "; ".join(f"{m} ({d})" for d, m in machines) + ". Each part names its host: hosts of "
+           "the same size differ (compare a part's numbers only with others from the same host).", "",
            "Regenerate: `python -m benchmarks.run` (or `--only PART ...`, parts: " + ", ".join(PARTS) + ").", "",
            *targets(results)]
     if t := results.get("throughput"):
-        out += ["", f"**Local training throughput** (`throughput`; SST-2 batches of {t['batch_size']}, padded per "
+        out += ["", f"**Local training throughput** (`throughput`, {on(t)}; SST-2 batches of {t['batch_size']}, padded per "
                 f"batch, max-length {t['max_length']}; FLOPs counted by PyTorch's FlopCounterMode; fedtune's `train` "
                 f"and a minimal loop run the same batches). fp32 matmul peak (2048x2048, best of 10, at the start "
                 f"and the end of the same run): {peak_of(t):.1f} GFLOP/s; MFU = FLOP/s / that peak.", "",
@@ -112,7 +119,7 @@ def render(results: dict) -> str:
         out += ["", f"Evaluating the {e['rows']} SST-2 dev rows (LoRA model, batches of 128): "
                 + ", ".join(f"{name} {s:.2f} s" for name, s in e["seconds"].items()) + "."]
     if r := results.get("round"):
-        out += ["", f"**Round overhead** (`round`; FedLoRA, {r['clients']} simulated clients x {r['local_steps']} "
+        out += ["", f"**Round overhead** (`round`, {on(r)}; FedLoRA, {r['clients']} simulated clients x {r['local_steps']} "
                 f"steps of {r['batch_size']}, the server evaluating 64 dev rows): round 2 took "
                 f"{r['round_2_seconds']:.2f} s (round 1, with model loading in the actor: {r['round_1_seconds']:.2f} s); "
                 f"the same {r['samples']} samples in the same batches through the raw loop took "
@@ -121,7 +128,7 @@ def render(results: dict) -> str:
     if a := results.get("aggregation"):
         rows = [[x["algorithm"], x["clients"], x["rank"] or "-", f"{x['parameters_per_client']:,}", x["seconds"]]
                 for x in a["rows"]]
-        out += ["", "**Aggregation time** (`aggregation`; one call of the algorithm's `aggregate`, best of 3, "
+        out += ["", f"**Aggregation time** (`aggregation`, {on(a)}; one call of the algorithm's `aggregate`, best of 3, "
                 "random states of the real shapes):", "",
                 table(["algorithm", "clients", "rank", "parameters / client", "seconds"], rows)]
     if engines := results.get("scale", {}).get("engines"):
@@ -130,7 +137,7 @@ def render(results: dict) -> str:
                  ", ".join(f"{x:.1f}" for x in e["client_train_seconds"]),
                  ", ".join(f"{x:.3f}" for x in e["overhead_per_client"]), e["setup_seconds"], e["total_seconds"],
                  e["peak_pss_gb"], e["peak_rss_gb"], e["dev_accuracy"]] for e in engines]
-        out += ["", f"**{s['clients']} clients** (`scale`; FlexLoRA, heavy-tail-light ranks, {s['per_round']} "
+        out += ["", f"**{s['clients']} clients** (`scale`, {on(results['scale'])}; FlexLoRA, heavy-tail-light ranks, {s['per_round']} "
                 f"clients per round, {s['local_steps']} local steps of {s['batch_size']}, all of SST-2, the server "
                 f"evaluating 256 dev rows; clients train one at a time). Overhead per client = (round seconds - the "
                 f"clients' training loops - aggregation - server work - evaluation) / clients in the round: "
@@ -141,7 +148,7 @@ def render(results: dict) -> str:
                 table(["engine", "seconds per round", "training loops (s)", "overhead / client (s)", "set-up (s)",
                        "total (s)", "peak PSS (GB)", "peak RSS (GB)", "dev accuracy"], rows)]
     if c := results.get("compare"):
-        out += ["", f"**Compare grid, small preset** (`compare`; `fedtune compare --task {c['task']} --partition iid "
+        out += ["", f"**Compare grid, small preset** (`compare`, {on(c)}; `fedtune compare --task {c['task']} --partition iid "
                 f"--seeds {c['seeds']}` into an empty folder): {c['cells']} cells in {c['seconds'] / 60:.1f} min, "
                 f"so the 60-minute target for one task's grid allows {int(60 // (c['seconds'] / 60 / c['seeds']))} "
                 f"seeds at this rate."]
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for part in [p for p in args.only if p not in args.skip and not args.render_only]:
         print(f"== {part}", flush=True)
-        results[part] = run_part(part, settings)
+        results[part] = {**run_part(part, settings), "machine": machine(), "updated": datetime.date.today().isoformat()}
         results["machine"] = machine()
         results["updated"] = datetime.date.today().isoformat()
         write_json(RESULTS, results)  # after every part: an interrupted suite keeps what it measured

@@ -15,20 +15,29 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
+from fedtune.devices import autocast, compute, model_device, to_device
 from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
 from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, supervised_loss, train
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of a square matmul on this machine (every core torch uses)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of a square matmul on `device` (on CPU: every core torch uses)."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -72,21 +81,26 @@ def count_flops(model, loss_fn, batches) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
         for batch in batches:
-            loss_fn(model, batch).backward()
+            loss_fn(model, to_device(batch, model_device(model))).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def raw_loop(model, loss_fn, batches, lr: float) -> float:
-    """The minimal loop: AdamW, forward, backward, step. Returns seconds."""
+def raw_loop(model, loss_fn, batches, lr: float, precision: str = "fp32") -> float:
+    """The minimal loop: AdamW, forward, backward, step (batches moved to the model's device as
+    fedtune does, autocast unless fp32). Returns seconds."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
+    device = model_device(model)
+    synchronize(device)
     start = time.perf_counter()
     for batch in batches:
-        loss = loss_fn(model, batch)
+        with autocast(device, precision):
+            loss = loss_fn(model, to_device(batch, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -118,13 +132,14 @@ def evaluation_seconds(settings: Settings) -> dict:
     return {"rows": len(dev), "seconds": seconds}
 
 
-NO_DROPOUT = ", model-dropout 0"
+NO_DROPOUT, COMPILED = ", model-dropout 0", ", torch.compile"
+# The last row is an experiment, not a setting: torch.compile (inductor, dynamic shapes) of the model.
 METHODS = ("full", "lora", "kd", "lora by-length", "full" + NO_DROPOUT, "lora" + NO_DROPOUT,
-           "lora by-length" + NO_DROPOUT)
+           "lora by-length" + NO_DROPOUT, "lora by-length" + NO_DROPOUT + COMPILED)
 
 
 def row_settings(method: str, settings: Settings) -> Settings:
-    return settings.replace(model_dropout=0.0) if method.endswith(NO_DROPOUT) else settings
+    return settings.replace(model_dropout=0.0) if NO_DROPOUT in method else settings
 
 
 def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> dict:
@@ -138,8 +153,10 @@ def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> d
         warmup, timed = batches["by-length" in method][:2], batches["by-length" in method][2:]
         model, loss_fn = build(method.split()[0].rstrip(","), row_settings(method, settings))
         lr = lr_of(method, settings)
-        raw_loop(model, loss_fn, warmup, lr)
         flops = count_flops(model, loss_fn, timed)
+        if method.endswith(COMPILED):
+            model = torch.compile(model, dynamic=True)
+        raw_loop(model, loss_fn, warmup, lr)  # warm-up (and compilation)
         samples = sum(len(b["labels"]) for b in timed)
         fedtune_seconds = train(model, timed, lr=lr, steps=len(timed), loss_fn=loss_fn).seconds
         raw_seconds = raw_loop(model, loss_fn, timed, lr)

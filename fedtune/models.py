@@ -78,7 +78,7 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = 
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     except OSError as err:
         raise ValueError(f"could not load model {spec!r} ({err}). Give 'minilm', a local folder, "
                          f"or a hub id while online.") from err

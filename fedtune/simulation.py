@@ -63,8 +63,6 @@ def stop_on_interrupt():
 def run_federated(settings: Settings, quiet: bool = False) -> Path:
     """Simulate `settings.clients` SuperNodes; returns the finished run folder."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from flwr.simulation import run_simulation
-
     from fedtune.client_app import make_client_app
     from fedtune.preflight import check_federated
     from fedtune.server_app import make_server_app
@@ -75,6 +73,8 @@ def run_federated(settings: Settings, quiet: bool = False) -> Path:
 
         with stop_on_interrupt():
             return run_local(settings, make_client_app(settings), quiet)
+    from flwr.simulation import run_simulation  # Flower's simulation engine and Ray: only for this engine
+
     outcome: dict = {}
     with stop_on_interrupt():
         run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),

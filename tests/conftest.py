@@ -32,7 +32,9 @@ def glue_dir() -> Path:
 def tokenizer_dir():
     from fedtune.models import resolve_model_path
 
-    return resolve_model_path("minilm")  # the bundled tokenizer; tiny models share its vocabulary
+    # The bundled tokenizer; tiny models share its vocabulary. The GPU check (no bundled package
+    # there) points FEDTUNE_TEST_TOKENIZER at the model folder it carries.
+    return os.environ.get("FEDTUNE_TEST_TOKENIZER") or resolve_model_path("minilm")
 
 
 def _save_tiny(tmp_path_factory, name: str, config, tokenizer_dir) -> str:

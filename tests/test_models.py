@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedtune.models import (add_lora, check_same_tokenizer, find_layer_stack, head_modules, load_classifier,
-                            load_trainable_state, make_student, trainable_state)
+                            load_tokenizer, load_trainable_state, make_student, trainable_state)
 
 
 @pytest.fixture(params=["tiny_bert", "tiny_distilbert", "tiny_llama"])
@@ -96,3 +96,17 @@ def test_model_dropout_is_checked_and_changes_the_teacher_only_when_set(tmp_path
         Settings(model_dropout=1.5)
     assert teacher_dir(Settings(model_dropout=-1.0)) == teacher_dir(Settings())
     assert teacher_dir(Settings(model_dropout=0.0)) != teacher_dir(Settings())
+
+
+def test_a_half_precision_checkpoint_trains_in_fp32(tiny_bert, tmp_path):
+    """The GPU check carries the model in fp16 (half the bytes); training needs fp32 weights (autocast
+    computes in bf16/fp16 where asked, the optimizer updates fp32)."""
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(tiny_bert, dtype=torch.float16).save_pretrained(tmp_path)
+    load_tokenizer(tiny_bert).save_pretrained(tmp_path)
+    model = load_classifier(str(tmp_path), 2, seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    full = load_classifier(tiny_bert, 2, seed=0)
+    weight = "bert.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(model.state_dict()[weight], full.state_dict()[weight].half().float())
