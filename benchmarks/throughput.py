@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
-from fedtune.devices import autocast, compute, model_device, to_device
 from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
+from fedtune.devices import autocast, model_device, to_device
 from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, supervised_loss, train
