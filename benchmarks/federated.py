@@ -12,9 +12,10 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.throughput import raw_loop
+from benchmarks.throughput import build, raw_loop
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, make_loader, tokenize
+from fedtune.devices import compute
 from fedtune.algorithms import get_algorithm
 from fedtune.local import evaluate_state, initial_state, round_seed
 from fedtune.models import load_tokenizer
@@ -32,7 +33,8 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
         out_dir=out)
     rounds = read_jsonl(run_federated(settings, quiet=True) / "rounds.jsonl")
     # The same batches, in the same order, through the minimal loop on the same model.
-    model = get_algorithm("fedlora", settings).build_model(settings)
+    model, _ = build("lora", settings)  # on settings.device, as the clients were
+    precision = compute(settings.device, settings.precision)[1]
     tokenizer = load_tokenizer(settings.model)
     private = cached_task_data(settings).private
     partitions = client_partitions(settings, clients)
@@ -41,7 +43,7 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
         loader = make_loader(tokenize(private.select(partitions[p]), tokenizer, settings.max_length), tokenizer,
                              settings.batch_size, shuffle=True, seed=round_seed(settings.seed, 2, p))
         batches = [batch for batch, _ in zip(loader, range(local_steps))]
-        raw_seconds += raw_loop(model, supervised_loss, batches, settings.lora_lr)
+        raw_seconds += raw_loop(model, supervised_loss, batches, settings.lora_lr, precision)
     start = time.perf_counter()
     algorithm = get_algorithm("fedlora", settings)
     evaluate_state(algorithm, initial_state(algorithm))

@@ -160,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[])
     parser.add_argument("--glue-dir", default="", help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--device", default="cpu", help="where to compute (fedtune's `device`; the GPU check is "
+                        "benchmarks.gpu)")
+    parser.add_argument("--engine", default="ray", choices=("ray", "local"),
+                        help="simulation engine of the `round` part (`scale` runs both)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the README section from results.json")
     args = parser.parse_args(argv)
     quiet_libraries()
-    settings = Settings(task="sst2", glue_dir=args.glue_dir)
+    settings = Settings(task="sst2", glue_dir=args.glue_dir, device=args.device, engine=args.engine)
     if not settings.resolved_glue_dir and not args.render_only:
         raise SystemExit("benchmarks read real SST-2 rows: pass --glue-dir or set GLUE_DIR")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
-from fedtune.devices import autocast, model_device, to_device
+from fedtune.devices import autocast, compute, model_device, to_device
 from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, supervised_loss, train
@@ -57,7 +57,12 @@ def sst2_batches(settings: Settings, count: int, by_length: bool = False) -> lis
 
 
 def build(method: str, settings: Settings):
-    """(model, loss function) for one method, built by fedtune's own code paths."""
+    """(model, loss function) for one method, built by fedtune's own code paths, on settings.device."""
+    model, loss_fn = _build(method, settings)
+    return model.to(compute(settings.device, settings.precision)[0]), loss_fn
+
+
+def _build(method: str, settings: Settings):
     if method == "full":
         return get_algorithm("fedavg", settings).build_model(settings), supervised_loss
     if method == "lora":
@@ -118,16 +123,17 @@ def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 
 
 def evaluation_seconds(settings: Settings) -> dict:
     """The server's evaluation of the whole SST-2 dev set: rows in file order vs sorted by length."""
-    model = get_algorithm("fedlora", settings).build_model(settings)
+    model, _ = build("lora", settings)
+    precision = compute(settings.device, settings.precision)[1]
     tokenizer = load_tokenizer(settings.model)
     dev = tokenize(cached_task_data(settings).validation, tokenizer, settings.max_length)
     loaders = {"file order": make_loader(dev, tokenizer, settings.eval_batch_size, shuffle=False),
                "sorted by length": eval_loader(dev, tokenizer, settings.eval_batch_size)}
     seconds = {}
     for name, loader in loaders.items():
-        evaluate(model, loader, settings.task)  # warm-up
+        evaluate(model, loader, settings.task, precision)  # warm-up
         start = time.perf_counter()
-        evaluate(model, loader, settings.task)
+        evaluate(model, loader, settings.task, precision)
         seconds[name] = time.perf_counter() - start
     return {"rows": len(dev), "seconds": seconds}
 
@@ -146,7 +152,8 @@ def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> d
     """Each method: fedtune's `train` and the raw loop over the same batches (by-length: batches
     from the length-grouped sampler, `batching by-length`; model-dropout 0: no dropout inside the model)."""
     settings = settings or Settings(task="sst2")
-    peak = matmul_peak()
+    device, precision = compute(settings.device, settings.precision)
+    peak = matmul_peak(device=device)
     batches = {False: sst2_batches(settings, steps + 2), True: sst2_batches(settings, steps + 2, by_length=True)}
     rows = []
     for method in methods:
@@ -156,17 +163,17 @@ def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> d
         flops = count_flops(model, loss_fn, timed)
         if method.endswith(COMPILED):
             model = torch.compile(model, dynamic=True)
-        raw_loop(model, loss_fn, warmup, lr)  # warm-up (and compilation)
+        raw_loop(model, loss_fn, warmup, lr, precision)  # warm-up (and compilation)
         samples = sum(len(b["labels"]) for b in timed)
-        fedtune_seconds = train(model, timed, lr=lr, steps=len(timed), loss_fn=loss_fn).seconds
-        raw_seconds = raw_loop(model, loss_fn, timed, lr)
+        fedtune_seconds = train(model, timed, lr=lr, steps=len(timed), loss_fn=loss_fn, precision=precision).seconds
+        raw_seconds = raw_loop(model, loss_fn, timed, lr, precision)
         rows.append({"method": method, "samples": samples,
                      "padded_tokens": sum(int(b["attention_mask"].numel()) for b in timed),
                      "real_tokens": sum(int(b["attention_mask"].sum()) for b in timed),
                      "gflop": flops / 1e9, "fedtune_seconds": fedtune_seconds, "raw_seconds": raw_seconds,
                      "fedtune_samples_per_s": samples / fedtune_seconds, "raw_samples_per_s": samples / raw_seconds,
                      "fedtune_gflops": flops / 1e9 / fedtune_seconds, "raw_gflops": flops / 1e9 / raw_seconds})
-    peak = max(peak, matmul_peak())  # the better of the two measurements: a conservative MFU
+    peak = max(peak, matmul_peak(device=device))  # the better of the two measurements: a conservative MFU
     for row in rows:
         row["mfu"] = row["fedtune_gflops"] / peak
     return {"matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
