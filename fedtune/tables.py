@@ -99,6 +99,23 @@ def tuning_rows(tuning: list[dict]) -> list[dict]:
 
 
 SMOKE = "sst2-iid-small-new-algorithms.json"  # the algorithms issue's smoke grid
+# The same LoRA and Fed-LoRA cells (standard, SST-2 IID, lora-lr 3e-3, 2 seeds) with the model's own
+# dropout and with `model-dropout 0`: what turning it off (faster on CPU) does to the dev metric.
+MODEL_DROPOUT = {"model's own dropout (0.1)": "sst2-iid-standard-model-dropout-default.json",
+                 "model-dropout 0": "sst2-iid-standard-model-dropout-0.json"}
+
+
+def model_dropout_table(folder: Path = RESULTS) -> str:
+    """Dev accuracy (mean ± std over seeds) per method, one column per dropout setting."""
+    paths = {name: folder / file for name, file in MODEL_DROPOUT.items()}
+    if not all(path.is_file() for path in paths.values()):
+        return "_Not measured yet._"
+    tables = {name: {row["method"]: row for row in json.loads(path.read_text())["table"]}
+              for name, path in paths.items()}
+    first = next(iter(tables.values()))
+    return markdown([{"method": method, "seeds": row["seeds"], **{f"dev accuracy, {name}": table[method]["accuracy"]
+                                                                   for name, table in tables.items()}}
+                     for method, row in first.items()])
 
 
 def blocks(folder: Path = RESULTS) -> dict[str, str]:
@@ -107,7 +124,7 @@ def blocks(folder: Path = RESULTS) -> dict[str, str]:
     smoke = folder / SMOKE
     return {"standard-headline": headline(standard), "standard-grids": grid_tables(standard),
             "smoke-new-algorithms": markdown(json.loads(smoke.read_text())["table"]) if smoke.is_file()
-            else "_Not run yet._"}
+            else "_Not run yet._", "model-dropout": model_dropout_table(folder)}
 
 
 def render(text: str, generated: dict[str, str]) -> str:

@@ -50,3 +50,17 @@ def test_tuning_rows_list_every_trial_and_mark_the_choice():
 def test_unknown_block_is_refused():
     with pytest.raises(ValueError, match="unknown results block 'nope'"):
         render("<!-- results:nope:begin -->\n<!-- results:nope:end -->", {"a": "b"})
+
+
+def test_model_dropout_table_sets_the_two_settings_side_by_side(tmp_path):
+    from fedtune.tables import MODEL_DROPOUT, model_dropout_table
+
+    assert model_dropout_table(tmp_path) == "_Not measured yet._"
+    for (name, file), accuracies in zip(MODEL_DROPOUT.items(), (("0.8630 ± 0.0063", "0.8500 ± 0.0010"),
+                                                                ("0.8646 ± 0.0046", "0.8503 ± 0.0029"))):
+        rows = [_row(m, accuracy=a, seeds=2) for m, a in zip(("LoRA", "Fed-LoRA"), accuracies)]
+        (tmp_path / file).write_text(json.dumps(_grid("sst2", rows)))
+    lines = model_dropout_table(tmp_path).splitlines()
+    assert "dev accuracy, model's own dropout (0.1)" in lines[0] and "dev accuracy, model-dropout 0" in lines[0]
+    assert [cell.strip() for cell in lines[3].strip("|").split("|")] == ["Fed-LoRA", "2", "0.8500 ± 0.0010",
+                                                                         "0.8503 ± 0.0029"]
