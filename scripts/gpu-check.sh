@@ -39,7 +39,7 @@ run)
   export PYTHONPATH=/tmp/site:$PWD FLWR_TELEMETRY_ENABLED=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c "import torch, transformers, peft, flwr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'flwr', flwr.__version__)"
-  export FEDTUNE_TEST_TOKENIZER=$PWD/.gpu/minilm-fp16
+  export FEDTUNE_TEST_TOKENIZER=$PWD/.gpu/minilm-fp16 GLUE_DIR=$PWD/.gpu/glue
   python3 -m benchmarks.gpu --glue-dir .gpu/glue --model "$PWD/.gpu/minilm-fp16" "${@:2}"
   ;;
 *)
