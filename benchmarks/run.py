@@ -26,6 +26,7 @@ from fedtune.console import quiet_libraries
 from fedtune.runs import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_RESULTS = Path(__file__).resolve().parent / "gpu.json"
 RESULTS = ROOT / "benchmarks" / "results.json"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 PARTS = ("throughput", "round", "aggregation", "scale", "compare")
@@ -94,6 +95,22 @@ def on(part: dict) -> str:
     return f"{part['machine'].split(',')[0]}, {part['updated']}"
 
 
+def render_gpu(g: dict) -> str:
+    """The GPU check's part of the README section (benchmarks/gpu.json, from `scripts/gpu-check.sh run`)."""
+    t = g["throughput"]
+    rows = [[r["method"], r["precision"], r["batch_size"], f"{r['samples_per_s']:,.0f}", f"{r['tflops']:.2f}",
+             f"{r['fraction_of_bf16_peak']:.2%}"] for r in t["rows"]]
+    out = [f"**On a GPU** (`python -m benchmarks.gpu` via `scripts/gpu-check.sh run`, {t['device']}, torch {g['torch']}, "
+           f"{g['updated']}; SST-2 batches by length; measured matmul peak {t['peak_gflops']['bf16'] / 1000:.0f} "
+           f"TFLOP/s bf16, {t['peak_gflops']['fp32'] / 1000:.0f} fp32). GPU tests: "
+           + "; then ".join(f"{x['result']}" + (f" ({x['failed']})" if x.get("failed") else "") for x in g["gpu_tests_log"])
+           + ".", "", table(["method", "precision", "batch", "samples/s", "TFLOP/s", "share of bf16 peak"], rows)]
+    if f := g.get("federated"):
+        out += ["", f"`{f['command'].split(' --glue-dir')[0]}`: SST-2 dev accuracy **{f['dev']['accuracy']:.4f}** after "
+                f"{f['rounds']} rounds in {f['seconds']:.0f} s (precision {f['precision_resolved']})."]
+    return "\n".join(out)
+
+
 def render(results: dict) -> str:
     """The README section, from the saved results."""
     machines = sorted({(results[p]["updated"], results[p]["machine"]) for p in PARTS if p in results}, reverse=True)
@@ -147,6 +164,8 @@ def render(results: dict) -> str:
                 f"pages once per process). Both engines run the same seeds, so their dev accuracy agrees.", "",
                 table(["engine", "seconds per round", "training loops (s)", "overhead / client (s)", "set-up (s)",
                        "total (s)", "peak PSS (GB)", "peak RSS (GB)", "dev accuracy"], rows)]
+    if GPU_RESULTS.exists():
+        out += ["", render_gpu(json.loads(GPU_RESULTS.read_text()))]
     if c := results.get("compare"):
         out += ["", f"**Compare grid, small preset** (`compare`, {on(c)}; `fedtune compare --task {c['task']} --partition iid "
                 f"--seeds {c['seeds']}` into an empty folder): {c['cells']} cells in {c['seconds'] / 60:.1f} min, "

@@ -79,7 +79,7 @@ class Settings:
     # --- hardware
     device: str = _opt("auto", "where to compute: auto (CUDA if present, else MPS, else CPU), cpu, cuda, cuda:N or "
                        "mps; what travels and what is saved stays on the CPU")
-    precision: str = _opt("auto", "auto (bf16 on CUDA devices that support it, else fp32), fp32, bf16 (autocast) "
+    precision: str = _opt("auto", "auto (fp32: measured fastest for MiniLM on CPU and GPU), fp32, bf16 (autocast) "
                           "or fp16 (autocast and a grad scaler; CUDA only)", ("auto", "fp32", "bf16", "fp16"))
     client_gpus: float = _fed(0.0, "simulation: GPU share each simulated client reserves (0.25: 4 clients share a "
                               "GPU); 0: a whole GPU when computing on CUDA, none otherwise")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a bare machine with one CUDA GPU, Python, torch, transformers and peft but no
-# network (no flwr, datasets or bundled model): about 8 minutes (benchmarks/gpu.py says what it runs).
+# network (no flwr, datasets or bundled model): about 9 minutes on an H200 (benchmarks/gpu.py says what it runs).
 #
 #   bash scripts/gpu-check.sh pack   # here, with the venv: fills .gpu/ (wheels, the model in fp16, GLUE)
 #   bash scripts/gpu-check.sh run    # there, in the repository root, with .gpu/ copied along
@@ -15,7 +15,7 @@ pack)
   rm -rf .gpu && mkdir -p .gpu/whl .gpu/glue/SST-2 .gpu/glue/CoLA
   # What the GPU image lacks (it has torch, transformers, peft, numpy, pyarrow, grpcio, protobuf,
   # rich, typer, ...), at the versions pinned here; --no-deps: each one is named.
-  names="flwr flwr[-_]datasets datasets dill multiprocess iterators tomli[-_]w pycryptodome cryptography"
+  names="flwr flwr[-_]datasets datasets dill multiprocess iterators tomli[-_]w pycryptodome cryptography cffi pycparser"
   pins=$(.venv/bin/python -m pip freeze | grep -iE "^($(echo "$names" | sed 's/ /|/g'))==" )
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
