@@ -117,16 +117,20 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, task: str, precision: str = "fp32") -> dict[str, float]:
-    """Mean cross-entropy, accuracy, and Matthews correlation for CoLA (on the model's device)."""
+    """Mean cross-entropy, accuracy, Matthews correlation for CoLA and ROC-AUC (on the model's device)."""
     model.eval()
     device = model_device(model)
-    total_loss, rows, predictions, labels = 0.0, 0, [], []
+    total_loss, rows, predictions, scores, labels = 0.0, 0, [], [], []
     for batch in loader:
         with autocast(device, precision):
             out = model(**to_device(batch, device))
         total_loss += out.loss.float().item() * len(batch["labels"])
         rows += len(batch["labels"])
-        predictions.append(out.logits.float().argmax(-1).cpu().numpy())
+        logits = out.logits.float()
+        predictions.append(logits.argmax(-1).cpu().numpy())
+        if logits.shape[-1] == 2:
+            scores.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
         labels.append(batch["labels"].numpy())
-    metrics = classification_metrics(task, np.concatenate(labels), np.concatenate(predictions))
+    metrics = classification_metrics(task, np.concatenate(labels), np.concatenate(predictions),
+                                     np.concatenate(scores) if scores else None)
     return {"loss": total_loss / rows, **metrics}

@@ -5,7 +5,8 @@ For every row of the grid, one trial per value of the method's learning-rate gri
 algorithm's own `tunables`, at the chosen learning rate) runs at a
 reduced budget (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized
 epochs; a best value at an edge of the grid gets one more trial a step past it), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
-best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the lower held-out loss. Trials
+best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the higher held-out ROC-AUC (a tied
+trial stored before AUC was recorded runs again). Trials
 are ordinary cached cells, so tuning again reuses them and reaches the same choice; every
 tried value and its score is returned for the grid's `results.json`.
 """
@@ -13,6 +14,7 @@ tried value and its score is returned for the grid's `results.json`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from fedtune.grid import Cell, make_grid, run_cell
 from fedtune.config import Settings, key_of
@@ -61,23 +63,34 @@ def tune_setting(label: str, settings: Settings, centralized: bool, name: str, g
     """Try every value of `grid` for the field `name`; the record of the trials and the chosen value."""
     metric = primary_metric(settings.task)
 
-    def run_trial(value: float) -> dict:
+    def run_trial(value: float, refresh: bool = False) -> dict:
         trial = trial_settings(settings, centralized, name, value)
-        result = run_cell(Cell(f"{label} [tune {key_of(name)}={value:g}]", trial, centralized), cells_dir, quiet)
+        cell = Cell(f"{label} [tune {key_of(name)}={value:g}]", trial, centralized)
+        if refresh:  # stored before evaluation recorded ROC-AUC: run it again to have it
+            (Path(cells_dir) / f"{cell.key}.json").unlink(missing_ok=True)
+        result = run_cell(cell, cells_dir, quiet)
         scores = result["summary"]["dev"]  # the run's evaluation set, here the holdout
-        return {"value": value, metric: scores[metric], "loss": scores["loss"], "cell": result["key"]}
+        return {"value": value, metric: scores[metric], "auc": scores.get("auc"), "loss": scores["loss"],
+                "cell": result["key"]}
 
-    def score(t: dict) -> tuple:
-        return t[metric], -t["loss"]
+    def pick(trials: list[dict]) -> dict:
+        """The best metric; a tie (CoLA trials all at MCC 0) goes to the higher ROC-AUC, which ranks
+        what a model has learned before its predictions leave the majority class."""
+        top = max(t[metric] for t in trials)
+        tied = [t for t in trials if t[metric] == top]
+        if len(tied) > 1 and any(t["auc"] is None for t in tied):
+            trials[:] = [run_trial(t["value"], refresh=True) if t in tied and t["auc"] is None else t for t in trials]
+            return pick(trials)
+        return max(tied, key=lambda t: t["auc"] if len(tied) > 1 else 0.0)
 
     trials = [run_trial(value) for value in grid]
-    best = max(trials, key=score)
+    best = pick(trials)
     # The best at an edge of the grid may not be the best: try one more step past it (same ratio).
     if best["value"] in (grid[0], grid[-1]):
         step = grid[-1] / grid[-2] if best["value"] == grid[-1] else grid[0] / grid[1]
         trials.append(run_trial(float(f"{best['value'] * step:.1g}")))  # 1e-2 * 10/3 -> 3e-2
         trials.sort(key=lambda t: t["value"])
-        best = max(trials, key=score)
+        best = pick(trials)
     trial = trial_settings(settings, centralized, name, best["value"])
     say(f"{label}: {key_of(name)}={best['value']:g} (holdout {metric} {best[metric]:.4f})", quiet)
     return {"method": label, "setting": key_of(name), "chosen": best["value"], "metric": metric,

@@ -53,6 +53,18 @@ def test_metrics_match_hand_values():
     assert metrics["accuracy"] == 0.75
     assert metrics["mcc"] == pytest.approx(2 / math.sqrt(12))
     assert "mcc" not in classification_metrics("sst2", labels, predictions)
+    assert "auc" not in metrics  # no scores given
+
+
+def test_auc_matches_the_pair_count():
+    # ROC-AUC = share of (positive, negative) pairs ranked right, ties counting half.
+    # positives score 0.9, 0.4, 0.4; negatives 0.4, 0.1: pairs (0.9>0.4) (0.9>0.1) (0.4=0.4) (0.4>0.1)
+    # (0.4=0.4) (0.4>0.1) -> (4 + 2 * 0.5) / 6
+    labels, scores = np.array([1, 1, 1, 0, 0]), np.array([0.9, 0.4, 0.4, 0.4, 0.1])
+    metrics = classification_metrics("cola", labels, np.zeros(5, dtype=int), scores)
+    assert metrics["auc"] == pytest.approx(5 / 6)
+    assert metrics["mcc"] == 0.0  # all predicted negative: MCC cannot tell this model from chance, AUC can
+    assert "auc" not in classification_metrics("sst2", np.ones(3, dtype=int), np.ones(3, dtype=int), np.ones(3))
 
 
 def _toy_loader(tiny_bert, seed=0):

@@ -9,6 +9,7 @@ import pytest
 
 import fedtune.centralized
 import fedtune.simulation
+import fedtune.tune
 from fedtune.compare import preset_settings, run_compare
 from fedtune.config import Settings
 from fedtune.data import load_glue, prepare_task_data
@@ -45,38 +46,66 @@ def test_each_row_tunes_the_learning_rate_it_trains_with():
     assert lora.holdout_fraction == fed.holdout_fraction == 0.02
 
 
-def _stored_trial(cell: Cell, accuracy: float, loss: float) -> dict:
+def _stored_trial(cell: Cell, accuracy: float, loss: float, auc: float | None = None) -> dict:
     """A cached trial as `run_cell` stores it, with made-up scores (nothing is trained)."""
-    summary = {"dev": {"accuracy": accuracy, "loss": loss}, "rounds": cell.settings.rounds,
+    dev = {"accuracy": accuracy, "loss": loss, **({} if auc is None else {"auc": auc})}
+    summary = {"dev": dev, "rounds": cell.settings.rounds,
                "total_bytes_up": 0, "total_bytes_down": 0}
     return {"label": cell.label, "seed": cell.settings.seed, "key": cell.key, "run": "-", "wall_seconds": 1.0,
             "settings": cell.settings.to_dict(), "summary": summary, "rounds": []}
 
 
-def _tune_on_stored_trials(folder, monkeypatch, scores: dict[float, tuple[float, float]]) -> dict:
-    """`tune_row` for Fed-LoRA where every trial is already cached with the given (accuracy, loss)."""
+def _tune_on_stored_trials(folder, monkeypatch, scores: dict[float, tuple]) -> dict:
+    """`tune_row` for Fed-LoRA where every trial is already cached with the given (accuracy, loss[, auc])."""
     monkeypatch.setattr(fedtune.simulation, "run_federated", lambda *a, **k: pytest.fail("trial recomputed"))
     row = make_grid(preset_settings("standard"), seeds=1, methods=["Fed-LoRA"])[0]
-    for value, (accuracy, loss) in scores.items():
+    for value, stored in scores.items():
         trial = Cell("x", trial_settings(row.settings, False, "lora_lr", value), False)
-        (folder / f"{trial.key}.json").write_text(json.dumps(_stored_trial(trial, accuracy, loss)))
+        (folder / f"{trial.key}.json").write_text(json.dumps(_stored_trial(trial, *stored)))
     [record] = tune_row("Fed-LoRA", row.settings, False, folder, quiet=True)  # Fed-LoRA tunes its lr only
     return record
 
 
-def test_best_holdout_score_wins_and_ties_go_to_the_lower_loss(tmp_path, monkeypatch):
-    scores = {1e-3: (0.80, 0.50), 3e-3: (0.85, 0.40), 1e-2: (0.85, 0.45)}  # 3e-3 and 1e-2 tie on accuracy
+def test_best_holdout_score_wins_and_ties_go_to_the_higher_auc(tmp_path, monkeypatch):
+    # 1e-3 and 3e-3 tie on accuracy; 3e-3 ranks the holdout better (AUC) though its loss is higher
+    scores = {1e-3: (0.85, 0.40, 0.90), 3e-3: (0.85, 0.45, 0.92), 1e-2: (0.80, 0.50, 0.95)}
     record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
     assert record["chosen"] == 3e-3 and record["setting"] == "lora-lr"
-    assert [(t["value"], t["accuracy"], t["loss"]) for t in record["trials"]] == [
-        (v, a, l) for v, (a, l) in scores.items()]
+    assert [(t["value"], t["accuracy"], t["loss"], t["auc"]) for t in record["trials"]] == [
+        (v, *stored) for v, stored in scores.items()]
     assert "not GLUE dev" in record["scored_on"]
+
+
+def test_the_best_metric_wins_whatever_the_auc(tmp_path, monkeypatch):
+    scores = {1e-3: (0.80, 0.50, 0.99), 3e-3: (0.85, 0.40, 0.90), 1e-2: (0.84, 0.45, 0.92)}
+    assert _tune_on_stored_trials(tmp_path, monkeypatch, scores)["chosen"] == 3e-3
+
+
+def test_a_tied_trial_stored_without_auc_runs_again(tmp_path, monkeypatch):
+    # 3e-3 and 1e-2 tie and were stored before AUC was recorded: both run again (here: a stub run
+    # that stores AUC 0.7 for 3e-3 and 0.8 for 1e-2); 1e-3, not tied, is reused as stored. 1e-2 is
+    # at the grid's edge, so 3e-2 runs too (stored here with a lower accuracy).
+    scores = {1e-3: (0.80, 0.50), 3e-3: (0.85, 0.40), 1e-2: (0.85, 0.45), 3e-2: (0.5, 0.7, 0.5)}
+    rerun = []
+
+    def fake_run_cell(cell, cells_dir, quiet):
+        path = cells_dir / f"{cell.key}.json"
+        if not path.is_file():
+            rerun.append(cell.settings.lora_lr)
+            stored = _stored_trial(cell, 0.85, 0.4, {3e-3: 0.7, 1e-2: 0.8}[cell.settings.lora_lr])
+            path.write_text(json.dumps(stored))
+        return json.loads(path.read_text())
+
+    monkeypatch.setattr(fedtune.tune, "run_cell", fake_run_cell)
+    record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
+    assert sorted(rerun) == [3e-3, 1e-2] and record["chosen"] == 1e-2
+    assert [t["auc"] for t in record["trials"]] == [None, 0.7, 0.8, 0.5]
 
 
 @pytest.mark.parametrize("extra, accuracy, chosen", [(3e-2, 0.88, 3e-2), (3e-2, 0.50, 1e-2)])
 def test_a_best_value_at_the_grid_edge_gets_one_more_step(tmp_path, monkeypatch, extra, accuracy, chosen):
     # 1e-2 is best of the grid, so 1e-2 * (1e-2 / 3e-3) = 3e-2 is tried too; it wins only if better.
-    scores = {1e-3: (0.80, 0.5), 3e-3: (0.85, 0.4), 1e-2: (0.86, 0.4), extra: (accuracy, 0.4)}
+    scores = {1e-3: (0.80, 0.5, 0.9), 3e-3: (0.85, 0.4, 0.9), 1e-2: (0.86, 0.4, 0.9), extra: (accuracy, 0.4, 0.9)}
     record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
     assert [t["value"] for t in record["trials"]] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2])
     assert record["chosen"] == pytest.approx(chosen)
@@ -94,7 +123,7 @@ def test_tuned_grid_runs_each_method_at_its_chosen_rate(tiny_bert, glue_dir, tmp
     for label, record in tuning.items():
         values = [t["value"] for t in record["trials"]]
         assert set(LR_GRID["lora_lr"]) <= set(values) and len(values) <= len(LR_GRID["lora_lr"]) + 1
-        best = max(record["trials"], key=lambda t: (t["accuracy"], -t["loss"]))
+        best = max(record["trials"], key=lambda t: (t["accuracy"], t["auc"]))
         assert record["chosen"] == best["value"]
         cells = [c for c in results["cells"] if c["label"] == label]
         assert {c["settings"]["lora-lr"] for c in cells} == {record["chosen"]}
