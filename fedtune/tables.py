@@ -88,10 +88,19 @@ def grid_tables(grids: dict[tuple[str, str], dict]) -> str:
 
 
 def tuning_rows(tuning: list[dict]) -> list[dict]:
-    """One row per method: each tried value with its holdout score, the chosen one in bold."""
+    """One row per method: each tried value with its holdout score, the chosen one in bold; where
+    the best score is tied, the tied trials' ROC-AUC too (the tie-break)."""
     rows = []
     for record in tuning:
-        tried = [f"{'**' if t['value'] == record['chosen'] else ''}{t['value']:g}: {t[record['metric']]:.4f}"
+        metric = record["metric"]
+        top = max(t[metric] for t in record["trials"])
+        tied = sum(t[metric] == top for t in record["trials"]) > 1
+
+        def score(t: dict) -> str:
+            auc = t.get("auc")
+            return f"{t[metric]:.4f}" + (f" (AUC {auc:.4f})" if tied and t[metric] == top and auc is not None else "")
+
+        tried = [f"{'**' if t['value'] == record['chosen'] else ''}{t['value']:g}: {score(t)}"
                  f"{'**' if t['value'] == record['chosen'] else ''}" for t in record["trials"]]
         rows.append({"method": record["method"], "setting": record["setting"],
                      f"holdout {record['metric']} per value": ", ".join(tried)})

@@ -47,6 +47,14 @@ def test_tuning_rows_list_every_trial_and_mark_the_choice():
                                       "holdout accuracy per value": "0.001: 0.8000, **0.003: 0.8500**, 0.01: 0.5000"}]
 
 
+def test_tied_trials_show_their_auc():
+    record = {"method": "LoRA", "setting": "lora-lr", "chosen": 3e-3, "metric": "mcc",
+              "trials": [{"value": 1e-3, "mcc": 0.0, "auc": 0.61}, {"value": 3e-3, "mcc": 0.0, "auc": 0.66},
+                         {"value": 1e-2, "mcc": -0.01, "auc": 0.7}]}
+    assert tuning_rows([record])[0]["holdout mcc per value"] == (
+        "0.001: 0.0000 (AUC 0.6100), **0.003: 0.0000 (AUC 0.6600)**, 0.01: -0.0100")
+
+
 def test_unknown_block_is_refused():
     with pytest.raises(ValueError, match="unknown results block 'nope'"):
         render("<!-- results:nope:begin -->\n<!-- results:nope:end -->", {"a": "b"})
