@@ -36,7 +36,7 @@ def test_finetune_writes_a_loadable_model_and_epoch_metrics(settings):
     assert [e["epoch"] for e in epochs] == [1.0, 2.0]
     assert epochs[-1]["samples"] == 2 * 64
     summary = json.loads((path / "summary.json").read_text())
-    assert set(summary["dev"]) == {"loss", "accuracy", "mcc"}
+    assert set(summary["dev"]) == {"loss", "accuracy", "mcc", "auc"}
     model = AutoModelForSequenceClassification.from_pretrained(path / "model")
     assert _logits(model, path / "model").shape == (2, 2)
 
