@@ -76,12 +76,17 @@ def tune_setting(label: str, settings: Settings, centralized: bool, name: str, g
     def pick(trials: list[dict]) -> dict:
         """The best metric; a tie (CoLA trials all at MCC 0) goes to the higher ROC-AUC, which ranks
         what a model has learned before its predictions leave the majority class."""
-        top = max(t[metric] for t in trials)
-        tied = [t for t in trials if t[metric] == top]
-        if len(tied) > 1 and any(t["auc"] is None for t in tied):
-            trials[:] = [run_trial(t["value"], refresh=True) if t in tied and t["auc"] is None else t for t in trials]
-            return pick(trials)
-        return max(tied, key=lambda t: t["auc"] if len(tied) > 1 else 0.0)
+        def tied() -> list[dict]:
+            top = max(t[metric] for t in trials)
+            return [t for t in trials if t[metric] == top]
+
+        if len(tied()) > 1 and any(t["auc"] is None for t in tied()):
+            stale = tied()
+            trials[:] = [run_trial(t["value"], refresh=True) if t in stale and t["auc"] is None else t for t in trials]
+        best = tied()
+        if len(best) > 1 and all(t["auc"] is not None for t in best):
+            return max(best, key=lambda t: t["auc"])
+        return max(best, key=lambda t: -t["loss"])  # no AUC (a task with more than two labels)
 
     trials = [run_trial(value) for value in grid]
     best = pick(trials)

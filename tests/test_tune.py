@@ -138,3 +138,20 @@ def test_tuned_grid_runs_each_method_at_its_chosen_rate(tiny_bert, glue_dir, tmp
     monkeypatch.setattr(fedtune.centralized, "run_centralized", lambda *a, **k: pytest.fail("recomputed"))
     again = run_compare(base, "small", seeds=1, methods=["LoRA", "Fed-LoRA"], quiet=True, tune=True)
     assert json.loads((again / "results.json").read_text())["tuning"] == results["tuning"]
+
+
+def test_a_tie_without_auc_after_a_rerun_goes_to_the_lower_loss(tmp_path, monkeypatch):
+    # A run that records no AUC (a task with more than two labels): the re-run happens once, not forever.
+    scores = {1e-3: (0.85, 0.40), 3e-3: (0.85, 0.35), 1e-2: (0.80, 0.45)}
+    runs = []
+
+    def fake_run_cell(cell, cells_dir, quiet):
+        path = cells_dir / f"{cell.key}.json"
+        if not path.is_file():
+            runs.append(cell.settings.lora_lr)
+            path.write_text(json.dumps(_stored_trial(cell, *scores[cell.settings.lora_lr])))
+        return json.loads(path.read_text())
+
+    monkeypatch.setattr(fedtune.tune, "run_cell", fake_run_cell)
+    record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
+    assert sorted(runs) == [1e-3, 3e-3] and record["chosen"] == 3e-3
