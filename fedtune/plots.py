@@ -54,6 +54,13 @@ def plot_partitions(partitions: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def line_style(index: int, lines: int) -> tuple[tuple, str]:
+    """Colour and marker of line `index` of `lines`: tab10 while it does not repeat, else tab20
+    (the standard grid has 14 rows), and a cycle of 12 markers, so no two of 20 lines look alike."""
+    color = plt.cm.tab10(index) if lines <= 10 else plt.cm.tab20(index % 20)
+    return color, "osD^vP*Xh<>p"[index % 12]
+
+
 def plot_compare(results: list[dict], task: str, folder: Path) -> None:
     """`metric-vs-round.png` and `metric-vs-mb.png`: one line per method (mean over seeds).
 
@@ -64,7 +71,7 @@ def plot_compare(results: list[dict], task: str, folder: Path) -> None:
     by_round, by_mb = plt.subplots(figsize=(7, 4.5)), plt.subplots(figsize=(7, 4.5))
     for index, label in enumerate(labels):
         cells = [r for r in results if r["label"] == label]
-        color = plt.cm.tab10(index % 10)
+        color, marker = line_style(index, len(labels))
         if not cells[0]["rounds"]:
             value = sum(c["summary"]["dev"][metric] for c in cells) / len(cells)
             by_round[1].axhline(value, color=color, linestyle="--", label=f"{label} (centralized)")
@@ -74,8 +81,8 @@ def plot_compare(results: list[dict], task: str, folder: Path) -> None:
         values = [sum(c["rounds"][i][f"dev_{metric}"] for c in cells) / len(cells) for i in range(n)]
         megabytes = [sum(c["rounds"][i]["cum_bytes_up"] + c["rounds"][i]["cum_bytes_down"] for c in cells)
                      / len(cells) / 1e6 for i in range(n)]
-        by_round[1].plot(rounds, values, marker="o", color=color, label=label)
-        by_mb[1].plot(megabytes[1:], values[1:], marker="o", color=color, label=label)
+        by_round[1].plot(rounds, values, marker=marker, color=color, label=label)
+        by_mb[1].plot(megabytes[1:], values[1:], marker=marker, color=color, label=label)
     by_round[1].set(xlabel="round", ylabel=f"dev {metric}", title=f"{task}: {metric} per round")
     by_round[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     by_mb[1].set(xlabel="cumulative MB sent (up + down, log scale)", ylabel=f"dev {metric}",

@@ -176,3 +176,11 @@ def test_the_engine_and_client_shares_do_not_make_new_cells(base):
     for changes in ({"engine": "local"}, {"client_cpus": 1}, {"client_gpus": 0.25}):
         assert make_grid(base.replace(**changes), seeds=1, methods=["Fed-LoRA"])[0].key == cell.key, changes
     assert make_grid(base.replace(rounds=base.rounds + 1), seeds=1, methods=["Fed-LoRA"])[0].key != cell.key
+
+
+def test_line_styles_of_a_fourteen_row_grid_are_all_distinct():
+    from fedtune.plots import line_style
+
+    for lines in (3, 10, 14, 20):
+        styles = [line_style(i, lines) for i in range(lines)]
+        assert len({tuple(c) for c, _ in styles}) == lines  # distinct colours, not only markers
