@@ -40,6 +40,10 @@ def load_grids(preset: str, folder: Path = RESULTS) -> dict[tuple[str, str], dic
     return grids
 
 
+def _seeds(count: int) -> str:
+    return f"{count} seed{'s' if count > 1 else ''}"
+
+
 def _mean(value: str) -> str:
     """'0.8812 ± 0.0021' -> '0.881' (the headline shows 3 decimals; the grid tables have the std)."""
     return value if value == "-" else f"{float(value.split(' ± ')[0]):.3f}"
@@ -55,7 +59,7 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
         metrics = ["MCC", "accuracy"] if task == "cola" else ["accuracy"]
         for metric in metrics:
             column = f"{TASK_NAMES[task]} {PARTITION_NAMES[partition]} {'acc' if metric == 'accuracy' else metric}"
-            column += f" ({grid['seeds']} seed{'s' if grid['seeds'] > 1 else ''})"
+            column += f" ({_seeds(grid['seeds'])})"
             columns.append(column)
             for row in grid["table"]:
                 cells.setdefault(row["method"], {})[column] = _mean(row[metric])
@@ -77,7 +81,7 @@ def grid_tables(grids: dict[tuple[str, str], dict]) -> str:
     parts = []
     for (task, partition), grid in grids.items():
         name = f"{task}-{partition}-{grid['preset']}"
-        parts.append(f"**{TASK_NAMES[task]}, {PARTITION_NAMES[partition]}** ({grid['seeds']} seeds; "
+        parts.append(f"**{TASK_NAMES[task]}, {PARTITION_NAMES[partition]}** ({_seeds(grid['seeds'])}; "
                      f"`docs/results/{name}.json`)\n\n{markdown(grid['table'])}")
         if grid.get("tuning"):
             parts.append(f"Learning rates tried for {TASK_NAMES[task]} {PARTITION_NAMES[partition]} "
