@@ -6,6 +6,7 @@ federation holds in total, so centralized and federated numbers compare directly
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fedtune.metrics import primary_metric
 from fedtune.preflight import check_out_dir
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
 from fedtune.runs import RunDir
-from fedtune.teacher import build_student, load_teacher, pretrain_teacher
+from fedtune.teacher import build_student, load_teacher, pretrain_teacher, teacher_dir
 from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
 
 
@@ -94,9 +95,12 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
         save_model(model, run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
     final = history[-1]
+    # KD: the teacher's own metrics on the same evaluation set (as fedkdlora rows report theirs)
+    teacher_dev = json.loads((teacher_dir(settings) / "teacher.json").read_text())["dev"] if settings.method == "kd" else None
     run.write_json("summary.json", {"method": settings.method, "task": settings.task,
                                     "metric": primary_metric(settings.task),
                                     "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
+                                    "teacher_dev": teacher_dev,
                                     "train_samples": result.examples, "seconds": final["seconds"],
                                     "trainable_parameters": trainable, "total_parameters": total,
                                     "epochs": history, "settings": settings.non_default()})

@@ -59,7 +59,11 @@ def test_kd_pretrains_the_teacher_once_and_reuses_it(settings):
     stamp = (folder / "teacher.json").stat().st_mtime_ns
     path = run_centralized(kd.replace(lora_r=2), quiet=True)  # student settings change; teacher does not
     assert (folder / "teacher.json").stat().st_mtime_ns == stamp
-    assert json.loads((path / "summary.json").read_text())["method"] == "kd"
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["method"] == "kd"
+    # the teacher's dev metrics travel with the student's summary, as the compare table's "teacher" column reads them
+    assert summary["teacher_dev"] == json.loads((folder / "teacher.json").read_text())["dev"]
+    assert set(summary["teacher_dev"]) == set(summary["dev"])
 
 
 def test_a_failed_run_leaves_no_complete_looking_folder(settings, monkeypatch, tmp_path):
