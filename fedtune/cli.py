@@ -142,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate_export(args.model_dir, args.task, args.file, glue_dir)))
             return 0
         if args.command == "resume":
+            from fedtune.runs import read_config
             from fedtune.simulation import run_federated
 
             config = Path(args.folder) / "config.json"
-            if not config.is_file():
-                raise FileNotFoundError(f"{config} not found: give the folder of an interrupted fedtune run")
+            try:
+                settings = Settings.from_dict(read_config(config))
+            except ValueError as err:
+                raise ValueError(f"{config}: {err}") from None
             quiet_libraries()
-            run_federated(Settings.from_dict(json.loads(config.read_text())).replace(resume=args.folder), args.quiet)
+            run_federated(settings.replace(resume=args.folder), args.quiet)
             return 0
         settings = settings_from_args(args)
         quiet_libraries()

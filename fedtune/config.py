@@ -28,6 +28,7 @@ CODECS = ("none", "fp16", "int8", "svd")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
 BATCHINGS = ("random", "by-length")
 SECURE_AGGREGATIONS = ("none", "secagg+")
+MAX_LORA_RANK = 1024
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, federated: bool = False,
@@ -103,6 +104,8 @@ class Settings:
     classes_per_client: int = _fed(1, "labels per client (partition = pathological)")
     min_partition_size: int = _fed(1, "every client gets at least this many rows")
     round_timeout: float = _fed(3600.0, "seconds the server waits for replies in a round")
+    max_failed_rounds: int = _fed(2, "a run stops with an error (its .incomplete folder kept) when more rounds than "
+                                  "this had no usable client reply, or when every round had none")
     aggregation: str = _fed("mean", "how the server combines client states: example-weighted mean, or a robust "
                             "rule (coordinate median, trimmed mean, Krum)", AGGREGATIONS)
     trim_fraction: float = _fed(0.2, "trimmed-mean: share of clients cut at each end, per coordinate")
@@ -150,13 +153,22 @@ class Settings:
     def __post_init__(self) -> None:
         problems = []
         for f in dataclasses.fields(self):
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                problems.append(f"{key_of(f.name)}={getattr(self, f.name)} (must be a finite number)")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"{key_of(f.name)}={getattr(self, f.name)!r} (choose from: {', '.join(choices)})")
-        positive = ("max_length", "lora_r", "batch_size", "eval_batch_size", "clients", "rounds")
-        problems += [f"{key_of(n)}={getattr(self, n)} (must be > 0)" for n in positive if getattr(self, n) <= 0]
-        nonneg = ("train_limit", "eval_limit", "local_steps", "epochs", "local_epochs", "min_partition_size")
-        problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if getattr(self, n) < 0]
+        positive = ("max_length", "lora_r", "batch_size", "eval_batch_size", "clients", "rounds", "lora_lr", "full_lr",
+                    "lora_alpha", "kd_temperature", "round_timeout")
+        problems += [f"{key_of(n)}={getattr(self, n)} (must be > 0)" for n in positive if not getattr(self, n) > 0]
+        nonneg = ("train_limit", "eval_limit", "local_steps", "epochs", "local_epochs", "min_partition_size",
+                  "teacher_epochs", "weight_decay", "max_failed_rounds")
+        problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if not getattr(self, n) >= 0]
+        if self.lora_r > MAX_LORA_RANK:
+            problems.append(f"lora-r={self.lora_r} (must be <= {MAX_LORA_RANK}: a rank above a layer's width adds "
+                            f"nothing but memory)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora-dropout={self.lora_dropout} (must be in [0, 1))")
         if not 0.0 <= self.public_fraction < 1.0:
             problems.append(f"public-fraction={self.public_fraction} (must be in [0, 1))")
         if not 0.0 <= self.holdout_fraction < 1.0:

@@ -16,14 +16,39 @@ def find_summaries(root: str | Path, skipped: list[str] | None = None) -> list[d
         if path.parent.name.endswith(INCOMPLETE):
             continue
         try:
-            summary = json.loads(path.read_text())
-            summary["dev"]["accuracy"], summary["task"], summary["seconds"]  # noqa: B018  (the fields the table reads)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            problem = summary_problem(summary)
+        except (OSError, ValueError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
             if skipped is not None:
-                skipped.append(f"{path}: {type(err).__name__}: {err}")
+                skipped.append(f"{path}: {problem}")
             continue
         found.append({**summary, "run": path.parent.name})
     return found
+
+
+def summary_problem(summary) -> str | None:
+    """Why `summary` (a parsed summary.json) cannot be a row of the table, or None."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    if not isinstance(summary.get("dev"), dict):
+        return "'dev' is not an object of metrics"
+    numbers = {"dev.accuracy": summary["dev"].get("accuracy"), "seconds": summary.get("seconds")}
+    if "mcc" in summary["dev"]:
+        numbers["dev.mcc"] = summary["dev"]["mcc"]
+    if "algorithm" in summary:
+        numbers |= {k: summary.get(k) for k in ("rounds", "clients", "total_bytes_up", "total_bytes_down",
+                                                 "examples_seen")}
+    else:
+        numbers["train_samples"] = summary.get("train_samples")
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} is {value!r}, not a number"
+    for key in ("task", "algorithm" if "algorithm" in summary else "method"):
+        if not isinstance(summary.get(key), str):
+            return f"{key} is {summary.get(key)!r}, not a string"
+    return None
 
 
 def _metric_cell(summary: dict) -> str:
@@ -41,7 +66,9 @@ def markdown_table(summaries: list[dict]) -> str:
         if "algorithm" in s:  # federated
             rounds = max(1, s["rounds"])
             up, down = s["total_bytes_up"] / 1e6, s["total_bytes_down"] / 1e6
-            method, samples = f"{s['algorithm']}{_ranks(s)} ({s['clients']} clients, {s['rounds']} rounds)", s["examples_seen"]
+            failed = f", {s['failed_rounds']} rounds failed" if s.get("failed_rounds") else ""
+            method = f"{s['algorithm']}{_ranks(s)} ({s['clients']} clients, {s['rounds']} rounds{failed})"
+            samples = s["examples_seen"]
             traffic = (f"{up / rounds:.3f}", f"{down / rounds:.3f}", f"{up + down:.2f}",
                        f"{s.get('aggregate_seconds_per_round', 0.0):.4f}")
         else:
@@ -52,6 +79,6 @@ def markdown_table(summaries: list[dict]) -> str:
 
 
 def _ranks(summary: dict) -> str:
-    if summary.get("client_ranks"):
+    if isinstance(summary.get("client_ranks"), list):
         return f" r={','.join(map(str, summary['client_ranks']))}"
-    return f" r={summary['lora_r']}" if summary.get("lora_r") else ""
+    return f" r={summary['lora_r']}" if isinstance(summary.get("lora_r"), int) else ""

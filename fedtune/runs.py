@@ -86,7 +86,9 @@ def interrupted_message() -> str:
     if not ACTIVE:
         return "fedtune: interrupted before a run folder was made; nothing to resume"
     run = ACTIVE[-1]
-    if (run.path / "checkpoint.pt").is_file():
+    from fedtune.checkpoint import has_checkpoint
+
+    if has_checkpoint(run.path):
         return (f"fedtune: interrupted; the last finished round is checkpointed in {run.path.resolve()}; "
                 f"continue with: fedtune resume {run.path.resolve()}")
     shutil.rmtree(run.path, ignore_errors=True)
@@ -95,3 +97,16 @@ def interrupted_message() -> str:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_config(path: Path) -> dict:
+    """A run folder's config.json as a dict, or one clear error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: give the folder of an interrupted fedtune run")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it is damaged: start the run anew") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object of settings; it is damaged: start the run anew")
+    return config

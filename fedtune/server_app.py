@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
-
-import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune import checkpoint as checkpoints
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
 from fedtune.config import Settings
@@ -22,13 +19,10 @@ from fedtune.models import State, load_tokenizer, load_trainable_state
 from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.privacy import PrivacyLedger, private
-from fedtune.runs import RunDir
+from fedtune.runs import RunDir, read_config
 from fedtune.secure import SecureRounds
 from fedtune.strategy import FedTuneStrategy, RoundStats
 from fedtune.teacher import pretrain_teacher
-
-CHECKPOINT = "checkpoint.pt"
-
 
 def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     """Wait for `expected` nodes and learn each one's partition id: {partition id: node id}.
@@ -58,39 +52,25 @@ def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     return nodes
 
 
-def resumable_run(settings: Settings) -> RunDir:
-    """The interrupted run `settings.resume` names, checked (it has a checkpoint, the same
-    settings); writes nothing."""
+def resumable_run(settings: Settings) -> tuple[RunDir, checkpoints.Checkpoint]:
+    """The interrupted run `settings.resume` names and its last checkpoint, checked: the checkpoint
+    reads as data and was written under the same settings. Writes nothing."""
     run = RunDir.reopen(settings.resume)
-    if not (run.path / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{run.path} has no {CHECKPOINT}: it stopped before round 0 finished; start it anew")
-    saved = json.loads((run.path / "config.json").read_text())
+    checkpoint = checkpoints.load(run.path)
+    saved = read_config(run.path / "config.json")
     differ = [k for k, v in settings.to_dict().items() if k != "resume" and saved.get(k) != v]
     if differ:
         raise ValueError(f"settings differ from the run being resumed in {', '.join(differ)}; "
                          f"resume with `fedtune resume {run.path}`, which reads its config.json")
-    return run
+    checkpoints.check_settings(checkpoint, settings.to_dict(), checkpoints.path_in(run.path))
+    return run, checkpoint
 
 
-def open_run(settings: Settings) -> tuple[RunDir, dict | None]:
+def open_run(settings: Settings) -> tuple[RunDir, checkpoints.Checkpoint | None]:
     """A new run folder, or with `resume` the interrupted one and its last checkpoint."""
     if not settings.resume:
         return RunDir(settings.out_dir, f"{settings.algorithm}-{settings.task}", settings), None
-    run = resumable_run(settings)
-    return run, torch.load(run.path / CHECKPOINT, weights_only=False)
-
-
-def save_checkpoint(run: RunDir, state: dict, algorithm_state: dict, records: list[dict]) -> None:
-    """Everything a resumed server needs after a round, written atomically (no .tmp left on failure)."""
-    tmp = run.path / (CHECKPOINT + ".tmp")
-    try:
-        torch.save({"global": state, "algorithm": algorithm_state, "records": records}, tmp)
-        os.replace(tmp, run.path / CHECKPOINT)
-    except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
-        free = shutil.disk_usage(run.path).free
-        raise RuntimeError(f"could not write the checkpoint in {run.path} ({free / 1e6:.0f} MB free on that disk"
-                           f"{': it is full' if free < 512e6 else ''}): {err}") from None
+    return resumable_run(settings)
 
 
 def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
@@ -108,7 +88,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     state = initial_state(algorithm)
     recorder = RoundRecorder(run, algorithm, strategy, ledger, teacher_dev, sum(t.numel() for t in state.values()))
     if checkpoint:
-        state = recorder.resume(checkpoint)
+        state = recorder.resume(checkpoint, state)
         say(f"resuming {run.path} after round {strategy.offset}", quiet)
     say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
         f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
@@ -142,6 +122,15 @@ def build_runner(algorithm: Algorithm, nodes: dict[int, int], partitions: list[d
     return strategy, runner, ledger
 
 
+class RunFailed(RuntimeError):
+    """A run stopped because its rounds kept failing (no usable client reply)."""
+
+
+def failed_rounds(records: list[dict]) -> list[int]:
+    """The rounds (after round 0) in which the server used no client's reply."""
+    return [r["round"] for r in records[1:] if r.get("accepted", 0) == 0]
+
+
 class RoundRecorder:
     """Evaluates the global model after every round (Flower's `evaluate_fn`) and writes the
     round's record to rounds.jsonl and the checkpoint."""
@@ -156,17 +145,27 @@ class RoundRecorder:
         now = time.perf_counter()
         self.clock = {"last": now, "start": now}
 
-    def resume(self, checkpoint: dict) -> State:
-        """Take over an interrupted run's records; the global state to continue from."""
-        self.records = checkpoint["records"]
-        self.algorithm.restore(checkpoint["algorithm"])
+    def resume(self, checkpoint: checkpoints.Checkpoint, initial: State) -> State:
+        """Take over an interrupted run's records; the global state to continue from (checked
+        against the keys and shapes of this run's `initial` state)."""
+        checkpoints.check_state(checkpoint.global_state, initial, checkpoints.path_in(self.run.path))
+        if checkpoint.records[-1]["round"] >= self.algorithm.settings.rounds:
+            raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} is after round "
+                                              f"{checkpoint.records[-1]['round']} of {self.algorithm.settings.rounds}: "
+                                              f"nothing is left to run")
+        try:
+            self.algorithm.restore(checkpoint.algorithm_state)
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
+            raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} holds server state that "
+                                              f"{self.algorithm.name} cannot restore ({err}); start the run anew") from None
+        self.records = checkpoint.records
         self.run.write_jsonl("rounds.jsonl", self.records)  # drops a round that never reached its checkpoint
         self.strategy.offset = self.records[-1]["round"]
         for record in self.records:  # the privacy already spent
             if self.ledger and "dp_epsilon" in record:
                 self.ledger.release()
         self.clock["start"] -= self.records[-1]["elapsed"]
-        return checkpoint["global"]
+        return checkpoint.global_state
 
     def evaluate(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         if flower_round == 0 and self.records:  # resumed: the last round is already evaluated
@@ -179,9 +178,24 @@ class RoundRecorder:
         record = self.record(server_round, metrics, self.strategy.rounds.get(server_round, RoundStats()))
         self.records.append(record)
         self.run.append_jsonl("rounds.jsonl", record)
-        save_checkpoint(self.run, state, self.algorithm.checkpoint_state(), self.records)
+        checkpoints.save(self.run.path, state, self.algorithm.checkpoint_state(), self.records,
+                         self.algorithm.settings.to_dict())
         self.on_round(server_round)
+        self.stop_if_failing()
         return MetricRecord(metrics)
+
+    def stop_if_failing(self) -> None:
+        """Stop the run (its .incomplete folder and checkpoint kept) when more than `max-failed-rounds`
+        rounds, or every round of the run, had no usable client reply: it would finish looking like a
+        result while the global model never changed in those rounds."""
+        failed = failed_rounds(self.records)
+        limit = self.algorithm.settings.max_failed_rounds
+        if failed and (len(failed) > limit or len(failed) == self.algorithm.settings.rounds):
+            last = self.records[-1]
+            reasons = sorted({d["reason"] for d in last["dropped"]}) or ["no reply"]
+            raise RunFailed(f"{len(failed)} of {len(self.records) - 1} rounds had no usable client reply "
+                            f"(max-failed-rounds={limit}; round {last['round']}: {'; '.join(reasons)[:300]}); "
+                            f"the run is stopped and kept for inspection in {self.run.path}")
 
     def record(self, server_round: int, metrics: dict[str, float], stats: RoundStats) -> dict:
         """One line of rounds.jsonl."""
@@ -225,9 +239,10 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "examples_seen": sum(r["examples_seen"] for r in records),
         "aggregate_seconds_per_round": sum(r["aggregate_seconds"] for r in records[1:]) / max(1, settings.rounds),
         **algorithm.summary_fields(),
+        "failed_rounds": len(failed_rounds(records)),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
         "seconds": final["elapsed"], "settings": settings.non_default()})
-    (run.path / CHECKPOINT).unlink()  # the final model and rounds.jsonl are saved
+    checkpoints.path_in(run.path).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
     say(f"saved {path}", quiet)
@@ -250,14 +265,20 @@ def _row(record: dict) -> dict:
 def make_server_app(settings: Settings | None = None, quiet: bool = False, outcome: dict | None = None) -> ServerApp:
     """A ServerApp using `settings`, or the run config when None (as under `flwr run`).
 
-    `outcome["run_dir"]` receives the finished run folder (for in-process callers).
+    `outcome["run_dir"]` receives the finished run folder (for in-process callers), or
+    `outcome["error"]` the error that stopped the run (Flower's simulation only logs it).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_libraries()
-        path = run_server(grid, settings or Settings.from_run_config(context.run_config), quiet)
+        try:
+            path = run_server(grid, settings or Settings.from_run_config(context.run_config), quiet)
+        except (ValueError, RuntimeError, FileNotFoundError) as err:
+            if outcome is not None:
+                outcome["error"] = err
+            raise
         if outcome is not None:
             outcome["run_dir"] = path
 

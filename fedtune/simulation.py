@@ -79,6 +79,8 @@ def run_federated(settings: Settings, quiet: bool = False) -> Path:
     with stop_on_interrupt():
         run_simulation(server_app=make_server_app(settings, quiet, outcome), client_app=make_client_app(settings),
                        num_supernodes=settings.clients, backend_config=backend_config(settings))
+    if "error" in outcome:
+        raise outcome["error"]
     if "run_dir" not in outcome:
         raise RuntimeError("the federated run did not finish; the log above says why")
     return outcome["run_dir"]

@@ -34,6 +34,14 @@ def test_bad_choice_names_the_options():
     ({"secure-aggregation": "secagg+", "codec": "int8"}, "secure-aggregation needs codec=none"),
     ({"secure-aggregation": "secagg+", "dp-noise": 1.0}, "secure-aggregation needs .*dp-noise=0"),
     ({"batching": "sorted"}, r"batching='sorted' \(choose from: random, by-length\)"),
+    ({"lora-lr": -0.5}, r"lora-lr=-0.5 \(must be > 0\)"),
+    ({"lora-lr": "nan"}, r"lora-lr=nan \(must be a finite number\)"),
+    ({"full-lr": "inf"}, r"full-lr=inf \(must be a finite number\)"),
+    ({"full-lr": 0}, r"full-lr=0.0 \(must be > 0\)"),
+    ({"weight-decay": -1}, r"weight-decay=-1.0 \(must be >= 0\)"),
+    ({"lora-dropout": 1.0}, r"lora-dropout=1.0 \(must be in \[0, 1\)\)"),
+    ({"lora-r": 100000}, r"lora-r=100000 \(must be <= 1024"),
+    ({"max-failed-rounds": -1}, r"max-failed-rounds=-1 \(must be >= 0\)"),
 ])
 def test_invalid_values_raise_one_clear_error(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -123,3 +131,23 @@ def test_report_names_and_skips_a_corrupt_summary(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "centralized-lora-cola-1" in out and "fedlora-cola-2" not in out
     assert f"skipped unreadable {broken / 'summary.json'}: JSONDecodeError" in err
+
+
+def test_report_skips_summaries_with_nulls_or_strings_and_marks_failed_rounds(tmp_path, capsys):
+    import json
+
+    from fedtune.cli import main
+
+    federated = {"algorithm": "fedlora", "task": "sst2", "dev": {"accuracy": 0.8}, "clients": 2, "rounds": 3,
+                 "total_bytes_up": 1e6, "total_bytes_down": 2e6, "examples_seen": 90, "seconds": 5.0, "lora_r": 8}
+    bad = {"nulls": {**federated, "dev": {"accuracy": None}}, "strings": {**federated, "seconds": "5"},
+           "a list": [federated], "no dev": {**federated, "dev": 0.8}}
+    for name, summary in {**bad, "good": federated, "failed": {**federated, "failed_rounds": 2}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "| good | fedlora r=8 (2 clients, 3 rounds) |" in out
+    assert "| failed | fedlora r=8 (2 clients, 3 rounds, 2 rounds failed) |" in out
+    assert all(f"skipped unreadable {tmp_path / name / 'summary.json'}" in err for name in bad)
+    assert "dev.accuracy is None, not a number" in err and "seconds is '5', not a number" in err

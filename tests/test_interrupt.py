@@ -39,7 +39,7 @@ def test_sigint_to_a_running_simulation_stops_everything_and_says_how_to_resume(
     assert "Traceback" not in err and "Error" not in err, err[-2000:]
     folder = rounds.parent.resolve()
     assert err.strip().splitlines()[-1].endswith(f"continue with: fedtune resume {folder}")
-    assert (folder / "checkpoint.pt").is_file() and not list(folder.glob("*.tmp"))
+    assert (folder / "checkpoint.safetensors").is_file() and not list(folder.glob("*.tmp"))
     time.sleep(1)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     config = json.loads((folder / "config.json").read_text())

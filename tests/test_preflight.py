@@ -39,7 +39,7 @@ def test_resume_of_a_folder_without_checkpoint_is_refused(base, tmp_path):
     folder = tmp_path / "runs" / "fedlora-cola-1.incomplete"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="has no checkpoint.pt: it stopped before round 0 finished"):
+    with pytest.raises(ValueError, match="has no checkpoint.safetensors: the run stopped before round 0 finished"):
         run_federated(base.replace(resume=str(folder)), quiet=True)
 
 

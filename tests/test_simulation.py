@@ -155,25 +155,25 @@ def test_dropped_clients_are_skipped_and_the_rounds_complete(runs, base):
 def test_resume_after_a_crash_gives_the_uninterrupted_result(runs, base, monkeypatch):
     """Crash the server right after round 1's checkpoint; `resume` finishes round 2 with the same
     metrics and model as the run that never stopped (FedKDLoRA, teachers kept on the clients' disk)."""
-    import fedtune.server_app
+    import fedtune.checkpoint
 
     settings = base.replace(algorithm="fedkdlora", kd_placement="client", teacher_epochs=0.05)
-    real_save = fedtune.server_app.save_checkpoint
+    real_save = fedtune.checkpoint.save
 
-    def save_then_crash(run, state, algorithm_state, records):
-        real_save(run, state, algorithm_state, records)
+    def save_then_crash(folder, state, algorithm_state, records, fingerprint):
+        real_save(folder, state, algorithm_state, records, fingerprint)
         if records[-1]["round"] == 1:
             raise RuntimeError("simulated kill after round 1")
 
-    monkeypatch.setattr(fedtune.server_app, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(fedtune.checkpoint, "save", save_then_crash)
     with pytest.raises(RuntimeError):
         run_federated(settings, quiet=True)
-    monkeypatch.setattr(fedtune.server_app, "save_checkpoint", real_save)
+    monkeypatch.setattr(fedtune.checkpoint, "save", real_save)
     [interrupted] = [p for p in (runs["faulty"].parent).glob("fedkdlora-cola-*.incomplete")]
     assert [r["round"] for r in read_jsonl(interrupted / "rounds.jsonl")] == [0, 1]
 
     resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
-    assert resumed.name == interrupted.name.removesuffix(".incomplete") and not (resumed / "checkpoint.pt").exists()
+    assert resumed.name == interrupted.name.removesuffix(".incomplete") and not (resumed / "checkpoint.safetensors").exists()
     ignored = ("seconds", "elapsed", "bytes")
     strip = lambda rs: [{k: v for k, v in r.items() if not any(w in k for w in ignored)} for r in rs]
     assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(runs["fedkdlora-client"] / "rounds.jsonl"))
