@@ -15,7 +15,7 @@ import torch
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
-from fedtune.devices import compute
+from fedtune.devices import compute, evaluation_precision
 from fedtune.metrics import primary_metric
 from fedtune.preflight import check_out_dir
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
@@ -79,7 +79,8 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
         update(step)
         if step in checkpoints:
             record = {"epoch": round(step / len(batches), 3), "step": step, "train_loss": mean_loss,
-                      **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task, precision).items()},
+                      **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task,
+                                                                       evaluation_precision(device, precision)).items()},
                       "samples": examples, "seconds": time.perf_counter() - start}
             history.append(record)
             run.append_jsonl("epochs.jsonl", record)
@@ -103,6 +104,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
                                     "teacher_dev": teacher_dev,
                                     "train_samples": result.examples, "seconds": final["seconds"],
                                     "trainable_parameters": trainable, "total_parameters": total,
+                                    "precision": precision,
                                     "epochs": history, "settings": settings.non_default()})
     path = run.finish()
     print_table(f"{settings.method} on {settings.task}", history, quiet)

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
             continue
         if name == "compare":
-            from fedtune.compare import METHODS, PRESETS
+            from fedtune.compare import PRESETS
 
             sub.add_argument("--preset", choices=sorted(PRESETS), default="small",
                              help="budget: small (quick smoke grid; CoLA gets all its rows), standard (every method "
@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(never GLUE dev) at 30%% of the budget; trials are cached and recorded in results.json")
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
-            sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all): "
-                             + ", ".join(label for label, _ in METHODS))
+            sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all; "
+                             "`fedtune algorithms` lists the algorithms, each with its row labels)")
+            sub.add_argument("--remedies", default="", help="comma-separated label-skew remedies to add after each "
+                             "federated row: a client loss (fedlc, logit-adjust) or equal-steps (every client the "
+                             "mean client's local steps, uniform weights); results go to <grid>-remedies/")
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         for f in dataclasses.fields(Settings):
@@ -72,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                                      "teacher"):
                 continue  # options this command never reads
             choices = f.metadata.get("choices")
+            shown = f"choices: {', '.join(choices)}; " if choices else ""
             sub.add_argument(f"--{key_of(f.name)}", dest=f.name, default=argparse.SUPPRESS, metavar=f.type.upper(),
-                             choices=choices, help=f"{f.metadata['help']} (default: {f.default!r})")
+                             choices=choices, help=f"{f.metadata['help']} ({shown}default: {f.default!r})")
     return parser
 
 
@@ -117,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "algorithms":
-            from fedtune.algorithms import describe_algorithms
+            from fedtune.algorithms import registered
+            from fedtune.client_losses import registered as client_losses
 
-            print(describe_algorithms())
+            for name, cls in registered().items():
+                print(f"{name:14s} {cls.summary}\n{'':14s} rows in `compare`: {', '.join(label for label, _ in cls.rows)}")
+            print("\nclient losses (--client-loss, any algorithm):")
+            print("\n".join(f"{name:14s} {cls.summary}" for name, cls in client_losses().items()))
             return 0
         if args.command == "report":
             from fedtune.report import find_summaries, markdown_table
@@ -171,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             from fedtune.compare import run_compare
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
-            run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet, tune=args.tune)
+            remedy_names = [r.strip() for r in args.remedies.split(",") if r.strip()] or None
+            run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet, tune=args.tune,
+                        remedy_names=remedy_names)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

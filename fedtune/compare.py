@@ -13,7 +13,7 @@ import numpy as np
 
 from fedtune.config import Settings, key_of
 from fedtune.console import say
-from fedtune.grid import METHODS, make_grid, run_cell
+from fedtune.grid import grid_rows, make_grid, run_cell
 from fedtune.metrics import primary_metric
 from fedtune.runs import write_json
 from fedtune.tune import chosen_values, lr_setting, tune_methods
@@ -98,10 +98,18 @@ def seed_table(root: Path, partition: str, preset: str) -> str:
             for row in grid["table"]:
                 rows.setdefault(row["method"], {})[column] = row[metric]
                 rows[row["method"]].setdefault("MB up / round", row["MB up / round"])  # the same for every task
-    order = [label for label, _ in METHODS]
+    order = [label for label, _ in grid_rows()]
     methods = sorted(rows, key=lambda m: order.index(m) if m in order else len(order))
     table = [{"method": m, **{c: rows[m].get(c, "-") for c in columns + ["MB up / round"]}} for m in methods]
     return markdown(table)
+
+
+def partition_name(settings: Settings) -> str:
+    """How results folders name the partition: iid, dirichlet (alpha 0.1, the standard grids'),
+    dirichlet<alpha> for another alpha, pathological."""
+    if settings.partition == "dirichlet" and settings.dirichlet_alpha != 0.1:
+        return f"dirichlet{settings.dirichlet_alpha:g}"
+    return settings.partition
 
 
 def preset_settings(preset: str, given: dict | None = None) -> Settings:
@@ -115,31 +123,39 @@ def preset_settings(preset: str, given: dict | None = None) -> Settings:
 
 
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
-                methods: list[str] | None = None, quiet: bool = False, tune: bool = False) -> Path:
+                methods: list[str] | None = None, quiet: bool = False, tune: bool = False,
+                remedy_names: list[str] | None = None) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
     table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
-    (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`), and the seed system's
+    (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`; `...-remedies/` with
+    `remedy_names`, each federated row then followed by its remedied rows), and the seed system's
     method x task table of every finished task as `<out-dir>/compare/<partition>-<preset>.md`.
 
     With `tune`, each row first has its learning rate chosen on a holdout of the private rows
     (`fedtune.tune`); results.json records every trial."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
-    known = [label for label, _ in METHODS]
+    known = [label for label, _ in grid_rows()]
     if methods and (unknown := [m for m in methods if m not in known]):
         raise ValueError(f"unknown method(s) {unknown} (known: {', '.join(known)})")
+    from fedtune.grid import remedies
+
+    if remedy_names and (unknown := [r for r in remedy_names if r not in remedies()]):
+        raise ValueError(f"unknown remedy(ies) {unknown} (known: {', '.join(remedies())})")
     root = Path(base.out_dir) / "compare"
     cells_dir = root / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     tuning = []
     if tune:
-        tuning = tune_methods(base, methods, cells_dir, quiet)
+        tuning = tune_methods(base, methods, cells_dir, quiet, remedy_names)
     tuned = chosen_values(tuning)
-    results = [run_cell(cell, cells_dir, quiet) for cell in make_grid(base, seeds, rank_sweep, methods, tuned)]
+    results = [run_cell(cell, cells_dir, quiet)
+               for cell in make_grid(base, seeds, rank_sweep, methods, tuned, remedy_names)]
 
     from fedtune.plots import plot_compare, plot_rank_sweep
 
-    folder = root / (f"{base.task}-{base.partition}-{preset}" + ("-ranks" if rank_sweep else ""))
+    folder = root / (f"{base.task}-{partition_name(base)}-{preset}" + ("-ranks" if rank_sweep else "")
+                     + ("-remedies" if remedy_names else ""))
     folder.mkdir(parents=True, exist_ok=True)
     rows = table(results, base.task)
     (folder / "table.md").write_text(markdown(rows) + "\n")
@@ -149,7 +165,7 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     plot_compare(results, base.task, folder)
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)
-    else:
+    elif not remedy_names:
         (root / f"{base.partition}-{preset}.md").write_text(seed_table(root, base.partition, preset) + "\n")
     say(markdown(rows), quiet)
     say(f"saved {folder}", quiet)

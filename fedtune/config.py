@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedtune.plugins import declared_names, declared_options
+
 TASKS = ("cola", "sst2")
-# The registered federated algorithms (`fedtune algorithms`), listed here so `--help` needs no
-# heavy imports; tests/test_config.py checks it against the registry.
-ALGORITHMS = ("fedadam", "fedavg", "fedex-lora", "fedkdlora", "fedlora", "fedprox", "ffa-lora", "flexlora", "flora",
-              "hetlora")
+# The registered federated algorithms and client losses, read from plugins.json (generated from the
+# registries) so that `--help` and the settings check need no heavy imports.
+ALGORITHMS = declared_names("algorithms")
+CLIENT_LOSSES = declared_names("client-losses")
+CLIENT_WEIGHTINGS = ("examples", "uniform")
 CENTRALIZED_METHODS = ("finetune", "lora", "kd")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
-KD_PLACEMENTS = ("server", "client")
 CODECS = ("none", "fp16", "int8", "svd")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
 BATCHINGS = ("random", "by-length")
@@ -43,8 +44,8 @@ def _fed(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything a fedtune run needs. Frozen, so it can key caches and be hashed."""
+class CoreSettings:
+    """The settings every run reads; `Settings` adds the plug-ins' own (see `fedtune.plugins`)."""
 
     # --- data
     task: str = _opt("sst2", "GLUE task", TASKS)
@@ -80,8 +81,10 @@ class Settings:
     # --- hardware
     device: str = _opt("auto", "where to compute: auto (CUDA if present, else MPS, else CPU), cpu, cuda, cuda:N or "
                        "mps; what travels and what is saved stays on the CPU")
-    precision: str = _opt("auto", "auto (fp32: measured fastest for MiniLM on CPU and GPU), fp32, bf16 (autocast) "
-                          "or fp16 (autocast and a grad scaler; CUDA only)", ("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("auto", "training precision: auto (bf16 autocast on a CPU whose bf16 matmuls measured >= "
+                          "1.5x fp32's, e.g. AMX or AVX512-BF16; fp32 elsewhere and on GPUs), fp32, bf16 (autocast) "
+                          "or fp16 (autocast and a grad scaler; CUDA only); weights and evaluation stay fp32",
+                          ("auto", "fp32", "bf16", "fp16"))
     client_gpus: float = _fed(0.0, "simulation: GPU share each simulated client reserves (0.25: 4 clients share a "
                               "GPU); 0: a whole GPU when computing on CUDA, none otherwise")
     engine: str = _fed("ray", "simulation engine: ray (Flower's simulation engine, Ray actors) or local (this one "
@@ -92,8 +95,12 @@ class Settings:
     epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)", centralized=True)
     teacher_epochs: float = _opt(1.0, "epochs of teacher pre-training on the public slice (kd)")
     # --- federated
-    algorithm: str = _fed("fedlora", f"federated algorithm: {', '.join(ALGORITHMS)} (`fedtune algorithms` says what "
-                          "each does)")
+    algorithm: str = _fed("fedlora", f"federated algorithm (`fedtune algorithms` says what each does)", ALGORITHMS)
+    client_loss: str = _fed("none", "the loss clients train with, against label skew: none (cross-entropy) or a "
+                            "registered client loss (`fedtune algorithms` lists them)", CLIENT_LOSSES)
+    client_weighting: str = _fed("examples", "weights of the clients' states in the server's mean: examples (each "
+                                 "client's number of rows, FedAvg's) or uniform (every client the same)",
+                                 CLIENT_WEIGHTINGS)
     clients: int = _fed(4, "number of clients (simulated SuperNodes)")
     rounds: int = _fed(3, "federated rounds")
     fraction_train: float = _fed(1.0, "fraction of clients sampled per round")
@@ -118,30 +125,6 @@ class Settings:
                                    "sees only their weighted mean", SECURE_AGGREGATIONS)
     secagg_clip: float = _fed(8.0, "secagg+: update values are clipped to +-this before quantization")
     dropout: float = _fed(0.0, "simulated fault: probability that a sampled client fails in a round")
-    # --- heterogeneous LoRA ranks (flexlora, hetlora)
-    rank_distribution: str = _fed("heavy-tail-light", "how client ranks are drawn from rank-set", RANK_DISTRIBUTIONS)
-    rank_set: str = _fed("4,8,16,32", "comma-separated ranks clients can have")
-    client_ranks: str = _fed("", "explicit comma-separated rank per client (overrides rank-distribution)")
-    hetlora_weighting: str = _fed("sparsity", "hetlora: weigh each client's LoRA module by the norm of its update "
-                                  "(sparsity, the paper's) or by its examples", ("sparsity", "examples"))
-    hetlora_prune: float = _fed(0.99, "hetlora: rank self-pruning decay gamma; a client whose local training shrank "
-                                "the tail of its LoRA beyond gamma*r cuts its rank to int(gamma*r) (1: off)")
-    hetlora_prune_weight: float = _fed(0.01, "hetlora: weight of the self-pruning regulariser "
-                                       "sum_modules ||A_tail|| * ||B_tail||")
-    hetlora_rescale: int = _fed(1, "hetlora: 1 rescales B on truncation and padding so a component means the same "
-                                "update at the client's scale alpha/r and the server's alpha/R; 0: plain")
-    # --- FedKDLoRA (fedkdlora)
-    kd_placement: str = _fed("server", "where the teacher lives: 'server' (distils on the public slice after "
-                             "aggregation) or 'client' (each client keeps its own teacher; FedKD)", KD_PLACEMENTS)
-    kd_hidden_weight: float = _fed(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); 0: off")
-    kd_server_steps: int = _fed(0, "server-side distillation steps per round (0: as many as an average client's local steps)")
-    # --- FedProx (fedprox) and the adaptive server optimizer (fedadam)
-    prox_mu: float = _fed(0.01, "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2 on the travelling "
-                          "parameters")
-    server_lr: float = _fed(0.01, "fedadam: server learning rate (eta) of Adam on the aggregated update")
-    server_beta1: float = _fed(0.9, "fedadam: first-moment decay (beta_1)")
-    server_beta2: float = _fed(0.99, "fedadam: second-moment decay (beta_2)")
-    server_tau: float = _fed(1e-3, "fedadam: adaptivity tau (added to the root of the second moment)")
     # --- update compression (client -> server)
     codec: str = _fed("none", "how clients encode their update: none (fp32 state), fp16, int8, or svd (FedKD)", CODECS)
     svd_energy_start: float = _fed(0.95, "svd codec: energy kept in round 1")
@@ -158,6 +141,8 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"{key_of(f.name)}={getattr(self, f.name)!r} (choose from: {', '.join(choices)})")
+            if (option := f.metadata.get("option")) and (problem := option.problem(key_of(f.name), getattr(self, f.name))):
+                problems.append(problem)
         positive = ("max_length", "lora_r", "batch_size", "eval_batch_size", "clients", "rounds", "lora_lr", "full_lr",
                     "lora_alpha", "kd_temperature", "round_timeout")
         problems += [f"{key_of(n)}={getattr(self, n)} (must be > 0)" for n in positive if not getattr(self, n) > 0]
@@ -192,19 +177,12 @@ class Settings:
             problems.append("dp-noise > 0 needs codec=none and aggregation=mean (clipping and noise act on plain "
                             "updates averaged with equal weights)")
         if self.secure_aggregation != "none" and (self.codec != "none" or self.aggregation != "mean"
-                                                  or self.dp_noise > 0 or self.secagg_clip <= 0):
-            problems.append("secure-aggregation needs codec=none, aggregation=mean, dp-noise=0 and secagg-clip > 0 "
-                            "(the server only ever sees the masked sum)")
-        if self.prox_mu < 0 or self.server_lr <= 0 or self.server_tau <= 0:
-            problems.append("prox-mu must be >= 0, server-lr and server-tau > 0")
-        if not (0.0 <= self.server_beta1 < 1.0 and 0.0 <= self.server_beta2 < 1.0):
-            problems.append("server-beta1 and server-beta2 must be in [0, 1)")
+                                                  or self.dp_noise > 0 or self.secagg_clip <= 0
+                                                  or self.client_weighting != "examples"):
+            problems.append("secure-aggregation needs codec=none, aggregation=mean, dp-noise=0, secagg-clip > 0 and "
+                            "client-weighting=examples (the server only ever sees the masked, example-weighted sum)")
         if self.client_gpus < 0 or self.client_cpus < 0:
             problems.append("client-gpus and client-cpus must be >= 0")
-        if not 0.0 < self.hetlora_prune <= 1.0 or self.hetlora_prune_weight < 0:
-            problems.append("hetlora-prune must be in (0, 1] and hetlora-prune-weight >= 0")
-        if self.hetlora_rescale not in (0, 1):
-            problems.append(f"hetlora-rescale={self.hetlora_rescale} (must be 0 or 1)")
         if self.krum_malicious < 0:
             problems.append(f"krum-malicious={self.krum_malicious} (must be >= 0)")
         sampled = max(1, math.floor(self.fraction_train * self.clients + 1e-9))
@@ -212,8 +190,6 @@ class Settings:
             problems.append(f"aggregation=krum needs at least 2 * krum-malicious + 3 = {2 * self.krum_malicious + 3} "
                             f"sampled clients (Blanchard et al.), this run samples {sampled}: add clients or lower "
                             f"krum-malicious")
-        if self.kd_hidden_weight < 0 or self.kd_server_steps < 0:
-            problems.append("kd-hidden-weight and kd-server-steps must be >= 0")
         if self.local_steps == 0 and self.local_epochs <= 0:
             problems.append("local-epochs must be > 0 when local-steps is 0")
         if problems:
@@ -264,6 +240,21 @@ class Settings:
         import os
 
         return self.glue_dir or os.environ.get("GLUE_DIR", "")
+
+
+def _plugin_field(name: str, used_by: list[str], option) -> tuple[str, str, dataclasses.Field]:
+    help_text = f"{', '.join(used_by)}: {option.help}"
+    metadata = {"help": help_text, "choices": option.choices, "federated": True, "centralized": False,
+                "option": option}
+    return name, option.type, field(default=option.default, metadata=metadata)
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [_plugin_field(name, used_by, option) for name, (used_by, option) in declared_options().items()],
+    bases=(CoreSettings,), frozen=True,
+    namespace={"__doc__": "Everything a fedtune run needs: the core settings and every plug-in's options. "
+                          "Frozen, so it can key caches and be hashed."})
+Settings.__module__ = __name__
 
 
 def federated_only() -> tuple[str, ...]:

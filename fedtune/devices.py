@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
 
 import torch
 
@@ -52,17 +57,93 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is fp32 on every device: bf16 is slow on most CPUs, and on an H200 bf16 autocast measured
-    slower than fp32 for all-MiniLM-L6-v2 too (benchmarks/gpu.json: LoRA 1,314 vs 2,012 samples/s at
-    batch 32, full fine-tuning 187 vs 2,280), so it is a choice (`bf16`, `fp16`) for larger models."""
+    """`auto` is bf16 (autocast) on a CPU whose bf16 matmuls measured at least `BF16_MARGIN` times
+    fp32's (AMX, or AVX512-BF16: see `cpu_bf16_pays`), fp32 on other CPUs and on GPUs (on an H200
+    bf16 autocast measured slower than fp32 for all-MiniLM-L6-v2: benchmarks/gpu.json, LoRA 1,314 vs
+    2,012 samples/s at batch 32, full fine-tuning 187 vs 2,280). Weights, what travels and what is
+    saved stay fp32 either way; evaluation is fp32 on CPU (`evaluation_precision`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} (choose from: {', '.join(PRECISIONS)})")
     if precision == "auto":
-        return "fp32"
+        return "bf16" if device.type == "cpu" and cpu_bf16_pays() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision=fp16 needs a CUDA device (its grad scaler is CUDA's); on {device.type} use "
                          f"bf16 or fp32")
     return precision
+
+
+def evaluation_precision(device: torch.device, precision: str) -> str:
+    """Precision of evaluation: fp32 on CPU (evaluation is a small share of a CPU run, and an fp32
+    evaluation of the fp32 weights gives exactly what plain transformers reports for an export),
+    the training precision on a GPU."""
+    return "fp32" if device.type == "cpu" else precision
+
+
+BF16_MARGIN = 1.5  # bf16 matmuls must be this many times faster than fp32 for `auto` to train in bf16
+PROBE_SHAPE = (640, 384, 1536)  # an FFN matmul of all-MiniLM-L6-v2 at batch 32 x 20 tokens
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 matmuls run at least `BF16_MARGIN` times fp32's on this CPU. Measured once per
+    machine (one thread, `PROBE_SHAPE`) and kept in `<cache>/cpu-precision.json`, keyed by the CPU
+    model and torch version, so every process of a run (the server, Ray's actors) and every later run
+    resolves `auto` the same way; the cache is `$FEDTUNE_CACHE` or ~/.cache/fedtune."""
+    return _probe()["bf16_gflops"] >= BF16_MARGIN * _probe()["fp32_gflops"]
+
+
+@functools.cache
+def _probe() -> dict:
+    key = f"{platform.machine()} {_cpu_model()} torch {torch.__version__}"
+    path = cache_dir() / "cpu-precision.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key and all(isinstance(saved.get(k), (int, float)) and saved[k] > 0
+                                           for k in ("bf16_gflops", "fp32_gflops")):
+            return saved
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or damaged: measure again
+    measured = {"key": key, "shape": list(PROBE_SHAPE), "fp32_gflops": matmul_gflops(torch.float32),
+                "bf16_gflops": matmul_gflops(torch.bfloat16)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(measured, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: this process keeps its measurement
+    return measured
+
+
+def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = 0.15) -> float:
+    """Best GFLOP/s of one-thread CPU matmuls of `shape` in `dtype` over about `seconds`."""
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.mm(a, b)  # warm-up
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * m * k * n / best / 1e9
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
 
 
 def autocast(device: torch.device, precision: str):

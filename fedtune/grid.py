@@ -18,23 +18,49 @@ from fedtune.config import Settings, federated_only
 from fedtune.console import say
 from fedtune.runs import read_jsonl, write_json
 
-# (row label, changes to the base settings); `method` cells are centralized, `algorithm` federated.
-METHODS: list[tuple[str, dict]] = [
-    ("Finetune", {"method": "finetune"}),
-    ("KD", {"method": "kd"}),
-    ("LoRA", {"method": "lora"}),
-    ("Fed-finetune (FedAvg)", {"algorithm": "fedavg"}),
-    ("Fed-LoRA", {"algorithm": "fedlora"}),
-    ("Fed-LoRA-KD (server teacher)", {"algorithm": "fedkdlora", "kd_placement": "server"}),
-    ("Fed-LoRA-KD (client teachers)", {"algorithm": "fedkdlora", "kd_placement": "client"}),
-    ("FlexLoRA", {"algorithm": "flexlora"}),
-    ("HetLoRA", {"algorithm": "hetlora"}),
-    ("FFA-LoRA", {"algorithm": "ffa-lora"}),
-    ("FedEx-LoRA", {"algorithm": "fedex-lora"}),
-    ("FLoRA", {"algorithm": "flora"}),
-    ("FedProx", {"algorithm": "fedprox"}),
-    ("FedAdam", {"algorithm": "fedadam"}),
-]
+CENTRALIZED_ROWS: list[tuple[str, dict]] = [("Finetune", {"method": "finetune"}), ("KD", {"method": "kd"}),
+                                            ("LoRA", {"method": "lora"})]
+
+
+def grid_rows() -> list[tuple[str, dict]]:
+    """(row label, changes to the base settings), centralized rows first, then each registered
+    algorithm's `rows` in registration order; `method` rows are centralized, `algorithm` federated."""
+    from fedtune.algorithms import registered
+
+    return CENTRALIZED_ROWS + [(label, {"algorithm": name, **changes}) for name, cls in registered().items()
+                               for label, changes in cls.rows]
+
+
+def remedies() -> dict[str, dict]:
+    """What `compare --remedies` can add to each federated row: name -> settings changes. Every
+    registered client loss, and `equal-steps`: every client the same number of local steps (the
+    mean client's, so the federation trains on as many rows as without it) and uniform weights."""
+    from fedtune.client_losses import registered
+
+    return {**{name: {"client_loss": name} for name in registered() if name != "none"},
+            "equal-steps": {"client_weighting": "uniform", "local_steps": "mean client"}}
+
+
+def remedy_changes(name: str, settings: Settings) -> dict:
+    """The settings changes of remedy `name` for a row with `settings`."""
+    known = remedies()
+    if name not in known:
+        raise ValueError(f"unknown remedy {name!r} (known: {', '.join(known)})")
+    changes = dict(known[name])
+    if changes.get("local_steps") == "mean client":
+        changes["local_steps"] = mean_client_steps(settings)
+    return changes
+
+
+def mean_client_steps(settings: Settings) -> int:
+    """Local steps of a client holding the mean partition (private rows / clients) at `local-epochs`."""
+    import math
+
+    from fedtune.data import cached_task_data
+    from fedtune.train import steps_for
+
+    rows = math.ceil(len(cached_task_data(settings).private) / settings.clients)
+    return steps_for(math.ceil(rows / settings.batch_size), settings.local_epochs)
 SWEEP_RANKS = (4, 8, 16, 32)
 
 # Settings a centralized run does not read (marked in Settings): normalised before hashing so grids share those cells.
@@ -59,7 +85,11 @@ class Cell:
         # Only values that differ from the defaults: a setting added later (at its default) keeps old keys.
         defaults = Settings().to_dict()
         values = {k: v for k, v in {**settings.to_dict(), "glue-dir": settings.resolved_glue_dir}.items()
-                  if v != defaults[k] and k != "out-dir" and k not in EXECUTION_ONLY}
+                  if v != defaults[k] and k != "out-dir" and k not in EXECUTION_ONLY and k != "precision"}
+        # The precision the cell computes in, as resolved here (`auto` is bf16 on some CPUs): fp32
+        # cells keep the keys they had before `auto` could mean bf16.
+        if (precision := training_precision(settings)) != "fp32":
+            values["precision"] = precision
         values["kind"] = "centralized" if self.centralized else "federated"
         if not self.centralized:  # an algorithm whose maths changed gets new cells (old keys stay valid for v1)
             from fedtune.algorithms import get_algorithm
@@ -69,13 +99,25 @@ class Cell:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def training_precision(settings: Settings) -> str:
+    from fedtune.devices import compute
+
+    return compute(settings.device, settings.precision)[1]
+
+
 def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: list[str] | None = None,
-              tuned: dict[str, dict] | None = None) -> list[Cell]:
+              tuned: dict[str, dict] | None = None, remedy_names: list[str] | None = None) -> list[Cell]:
     """Every (method, seed) cell. Centralized cells train rounds x local-epochs epochs: the
-    federation's total budget. `tuned` adds per-row changes (the chosen learning rates)."""
+    federation's total budget. `remedy_names` add, after each federated row, the row with each
+    remedy (labelled "<row> + <remedy>"). `tuned` adds per-row changes (the chosen learning rates)."""
     tuned = tuned or {}
-    rows = [(label, {**changes, **tuned.get(label, {})}) for label, changes in METHODS
-            if methods is None or label in methods]
+    rows = [(label, changes) for label, changes in grid_rows() if methods is None or label in methods]
+    if remedy_names:
+        rows = [variant for label, changes in rows for variant in
+                [(label, changes)] + ([] if "method" in changes else
+                                      [(f"{label} + {name}", {**changes, **remedy_changes(name, base)})
+                                       for name in remedy_names])]
+    rows = [(label, {**changes, **tuned.get(label, {})}) for label, changes in rows]
     if rank_sweep:
         rows += [(f"{name} r={r}", {"algorithm": algorithm, "lora_r": r})
                  for r in SWEEP_RANKS for name, algorithm in (("Fed-LoRA", "fedlora"), ("Fed-LoRA-KD", "fedkdlora"))]

@@ -19,7 +19,7 @@ from torch import nn
 
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
-from fedtune.devices import compute, model_device
+from fedtune.devices import compute, evaluation_precision, model_device
 from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
 from fedtune.train import LossFn, TrainResult, evaluate, seed_everything, steps_for, train
@@ -136,4 +136,5 @@ def evaluate_state(algorithm: Algorithm, state: State) -> dict[str, float]:
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, state)
     settings = algorithm.settings
-    return evaluate(model, dev_loader(settings), settings.task, compute(settings.device, settings.precision)[1])
+    device, precision = compute(settings.device, settings.precision)
+    return evaluate(model, dev_loader(settings), settings.task, evaluation_precision(device, precision))

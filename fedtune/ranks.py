@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtune.config import RANK_DISTRIBUTIONS
+RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
 
 
 def rank_probabilities(distribution: str, num_ranks: int) -> np.ndarray:

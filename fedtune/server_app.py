@@ -13,6 +13,7 @@ from fedtune import checkpoint as checkpoints
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
 from fedtune.config import Settings
+from fedtune.devices import compute
 from fedtune.console import print_table, progress_bar, quiet_libraries, say
 from fedtune.local import cached_model, evaluate_state, initial_state
 from fedtune.models import State, load_tokenizer, load_trainable_state
@@ -234,6 +235,7 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "rounds": settings.rounds, "travelling_parameters": final["travelling_parameters"],
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
         "teacher_dev": {k[12:]: v for k, v in final.items() if k.startswith("teacher_dev_")} or None,
+        "precision": compute(settings.device, settings.precision)[1],
         "codec": settings.codec, "aggregation": settings.aggregation, "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
         "total_bytes_up": final["cum_bytes_up"], "total_bytes_down": final["cum_bytes_down"],
         "examples_seen": sum(r["examples_seen"] for r in records),

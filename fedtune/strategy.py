@@ -139,7 +139,8 @@ class FedTuneStrategy(FedAvg):
         accepted.sort(key=lambda item: item[0])
         states = [state for _, state, _ in accepted]
         metrics = [m for _, _, m in accepted]
-        weights = [1.0 if self.uniform_weights else float(m["num-examples"]) for m in metrics]
+        uniform = self.uniform_weights or self.algorithm.settings.client_weighting == "uniform"
+        weights = [1.0 if uniform else float(m["num-examples"]) for m in metrics]
         start = time.perf_counter()
         aggregated = self.algorithm.aggregate(states, weights)
         stats.aggregate_seconds = time.perf_counter() - start

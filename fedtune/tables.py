@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fedtune.compare import markdown
-from fedtune.grid import METHODS
+from fedtune.grid import grid_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -65,7 +65,7 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
                 cells.setdefault(row["method"], {})[column] = _mean(row[metric])
         for row in grid["table"]:
             traffic.setdefault(row["method"], (row["MB up / round"], row["MB down / round"]))
-    order = [label for label, _ in METHODS]
+    order = [label for label, _ in grid_rows()]
     methods = sorted(cells, key=lambda m: order.index(m) if m in order else len(order))
     rows = []
     for method in methods:

@@ -15,10 +15,11 @@ class TaskSpec:
     num_labels: int
     primary_metric: str
     labels: tuple[str, ...]  # label names, by label id
+    metrics: tuple[str, ...] = ()  # what it reports besides accuracy (and ROC-AUC, balanced accuracy)
 
 
 TASK_SPECS = {
-    "cola": TaskSpec("cola", "CoLA", "cola", 2, "mcc", ("unacceptable", "acceptable")),
+    "cola": TaskSpec("cola", "CoLA", "cola", 2, "mcc", ("unacceptable", "acceptable"), ("mcc",)),
     "sst2": TaskSpec("sst2", "SST-2", "sst2", 2, "accuracy", ("negative", "positive")),
 }
 

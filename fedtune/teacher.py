@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from fedtune.config import Settings
 from fedtune.console import progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
-from fedtune.devices import compute
+from fedtune.devices import compute, evaluation_precision
 from fedtune.models import check_same_tokenizer, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
@@ -57,7 +57,8 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
                        weight_decay=settings.weight_decay,
                        on_step=lambda step, *_: update(step), precision=precision)
     metrics = evaluate(model, eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
-                                          settings.eval_batch_size), settings.task, precision)
+                                          settings.eval_batch_size), settings.task,
+                       evaluation_precision(device, precision))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -114,10 +114,11 @@ def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet
     return records
 
 
-def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False) -> list[dict]:
-    """Tune every row of the grid (or the rows in `methods`) on `base`'s first seed."""
+def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False,
+                 remedy_names: list[str] | None = None) -> list[dict]:
+    """Tune every row of the grid (or the rows in `methods`, with `remedy_names`) on `base`'s first seed."""
     tuned = []
-    for cell in make_grid(base, seeds=1, methods=methods):
+    for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names):
         tuned += tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet)
     return tuned
 

@@ -8,6 +8,7 @@ from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.fedprox import proximal_term
 from fedtune.config import Settings
 from fedtune.models import trainable_state
+from fedtune.train import supervised_loss
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_fedprox_adds_mu_half_squared_distance_to_the_received_state():
     model = _Quadratic([1.0, 2.0, -1.0])
     received = {"w": torch.tensor([0.0, 2.0, 1.0])}
     algorithm = get_algorithm("fedprox", Settings(algorithm="fedprox", prox_mu=0.5))
-    loss = algorithm.client_loss(model, received)(model, {})
+    loss = algorithm.client_loss(model, received, supervised_loss)(model, {})
     # mu/2 * ((1-0)^2 + (2-2)^2 + (-1-1)^2) = 0.25 * 5
     assert loss.item() == pytest.approx(1.25)
     loss.backward()
@@ -84,7 +85,7 @@ def test_fedprox_adds_mu_half_squared_distance_to_the_received_state():
 
 def test_fedlora_loss_has_no_proximal_term():
     model = _Quadratic([1.0])
-    loss = get_algorithm("fedlora").client_loss(model, {"w": torch.tensor([5.0])})(model, {})
+    loss = get_algorithm("fedlora").client_loss(model, {"w": torch.tensor([5.0])}, supervised_loss)(model, {})
     assert loss.item() == 0.0
 
 

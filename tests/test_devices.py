@@ -27,9 +27,41 @@ def test_explicit_and_missing_devices(monkeypatch):
         resolve_device("cuda:1")
 
 
-def test_precision_defaults_to_bf16_on_capable_cuda_and_fp32_elsewhere(monkeypatch):
+def test_auto_precision_is_bf16_only_on_a_cpu_where_bf16_measured_faster(monkeypatch, tmp_path):
+    import fedtune.devices as devices
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
+    speeds = {torch.float32: 100.0, torch.bfloat16: 149.0}
+    monkeypatch.setattr(devices, "matmul_gflops", lambda dtype, *a, **k: speeds[dtype])
+    devices._probe.cache_clear()
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # 1.49x: below the 1.5x margin
+    saved = json.loads((tmp_path / "cpu-precision.json").read_text())
+    assert saved["fp32_gflops"] == 100.0 and saved["bf16_gflops"] == 149.0
+    # Every later process reads the saved measurement instead of measuring again (they agree).
+    speeds[torch.bfloat16] = 400.0
+    devices._probe.cache_clear()
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    (tmp_path / "cpu-precision.json").write_text("{not json")  # damaged: measured again
+    devices._probe.cache_clear()
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"  # 4x (AMX-like)
+    assert json.loads((tmp_path / "cpu-precision.json").read_text())["bf16_gflops"] == 400.0
+    devices._probe.cache_clear()
+
+
+def test_a_cell_key_names_the_precision_it_computes_in(monkeypatch):
+    import fedtune.grid as grid
+
+    fp32 = grid.Cell("Fed-LoRA", Settings(precision="fp32"), False).key
+    monkeypatch.setattr(grid, "training_precision", lambda s: "fp32")
+    assert grid.Cell("Fed-LoRA", Settings(), False).key == fp32  # auto resolved to fp32: the same cell
+    monkeypatch.setattr(grid, "training_precision", lambda s: "bf16")
+    assert grid.Cell("Fed-LoRA", Settings(), False).key != fp32  # auto resolved to bf16: another cell
+    assert grid.Cell("Fed-LoRA", Settings(), False).key == grid.Cell("Fed-LoRA", Settings(precision="bf16"), False).key
+
+
+def test_precision_defaults_to_fp32_on_cuda(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("bf16", cpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     # auto is fp32 on CUDA too (bf16 measured slower for MiniLM on an H200); bf16 and fp16 are asked for
     assert resolve_precision("auto", cuda) == "fp32" and resolve_precision("fp16", cuda) == "fp16"
@@ -75,7 +107,8 @@ def test_client_training_and_server_evaluation_compute_in_the_precision_asked(ti
     state = initial_state(algorithm)
     model = cached_model(algorithm, settings)
     assert _linear_output_dtypes(model, lambda: client_update(algorithm, 0, 2, state, 1, 1e-3)) == {dtype}
-    assert _linear_output_dtypes(model, lambda: evaluate_state(algorithm, state)) == {dtype}
+    # Evaluation on CPU is fp32 whatever the training precision (an export evaluated elsewhere agrees)
+    assert _linear_output_dtypes(model, lambda: evaluate_state(algorithm, state)) == {torch.float32}
     result = client_update(algorithm, 0, 2, state, 1, 1e-3)
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in result.state.values())  # what travels
 
@@ -86,7 +119,8 @@ def test_centralized_on_cpu_explicitly_equals_the_default(tiny_bert, glue_dir, t
     settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, train_limit=32, eval_limit=16,
                         batch_size=8, max_length=32, epochs=1, lora_r=2, method="lora", out_dir=str(tmp_path))
     default = run_centralized(settings, quiet=True)
-    explicit = run_centralized(settings.replace(device="cpu", precision="fp32"), quiet=True)
+    auto = resolve_precision("auto", torch.device("cpu"))  # what this CPU measured: bf16 or fp32
+    explicit = run_centralized(settings.replace(device="cpu", precision=auto), quiet=True)
     assert (json.loads((default / "summary.json").read_text())["dev"]
             == json.loads((explicit / "summary.json").read_text())["dev"])
 

@@ -73,3 +73,16 @@ def test_sampling_is_seeded_and_sized():
     assert all(len(s) == 2 and len(set(s)) == 2 for s in first)
     assert len({tuple(s) for s in first}) > 1  # rounds differ
     assert make_strategy(fraction=0.1).sample(1).__len__() == 1  # at least one client
+
+
+def test_uniform_client_weighting_is_the_unweighted_mean():
+    from fedtune.config import Settings
+
+    nodes = {p: 100 + p for p in range(2)}
+    strategy = FedTuneStrategy(get_algorithm("fedlora", Settings(client_weighting="uniform")), nodes, 1.0, 0,
+                               lr_at=lambda r: 0.1)
+    strategy.sent = {p: {"w": torch.zeros(2)} for p in range(2)}
+    replies = [reply({"w": torch.tensor([1.0, 1.0])}, 0, examples=1),
+               reply({"w": torch.tensor([4.0, 7.0])}, 1, examples=2)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), [2.5, 4.0])  # ([1, 1] + [4, 7]) / 2, not (1 * . + 2 * .) / 3

@@ -92,3 +92,12 @@ def test_training_is_deterministic_for_a_seed(tiny_bert):
         train(model, _toy_loader(tiny_bert, seed=5), lr=1e-3, steps=5)
         states.append(trainable_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_balanced_accuracy_and_worst_class_recall_expose_a_one_class_model():
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    majority = classification_metrics("sst2", labels, np.zeros(8, dtype=int))
+    assert majority["accuracy"] == 0.75  # looks fine...
+    assert majority["balanced_accuracy"] == 0.5 and majority["worst_class_recall"] == 0.0  # ...and is not
+    mixed = classification_metrics("sst2", labels, np.array([0, 0, 0, 1, 1, 1, 1, 0]))
+    assert mixed["balanced_accuracy"] == pytest.approx((3 / 6 + 1 / 2) / 2) and mixed["worst_class_recall"] == 0.5

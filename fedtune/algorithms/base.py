@@ -5,10 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from fedtune.algorithms.aggregate import State, robust_aggregate
+from fedtune.client_losses import task_loss
 from fedtune.config import Settings
 from fedtune.local import LocalWork, supervised_round
 from fedtune.models import save_model
-from fedtune.train import LossFn, schedule_factor, supervised_loss
+from fedtune.plugins import Option
+from fedtune.tasks import task_spec
+from fedtune.train import LossFn, schedule_factor
 
 
 class Algorithm:
@@ -27,10 +30,20 @@ class Algorithm:
         Registry name, used by `--algorithm`.
     summary : str
         One line for `fedtune algorithms`.
+    options : dict[str, Option]
+        The settings this algorithm reads besides the core ones (`settings.<field>`, flag
+        `--<field-with-dashes>`); subclasses inherit them. See `fedtune.plugins`.
+    rows : tuple[tuple[str, dict], ...]
+        The rows it adds to `fedtune compare`'s grid: (label, settings changes).
+    card : dict[str, str]
+        Its line of the README's algorithm table (column -> text).
     """
 
     name: str = ""
     summary: str = ""
+    options: dict[str, Option] = {}
+    rows: tuple[tuple[str, dict], ...] = ()
+    card: dict[str, str] = {}
     version: int = 1  # raised when the maths change, so cached grid cells of the old maths are not reused
     # Every client sends the same keys and shapes; robust aggregation rules, DP noise and SecAgg+
     # act on such updates only (False for per-client LoRA ranks).
@@ -89,17 +102,19 @@ class Algorithm:
         run name (default: none)."""
         return {}
 
-    def client_loss(self, model: nn.Module, global_state: State) -> LossFn:
-        """The loss a client minimises, given the state it received (default: cross-entropy)."""
-        return supervised_loss
+    def client_loss(self, model: nn.Module, global_state: State, task: LossFn) -> LossFn:
+        """The loss a client minimises, given the state it received and `task`, the task loss on
+        this client's rows (cross-entropy, or the `client-loss` plug-in). Default: `task`."""
+        return task
 
     def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
                     kept_state: State | None, extras: State) -> LocalWork:
         """A client's training of `model` (holding `global_state`) on its `rows`, in place.
         `kept_state` is what the client kept from its last round (default: nothing), `extras`
         what `downlink_extras` sent it."""
+        task = task_loss(self.settings, rows, task_spec(self.settings.task).num_labels)
         return LocalWork(supervised_round(self.settings, model, rows, seed, lr, steps,
-                                          self.client_loss(model, global_state)))
+                                          self.client_loss(model, global_state, task)))
 
     def aggregate(self, states: list[State], weights: list[float]) -> State:
         """Combine client states into the new global state: the `aggregation` rule (default:
@@ -129,6 +144,15 @@ class Algorithm:
         return {"lora_r": None, "client_ranks": None}
 
 
+    @classmethod
+    def declared_options(cls) -> dict[str, Option]:
+        """Its own `options` and those of the classes it extends."""
+        merged: dict[str, Option] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("options", {}))
+        return merged
+
+
 _REGISTRY: dict[str, type[Algorithm]] = {}
 
 
@@ -149,9 +173,10 @@ def get_algorithm(name: str, settings: Settings | None = None) -> Algorithm:
     return _REGISTRY[name](settings or Settings(algorithm=name))
 
 
+def registered() -> dict[str, type[Algorithm]]:
+    """Every registered algorithm, in registration order (the grid's and the tables' order)."""
+    return dict(_REGISTRY)
+
+
 def algorithm_names() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def describe_algorithms() -> str:
-    return "\n".join(f"{name:10s} {_REGISTRY[name].summary}" for name in algorithm_names())

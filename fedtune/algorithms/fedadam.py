@@ -16,6 +16,7 @@ from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.config import Settings
+from fedtune.plugins import Option
 
 
 class _Averaged(FlowerFedAvg):
@@ -35,6 +36,16 @@ class FedAdam(FedLoRA):
     name = "fedadam"
     summary = "FedLoRA + Adam on the server over the averaged update (server-lr; Flower's FedAdam maths)"
     tunables = {"server_lr": (3e-3, 1e-2, 3e-2)}
+    options = {"server_lr": Option(0.01, "server learning rate (eta) of Adam on the aggregated update",
+                                   interval="(0, inf)"),
+               "server_beta1": Option(0.9, "first-moment decay (beta_1)", interval="[0, 1)"),
+               "server_beta2": Option(0.99, "second-moment decay (beta_2)", interval="[0, 1)"),
+               "server_tau": Option(1e-3, "adaptivity tau (added to the root of the second moment)",
+                                    interval="(0, inf)")}
+    rows = (("FedAdam", {}),)
+    card = {"what trains": "LoRA A, B + head; server takes an Adam step on the mean update",
+            "up (client -> server)": "as fedlora", "down (server -> client)": "as fedlora",
+            "aggregation exact": "no", "own rank per client": "no", "paper": "Reddi et al. 2021"}
 
     def __init__(self, settings: Settings):
         super().__init__(settings)

@@ -14,6 +14,10 @@ from fedtune.models import load_classifier
 class FedAvg(Algorithm):
     name = "fedavg"
     summary = "full fine-tuning; the whole model travels, averaged by examples"
+    rows = (("Fed-finetune (FedAvg)", {}),)
+    card = {"what trains": "every weight", "up (client -> server)": "whole model",
+            "down (server -> client)": "whole model", "aggregation exact": "yes (weighted mean)",
+            "paper": "McMahan et al. 2017"}
     lr_setting = "full_lr"
 
     def build_model(self, settings: Settings) -> nn.Module:

@@ -20,6 +20,11 @@ from fedtune.algorithms.lora_maths import fedex_residual, lora_pairs
 class FedExLoRA(MergesIntoBase):
     name = "fedex-lora"
     summary = "FedLoRA + the residual mean(BA) - mean(B)mean(A) folded into the base: exact aggregation"
+    rows = (("FedEx-LoRA", {}),)
+    card = {"what trains": "LoRA A, B + head", "up (client -> server)": "A, B, head",
+            "down (server -> client)": "A, B, head + residual factors, rank (K+1)·r",
+            "aggregation exact": "yes (residual into the base)", "own rank per client": "no",
+            "paper": "Singhal et al. 2025"}
 
     def check_settings(self) -> None:
         super().check_settings()

@@ -21,9 +21,10 @@ from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, train_loader
-from fedtune.devices import compute
+from fedtune.devices import compute, evaluation_precision
 from fedtune.distill import MutualDistillation
 from fedtune.local import LocalWork, cached_model, dev_loader, local_steps, round_seed
+from fedtune.plugins import Option
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
 from fedtune.teacher import build_student, load_teacher, require_teacher
 from fedtune.train import TrainResult, evaluate, seed_everything, train
@@ -34,11 +35,31 @@ class FedKDLoRA(FedLoRA):
     name = "fedkdlora"
     summary = "teacher + small LoRA student, mutual distillation (kd-placement server|client); student travels"
     needs_teacher = True
+    options = {
+        "kd_placement": Option("server", "where the teacher lives: 'server' (distils on the public slice after "
+                               "aggregation) or 'client' (each client keeps its own teacher; FedKD)",
+                               ("server", "client")),
+        "kd_hidden_weight": Option(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); "
+                                   "0: off", interval="[0, inf)"),
+        "kd_server_steps": Option(0, "server-side distillation steps per round (0: as many as an average client's "
+                                  "local steps)", interval="[0, inf)"),
+    }
+    rows = (("Fed-LoRA-KD (server teacher)", {"kd_placement": "server"}),
+            ("Fed-LoRA-KD (client teachers)", {"kd_placement": "client"}))
+    card = {"what trains": "LoRA student (+ a LoRA teacher on the server or each client)",
+            "up (client -> server)": "student", "down (server -> client)": "student",
+            "aggregation exact": "no (as fedlora)", "own rank per client": "no", "paper": "FedKD, Wu et al. 2022"}
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.teacher_on_client = settings.kd_placement == "client"
         self.teacher_state: State | None = None  # the server's teacher (server placement)
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if self.settings.kd_placement == "client" and self.settings.client_loss != "none":
+            raise ValueError("fedkdlora with kd-placement=client trains with FedKD's distillation loss, which "
+                             "client-loss does not change yet: use client-loss=none, or kd-placement=server")
 
     def build_model(self, settings: Settings) -> nn.Module:
         """The student: the teacher with every other block (or `student`), with LoRA."""
@@ -108,8 +129,8 @@ def distil(algorithm: FedKDLoRA, rows, teacher_state: State | None, seed: int, l
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
-    precision = compute(settings.device, settings.precision)[1]
+    device, precision = compute(settings.device, settings.precision)
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                    loss_fn=lambda model, batch: model.loss(batch), precision=precision)
-    metrics = evaluate(distiller.teacher, dev_loader(settings), settings.task, precision)
+    metrics = evaluate(distiller.teacher, dev_loader(settings), settings.task, evaluation_precision(device, precision))
     return result, distiller.kept_state(), metrics

@@ -14,6 +14,10 @@ from fedtune.models import add_lora, load_classifier
 class FedLoRA(Algorithm):
     name = "fedlora"
     summary = "LoRA adapters + head travel, averaged by examples (A and B averaged separately)"
+    rows = (("Fed-LoRA", {}),)
+    card = {"what trains": "LoRA A, B + head", "up (client -> server)": "A, B, head",
+            "down (server -> client)": "A, B, head", "aggregation exact": "no: mean(B)·mean(A)",
+            "own rank per client": "no", "paper": "FedIT-style FedLoRA"}
 
     def build_model(self, settings: Settings) -> nn.Module:
         model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)

@@ -10,7 +10,8 @@ from torch import nn
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
-from fedtune.train import LossFn, supervised_loss
+from fedtune.plugins import Option
+from fedtune.train import LossFn
 
 
 def proximal_term(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -23,13 +24,19 @@ class FedProx(FedLoRA):
     name = "fedprox"
     summary = "FedLoRA + proximal term mu/2 ||w - w_global||^2 in each client's loss (prox-mu)"
     tunables = {"prox_mu": (0.001, 0.01, 0.1)}
+    options = {"prox_mu": Option(0.01, "weight mu of the proximal term mu/2 * ||w - w_global||^2 on the "
+                                 "travelling parameters", interval="[0, inf)")}
+    rows = (("FedProx", {}),)
+    card = {"what trains": "LoRA A, B + head, loss + mu/2·‖w - w_global‖²", "up (client -> server)": "as fedlora",
+            "down (server -> client)": "as fedlora", "aggregation exact": "no", "own rank per client": "no",
+            "paper": "Li et al. 2020"}
 
-    def client_loss(self, model: nn.Module, global_state: State) -> LossFn:
+    def client_loss(self, model: nn.Module, global_state: State, task: LossFn) -> LossFn:
         params = dict(model.named_parameters())
         pairs = [(params[name], anchor.detach().clone()) for name, anchor in global_state.items()]
         mu = self.settings.prox_mu
 
         def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return supervised_loss(model, batch) + 0.5 * mu * proximal_term(pairs)
+            return task(model, batch) + 0.5 * mu * proximal_term(pairs)
 
         return loss

@@ -16,6 +16,10 @@ from fedtune.config import Settings
 class FFALoRA(FedLoRA):
     name = "ffa-lora"
     summary = "LoRA A frozen at a shared seeded init; B + head train and travel; averaging is exact"
+    rows = (("FFA-LoRA", {}),)
+    card = {"what trains": "LoRA B + head (A frozen, shared seeded init)", "up (client -> server)": "B, head",
+            "down (server -> client)": "B, head", "aggregation exact": "yes", "own rank per client": "no",
+            "paper": "Sun et al. 2024"}
 
     def build_model(self, settings: Settings) -> nn.Module:
         model = super().build_model(settings)

@@ -8,7 +8,8 @@ from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.algorithms.lora_maths import flexlora_aggregate, truncate_for_client
 from fedtune.config import Settings
-from fedtune.ranks import assign_ranks
+from fedtune.plugins import Option
+from fedtune.ranks import RANK_DISTRIBUTIONS, assign_ranks
 
 # The server keeps the merged delta as a LoRA of rank sum(r_k) (exact: W has at most that rank),
 # capped here so a very large federation does not make the server model huge.
@@ -19,6 +20,10 @@ class HeterogeneousRanks(FedLoRA):
     """Shared by FlexLoRA and HetLoRA: a rank per client, a larger global LoRA on the server."""
 
     same_shape_updates = False
+    options = {"rank_distribution": Option("heavy-tail-light", "how client ranks are drawn from rank-set",
+                                           RANK_DISTRIBUTIONS),
+               "rank_set": Option("4,8,16,32", "comma-separated ranks clients can have"),
+               "client_ranks": Option("", "explicit comma-separated rank per client (overrides rank-distribution)")}
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
@@ -42,6 +47,11 @@ class HeterogeneousRanks(FedLoRA):
 class FlexLoRA(HeterogeneousRanks):
     name = "flexlora"
     summary = "per-client LoRA ranks; server merges B@A, SVD-splits back to each rank"
+    rows = (("FlexLoRA", {}),)
+    card = {"what trains": "LoRA A, B + head", "up (client -> server)": "A, B (own rank), head",
+            "down (server -> client)": "SVD split to the client's rank",
+            "aggregation exact": "best rank-r_k approximation", "own rank per client": "yes",
+            "paper": "Bai et al. 2024"}
 
     def server_rank(self) -> int:
         return min(sum(self.ranks), MAX_SERVER_RANK)

@@ -38,6 +38,10 @@ def fresh_lora(state: State, seed: int) -> State:
 class FLoRA(MergesIntoBase, HeterogeneousRanks):
     name = "flora"
     summary = "per-client LoRA ranks; stacked B_k, A_k folded into the base exactly; fresh LoRA each round"
+    rows = (("FLoRA", {}),)
+    card = {"what trains": "a fresh LoRA each round + head", "up (client -> server)": "A, B (own rank), head",
+            "down (server -> client)": "fresh LoRA, head + stacked factors, rank Σ r_k",
+            "aggregation exact": "yes (stack into the base)", "own rank per client": "yes", "paper": "Wang et al. 2024"}
 
     def server_rank(self) -> int:
         return max(self.ranks)

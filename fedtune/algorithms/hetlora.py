@@ -25,7 +25,8 @@ from fedtune.algorithms.base import register
 from fedtune.algorithms.flexlora import HeterogeneousRanks
 from fedtune.algorithms.lora_maths import hetlora_aggregate, tail_norm, truncate_for_client
 from fedtune.local import LocalWork
-from fedtune.train import LossFn, supervised_loss
+from fedtune.plugins import Option
+from fedtune.train import LossFn
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,6 +49,21 @@ class HetLoRA(HeterogeneousRanks):
     version = 2  # 2: scales kept equal on client and server, sparsity-weighted aggregation, self-pruning
     keep = 0  # while a client trains: the components its pruning regulariser leaves alone
     summary = "per-client LoRA ranks; zero-padded A/B, norm-weighted mean, truncated; scales kept equal"
+    options = {
+        "hetlora_weighting": Option("sparsity", "weigh each client's LoRA module by the norm of its update "
+                                    "(sparsity, the paper's) or by its examples", ("sparsity", "examples")),
+        "hetlora_prune": Option(0.99, "rank self-pruning decay gamma; a client whose local training shrank the tail "
+                                "of its LoRA beyond gamma*r cuts its rank to int(gamma*r) (1: off)", interval="(0, 1]"),
+        "hetlora_prune_weight": Option(0.01, "weight of the self-pruning regulariser sum_modules ||A_tail|| * "
+                                       "||B_tail||", interval="[0, inf)"),
+        "hetlora_rescale": Option(1, "1 rescales B on truncation and padding so a component means the same update "
+                                  "at the client's scale alpha/r and the server's alpha/R; 0: plain", interval="[0, 1]"),
+    }
+    rows = (("HetLoRA", {}),)
+    card = {"what trains": "LoRA A, B + head (+ rank self-pruning)", "up (client -> server)": "A, B (own rank), head",
+            "down (server -> client)": "truncation to the client's rank",
+            "aggregation exact": "no (zero-padding, norm-weighted)", "own rank per client": "yes",
+            "paper": "Cho et al. 2024"}
 
     def server_rank(self) -> int:
         return max(self.ranks)
@@ -55,11 +71,11 @@ class HetLoRA(HeterogeneousRanks):
     def client_state(self, global_state: State, partition_id: int) -> State:
         return truncate_for_client(global_state, self.ranks[partition_id], rescale=bool(self.settings.hetlora_rescale))
 
-    def client_loss(self, model: nn.Module, global_state: State) -> LossFn:
+    def client_loss(self, model: nn.Module, global_state: State, task: LossFn) -> LossFn:
         pairs, weight, keep = lora_parameters(model), self.settings.hetlora_prune_weight, self.keep
         if weight == 0 or self.settings.hetlora_prune >= 1:
-            return supervised_loss
-        return lambda model, batch: supervised_loss(model, batch) + weight * tail_norm(pairs, keep)
+            return task
+        return lambda model, batch: task(model, batch) + weight * tail_norm(pairs, keep)
 
     def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
                     kept_state: State | None, extras: State) -> LocalWork:

@@ -1,0 +1,82 @@
+"""Client losses against label skew: FedLC and the logit-adjusted loss against the papers' formulas
+on hand-made logits and counts, a client that lacks a class, and the plug-in wiring."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune.client_losses import label_counts, registered, task_loss
+from fedtune.client_losses.fedlc import calibrated_logits, fedlc_loss
+from fedtune.client_losses.logit_adjustment import adjusted_logits, logit_adjusted_loss
+from fedtune.config import Settings
+
+
+def test_fedlc_shifts_each_logit_by_tau_over_the_fourth_root_of_its_count():
+    logits = torch.tensor([[2.0, 0.5, -1.0]], requires_grad=True)
+    counts = torch.tensor([16.0, 1.0, 0.0])  # 16^(-1/4) = 0.5, 1^(-1/4) = 1, class 2 absent
+    calibrated = calibrated_logits(logits, counts, tau=1.0)
+    assert calibrated[0, :2].tolist() == [1.5, -0.5] and calibrated[0, 2].item() == float("-inf")
+    loss = fedlc_loss(logits, torch.tensor([0]), counts, tau=1.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)))  # -log(e^1.5 / (e^1.5 + e^-0.5))
+    loss.backward()
+    p0 = 1 / (1 + math.exp(-2.0))
+    assert torch.allclose(logits.grad, torch.tensor([[p0 - 1, 1 - p0, 0.0]]))  # the absent class: no gradient
+
+
+def test_a_client_with_one_class_has_a_finite_zero_loss_and_no_gradient():
+    logits = torch.tensor([[0.3, 2.0], [-1.0, 0.5]], requires_grad=True)
+    counts = torch.tensor([5.0, 0.0])
+    for loss_fn in (fedlc_loss, logit_adjusted_loss):
+        loss = loss_fn(logits, torch.tensor([0, 0]), counts, 1.0)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(logits.grad).all() and (logits.grad == 0).all()
+        logits.grad = None
+
+
+def test_logit_adjustment_adds_tau_log_prior_and_at_tau_1_is_the_balanced_softmax():
+    counts = torch.tensor([3.0, 1.0])
+    logits = torch.zeros(1, 2)
+    assert torch.allclose(adjusted_logits(logits, counts, 2.0), 2.0 * torch.log(torch.tensor([[0.75, 0.25]])))
+    # logits + log prior = [log .75, log .25]: p(label 1) = .25, so the loss is log 4
+    assert logit_adjusted_loss(logits, torch.tensor([1]), counts, 1.0).item() == pytest.approx(math.log(4.0))
+    logits = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(1))
+    balanced_softmax = F.cross_entropy(logits + torch.log(counts), labels)  # Ren et al.: logits + log n_c
+    assert logit_adjusted_loss(logits, labels, counts, 1.0).item() == pytest.approx(balanced_softmax.item(), abs=1e-6)
+
+
+class _Logits(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, input_ids, attention_mask):
+        return type("Output", (), {"logits": self.logits[: len(input_ids)]})()
+
+
+def test_task_loss_is_the_chosen_plug_in_on_the_clients_own_label_counts():
+    rows = {"label": [0, 0, 0, 1]}
+    assert label_counts(rows["label"], 2).tolist() == [3.0, 1.0]
+    model = _Logits(torch.tensor([[0.2, -0.4], [1.0, 0.0]]))
+    batch = {"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3), "labels": torch.tensor([1, 0])}
+    expected = fedlc_loss(model.logits, batch["labels"], torch.tensor([3.0, 1.0]), 0.5)
+    loss = task_loss(Settings(client_loss="fedlc", fedlc_tau=0.5), rows, 2)(model, batch)
+    assert loss.item() == pytest.approx(expected.item())
+    expected = logit_adjusted_loss(model.logits, batch["labels"], torch.tensor([3.0, 1.0]), 2.0)
+    assert task_loss(Settings(client_loss="logit-adjust", la_tau=2.0), rows, 2)(model, batch).item() == \
+        pytest.approx(expected.item())
+    assert set(registered()) == {"none", "fedlc", "logit-adjust"}
+
+
+def test_client_losses_are_settings_with_their_own_checked_options():
+    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust\)"):
+        Settings(client_loss="focal")
+    with pytest.raises(ValueError, match=r"fedlc-tau=0.0 \(must be in \(0, inf\)\)"):
+        Settings.from_dict({"fedlc-tau": 0})
+    with pytest.raises(ValueError, match="kd-placement=client trains with FedKD's distillation loss"):
+        from fedtune.algorithms import get_algorithm
+
+        get_algorithm("fedkdlora", Settings(algorithm="fedkdlora", kd_placement="client", client_loss="fedlc"))
