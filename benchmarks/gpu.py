@@ -8,7 +8,7 @@
    the same run (FLOPs counted by PyTorch's FlopCounterMode, as the CPU benchmark does);
 3. one `full`-preset FedLoRA SST-2 IID grid cell end to end on the local engine (no Ray).
 
-Writes benchmarks/gpu.json; `python -m benchmarks.run --render-only` puts it in the README.
+Writes benchmarks/gpu.json; `python -m benchmarks.run --render-only` puts it in docs/benchmarks.md.
 `scripts/gpu-check.sh` packs what a bare GPU machine lacks (wheels, the model in fp16) and runs this.
 """
 

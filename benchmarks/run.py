@@ -1,12 +1,12 @@
-"""Run fedtune's benchmarks, print their tables, save them, and rewrite the README's Benchmarks section.
+"""Run fedtune's benchmarks, print their tables, save them, and rewrite docs/benchmarks.md.
 
     python -m benchmarks.run                      # everything (about 30 min on 2 cores)
     python -m benchmarks.run --only throughput aggregation
     python -m benchmarks.run --skip compare       # the compare grid alone takes ~15 min
-    python -m benchmarks.run --render-only        # the README section from benchmarks/results.json
+    python -m benchmarks.run --render-only        # docs/benchmarks.md from benchmarks/results.json
 
 Results go to `benchmarks/results.json` (merged: a partial run keeps the other parts) and the
-README's section between the `benchmarks:begin` / `benchmarks:end` markers is regenerated from
+docs/benchmarks.md's section between the `benchmarks:begin` / `benchmarks:end` markers is regenerated from
 that file. Not part of CI: run it on an otherwise idle machine.
 """
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                         "benchmarks.gpu)")
     parser.add_argument("--engine", default="ray", choices=("ray", "local"),
                         help="simulation engine of the `round` part (`scale` runs both)")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the README section from results.json")
+    parser.add_argument("--render-only", action="store_true", help="rewrite docs/benchmarks.md from results.json")
     args = parser.parse_args(argv)
     quiet_libraries()
     settings = Settings(task="sst2", glue_dir=args.glue_dir, device=args.device, engine=args.engine)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         print(render({k: v for k, v in results.items() if k in (part, "machine", "updated")}), flush=True)
     if not results:
         raise SystemExit(f"{RESULTS} does not exist yet: run the benchmarks first")
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "benchmarks.md"
     text = readme.read_text()
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)

@@ -6,7 +6,6 @@ federation holds in total, so centralized and federated numbers compare directly
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from fedtune.console import print_table, progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.devices import compute, evaluation_precision
 from fedtune.metrics import primary_metric
-from fedtune.preflight import check_out_dir
+from fedtune.inputs import check_out_dir
 from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
 from fedtune.runs import RunDir
-from fedtune.teacher import build_student, load_teacher, pretrain_teacher, teacher_dir
+from fedtune.teacher import build_student, load_teacher, pretrain_teacher, teacher_dir, teacher_metrics
 from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
 
 
@@ -97,7 +96,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     tokenizer.save_pretrained(run.path / "model")
     final = history[-1]
     # KD: the teacher's own metrics on the same evaluation set (as fedkdlora rows report theirs)
-    teacher_dev = json.loads((teacher_dir(settings) / "teacher.json").read_text())["dev"] if settings.method == "kd" else None
+    teacher_dev = teacher_metrics(teacher_dir(settings)) if settings.method == "kd" else None
     run.write_json("summary.json", {"method": settings.method, "task": settings.task,
                                     "metric": primary_metric(settings.task),
                                     "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},

@@ -99,9 +99,15 @@ def _predict(args: argparse.Namespace) -> int:
 
     sentences = list(args.sentences)
     if args.file:
+        if args.file.is_dir():
+            raise ValueError(f"--file {args.file} is a folder; give a text file with one sentence a line")
         if not args.file.is_file():
             raise FileNotFoundError(f"--file {args.file} does not exist")
-        sentences += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--file {args.file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        sentences += [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise ValueError("nothing to label: give sentences or --file")
     quiet_libraries()
@@ -118,7 +124,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `predict DIR --task sst2 "one" "two"`: sentences after an option
+        if args.command != "predict" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.sentences += extra
     try:
         if args.command == "algorithms":
             from fedtune.algorithms import registered
@@ -158,10 +169,16 @@ def main(argv: list[str] | None = None) -> int:
                 settings = Settings.from_dict(read_config(config))
             except ValueError as err:
                 raise ValueError(f"{config}: {err}") from None
+            from fedtune.inputs import check_inputs
+
+            check_inputs(settings.replace(resume=args.folder))
             quiet_libraries()
             run_federated(settings.replace(resume=args.folder), args.quiet)
             return 0
         settings = settings_from_args(args)
+        from fedtune.inputs import check_inputs
+
+        check_inputs(settings)  # files and folders, before torch, transformers or Flower are imported
         quiet_libraries()
         if args.command == "centralized":
             from fedtune.centralized import run_centralized

@@ -95,7 +95,7 @@ class CoreSettings:
     epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)", centralized=True)
     teacher_epochs: float = _opt(1.0, "epochs of teacher pre-training on the public slice (kd)")
     # --- federated
-    algorithm: str = _fed("fedlora", f"federated algorithm (`fedtune algorithms` says what each does)", ALGORITHMS)
+    algorithm: str = _fed("fedlora", "federated algorithm (`fedtune algorithms` says what each does)", ALGORITHMS)
     client_loss: str = _fed("none", "the loss clients train with, against label skew: none (cross-entropy) or a "
                             "registered client loss (`fedtune algorithms` lists them)", CLIENT_LOSSES)
     client_weighting: str = _fed("examples", "weights of the clients' states in the server's mean: examples (each "

@@ -21,6 +21,20 @@ class DataError(RuntimeError):
 
 
 # ---- reading ---------------------------------------------------------------------------
+def _utf8(read):
+    """A reader whose text decoding errors name the file."""
+    @functools.wraps(read)
+    def reader(path: Path) -> dict[str, list]:
+        try:
+            return read(path)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); is it a GLUE TSV?") from None
+        except csv.Error as err:
+            raise DataError(f"{path}: not a tab-separated file ({err})") from None
+    return reader
+
+
+@_utf8
 def _read_cola(path: Path) -> dict[str, list]:
     # No header: source, label, original mark, sentence. Sentences contain quotes.
     sentences, labels = [], []
@@ -34,6 +48,7 @@ def _read_cola(path: Path) -> dict[str, list]:
     return {"sentence": sentences, "label": labels}
 
 
+@_utf8
 def _read_sst2(path: Path) -> dict[str, list]:
     # Header `sentence<TAB>label`.
     sentences, labels = [], []

@@ -126,6 +126,30 @@ def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: lis
             for label, changes in rows for i in range(seeds)]
 
 
+def read_cell(path: Path) -> dict:
+    """A cached cell, checked: what the tables read is there with the right types, or one error
+    naming the file (delete it and the grid runs the cell again)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    try:
+        cell = json.loads(path.read_text(encoding="utf-8"))
+        problem = None
+        if not isinstance(cell, dict):
+            problem = "not a JSON object"
+        elif not isinstance(cell.get("settings"), dict) or not isinstance(cell.get("rounds"), list):
+            problem = "'settings' or 'rounds' missing"
+        elif not isinstance(cell.get("summary"), dict) or not isinstance(cell["summary"].get("dev"), dict):
+            problem = "'summary' with its 'dev' metrics missing"
+        elif not all(number(v) for v in cell["summary"]["dev"].values()) or not number(cell.get("wall_seconds")):
+            problem = "a metric or wall_seconds is not a number"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"unreadable: {err}"
+    if problem:
+        raise ValueError(f"cached cell {path} is damaged ({problem}); delete it and the grid runs the cell again")
+    return cell
+
+
 def check_rounds(cell: Cell, rounds: list[dict], path: Path) -> None:
     """Refuse to store a federated cell in which a round kept no client's reply (the model did
     not change that round), unless the cell simulates dropouts: it would enter the table as a
@@ -139,13 +163,39 @@ def check_rounds(cell: Cell, rounds: list[dict], path: Path) -> None:
                                f"{record['round']} ({'; '.join(reasons)[:500]}); not cached. Run folder: {path}")
 
 
+def interrupted_run(settings: Settings) -> Path | None:
+    """The newest interrupted run of exactly these settings under `out-dir` that has a checkpoint
+    (Ctrl-C or a crash inside a cell): the grid resumes it instead of starting the cell again.
+    Interrupted runs of these settings without a checkpoint (stopped before round 0 finished) are
+    removed."""
+    import shutil
+
+    from fedtune.checkpoint import has_checkpoint
+    from fedtune.runs import INCOMPLETE, read_config
+
+    wanted = {k: v for k, v in settings.to_dict().items() if k != "resume"}
+    found = []
+    for folder in sorted(Path(settings.out_dir).glob(f"{settings.algorithm}-{settings.task}-*{INCOMPLETE}")):
+        try:
+            config = read_config(folder / "config.json")
+        except (ValueError, FileNotFoundError):
+            continue  # not a run of ours: left alone
+        if {k: v for k, v in config.items() if k != "resume"} != wanted:
+            continue
+        if has_checkpoint(folder):
+            found.append(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return found[-1] if found else None
+
+
 def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
     """The cell's result, from the cache or from running it now."""
     cached = cells_dir / f"{cell.key}.json"
     if cached.is_file():
         say(f"reusing {cell.label} (seed {cell.settings.seed}): {cached}", quiet)
         # Another row may have computed it (Fed-LoRA is the rank sweep's Fed-LoRA r=8): label it as this row.
-        return {**json.loads(cached.read_text()), "label": cell.label}
+        return {**read_cell(cached), "label": cell.label}
     say(f"[bold]{cell.label}[/] (seed {cell.settings.seed})", quiet)
     settings = cell.settings.replace(out_dir=str(cells_dir))
     start = time.perf_counter()
@@ -157,7 +207,10 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
     else:
         from fedtune.simulation import run_federated
 
-        path = run_federated(settings, quiet)
+        interrupted = interrupted_run(settings)
+        if interrupted:
+            say(f"resuming the interrupted cell {interrupted}", quiet)
+        path = run_federated(settings.replace(resume=str(interrupted)) if interrupted else settings, quiet)
         rounds = read_jsonl(path / "rounds.jsonl")
         check_rounds(cell, rounds, path)
     result = {"label": cell.label, "seed": settings.seed, "key": cell.key, "run": str(path),

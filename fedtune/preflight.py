@@ -1,30 +1,11 @@
 """Checks a run makes before it starts anything (Ray, Flower, a run folder): bad input then
-fails within seconds with one message naming it, and leaves nothing behind."""
+fails within seconds with one message naming it, and leaves nothing behind. The checks that need
+no library (files, folders) are `fedtune.inputs`, which the CLI runs first."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from fedtune.config import Settings
-
-
-def check_out_dir(out_dir: str) -> None:
-    """The output folder is a folder (made if missing) that this process can write in."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"--out-dir {path} is a file, not a folder: give a folder for the run folders") from None
-    except OSError as err:
-        raise ValueError(f"--out-dir {path} cannot be created ({err.strerror}): give a writable folder") from None
-    if not path.is_dir():
-        raise ValueError(f"--out-dir {path} is not a folder: give a folder for the run folders")
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".fedtune-write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"--out-dir {path} is not writable ({err.strerror}): give a writable folder") from None
+from fedtune.inputs import check_out_dir
 
 
 def check_data_and_model(settings: Settings) -> None:

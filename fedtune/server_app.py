@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from fedtune.privacy import PrivacyLedger, private
 from fedtune.runs import RunDir, read_config
 from fedtune.secure import SecureRounds
 from fedtune.strategy import FedTuneStrategy, RoundStats
-from fedtune.teacher import pretrain_teacher
+from fedtune.teacher import pretrain_teacher, teacher_metrics
 
 def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     """Wait for `expected` nodes and learn each one's partition id: {partition id: node id}.
@@ -108,7 +107,7 @@ def pretrained_teacher_metrics(algorithm: Algorithm, quiet: bool) -> dict[str, f
     if not algorithm.needs_teacher:
         return {}
     teacher = pretrain_teacher(algorithm.settings, quiet)
-    return {f"teacher_dev_{k}": v for k, v in json.loads((teacher / "teacher.json").read_text())["dev"].items()}
+    return {f"teacher_dev_{k}": v for k, v in teacher_metrics(teacher).items()}
 
 
 def build_runner(algorithm: Algorithm, nodes: dict[int, int], partitions: list[dict]):

@@ -18,7 +18,7 @@ from fedtune.grid import grid_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
-DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md")
+DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md", REPO / "docs" / "results-archive.md")
 TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA"}
 PARTITION_NAMES = {"iid": "IID", "dirichlet": "Dir 0.1"}
 # The seed system's published accuracies (4 clients, 10 rounds, bert-base teacher, DistilBERT

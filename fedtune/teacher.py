@@ -72,6 +72,20 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     return folder
 
 
+def teacher_metrics(folder: Path) -> dict[str, float]:
+    """The teacher's dev metrics from its teacher.json, checked (one error naming the file)."""
+    path = Path(folder) / "teacher.json"
+    try:
+        dev = json.loads(path.read_text(encoding="utf-8"))["dev"]
+        if not isinstance(dev, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in dev.values()):
+            raise TypeError("'dev' is not an object of numbers")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete {folder} and the teacher is "
+                         f"trained again") from None
+    return dev
+
+
 def require_teacher(settings: Settings) -> Path:
     """The pre-trained teacher's folder for `settings`, or a clear error if it is not there."""
     folder = teacher_dir(settings)

@@ -1,10 +1,10 @@
-"""Local training, the distillation loss, and evaluation. Plain PyTorch: no Flower here."""
+"""Local training, the distillation loss, evaluation and a client's default round. Plain PyTorch: no Flower here."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.devices import autocast, model_device, to_device
+from fedtune.config import Settings
+from fedtune.data import train_loader
+from fedtune.devices import autocast, compute, model_device, to_device
 from fedtune.metrics import classification_metrics
+from fedtune.models import State, load_tokenizer
 
 
 def seed_everything(seed: int) -> None:
@@ -134,3 +137,22 @@ def evaluate(model: nn.Module, loader, task: str, precision: str = "fp32") -> di
     metrics = classification_metrics(task, np.concatenate(labels), np.concatenate(predictions),
                                      np.concatenate(scores) if scores else None)
     return {"loss": total_loss / rows, **metrics}
+
+
+# ---- a client's round of training (the algorithms' default local work) -------------------
+def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: float, steps: int,
+                     loss_fn: LossFn) -> TrainResult:
+    """`steps` AdamW steps of `loss_fn` on `rows` at a constant `lr` (the schedule runs over rounds)."""
+    seed_everything(seed)
+    loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
+    return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
+                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1])
+
+
+@dataclass
+class LocalWork:
+    """What an algorithm's local training returns besides the model it trained in place."""
+
+    result: TrainResult
+    kept_state: State | None = None  # what stays on the client (its teacher), if anything
+    metrics: dict[str, float] = field(default_factory=dict)  # extra metrics to report

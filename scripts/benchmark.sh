@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's Benchmarks section: runs benchmarks/ (throughput, round overhead, aggregation,
+# docs/benchmarks.md: runs benchmarks/ (throughput, round overhead, aggregation,
 # 1000 clients, compare grid), prints each table, saves benchmarks/results.json and rewrites the
 # section. About 35 min on 2 cores; run it on an otherwise idle machine. Pass parts to run only
 # those, e.g. `bash scripts/benchmark.sh --only throughput aggregation`.

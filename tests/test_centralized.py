@@ -36,7 +36,7 @@ def test_finetune_writes_a_loadable_model_and_epoch_metrics(settings):
     assert [e["epoch"] for e in epochs] == [1.0, 2.0]
     assert epochs[-1]["samples"] == 2 * 64
     summary = json.loads((path / "summary.json").read_text())
-    assert set(summary["dev"]) == {"loss", "accuracy", "mcc", "auc"}
+    assert set(summary["dev"]) == {"loss", "accuracy", "mcc", "auc", "balanced_accuracy", "worst_class_recall"}
     model = AutoModelForSequenceClassification.from_pretrained(path / "model")
     assert _logits(model, path / "model").shape == (2, 2)
 
@@ -87,6 +87,7 @@ def test_smoke_default_model_on_a_few_dozen_cola_rows(glue_dir, tmp_path):
     assert 0.0 <= summary["dev"]["accuracy"] <= 1.0 and -1.0 <= summary["dev"]["mcc"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "lora", "kd"])
 def test_export_loads_without_fedtune_and_gives_the_reported_metrics(settings, method, glue_dir, evaluate_export):
     path = run_centralized(settings.replace(method=method), quiet=True)
@@ -98,6 +99,7 @@ def test_export_loads_without_fedtune_and_gives_the_reported_metrics(settings, m
         assert json.loads((path / "model" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+@pytest.mark.slow
 def test_bundled_model_adapter_names_its_hub_id_and_loads_from_a_hub_cache(glue_dir, tmp_path, evaluate_export):
     """On another machine the base comes from the hub: a hub cache holding the model (made here from
     the bundled files, in a folder that is not the virtualenv's) is all the export needs."""

@@ -156,6 +156,7 @@ def _cli(*args, cwd):
                           env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_fedtune_resume_runs_no_code_from_a_crafted_checkpoint_and_refuses_edits(tmp_path, tiny_bert, glue_dir,
                                                                                  monkeypatch):
     """The probe of the issue, through the command: a pickle dropped into an interrupted run's
@@ -196,6 +197,7 @@ def test_fedtune_resume_runs_no_code_from_a_crafted_checkpoint_and_refuses_edits
     assert [json.loads(line)["round"] for line in (finished / "rounds.jsonl").open()] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_run_whose_rounds_all_fail_stops_with_an_error_and_is_kept(tmp_path, tiny_bert, glue_dir):
     """Nearly every client drops out (simulated faults): the rounds past max-failed-rounds stop the
     run with exit 2 and one line; the folder stays .incomplete, so `report` lists nothing."""

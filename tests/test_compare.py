@@ -54,6 +54,7 @@ def test_grid_gives_centralized_methods_the_federated_budget(base):
     assert [c.key for c in cells if not c.centralized] != [c.key for c in dirichlet if not c.centralized]
 
 
+@pytest.mark.slow
 def test_grid_writes_table_plots_json_and_reuses_cells(base, monkeypatch):
     methods = ["LoRA", "Fed-LoRA"]
     folder = run_compare(base, "small", seeds=1, methods=methods, quiet=True)
@@ -184,3 +185,39 @@ def test_line_styles_of_a_fourteen_row_grid_are_all_distinct():
     for lines in (3, 10, 14, 20):
         styles = [line_style(i, lines) for i in range(lines)]
         assert len({tuple(c) for c, _ in styles}) == lines  # distinct colours, not only markers
+
+
+def test_a_cell_interrupted_inside_a_round_is_resumed_not_recomputed(base, monkeypatch):
+    """Ctrl-C inside a federated cell leaves `<cell>.incomplete` with a checkpoint: the next
+    `compare` continues it (the Ctrl-C message and the grid agree) and gets the uninterrupted
+    result; an interrupted folder without a checkpoint is cleaned up."""
+    import fedtune.checkpoint as checkpoints
+    from fedtune.grid import Cell, run_cell
+    from fedtune.runs import read_jsonl
+
+    settings = base.replace(algorithm="fedlora", out_dir=str(Path(base.out_dir) / "interrupted"), engine="local")
+    cells_dir = Path(settings.out_dir)
+    real_save = checkpoints.save
+
+    def save_then_die(folder, state, algorithm_state, records, fingerprint):
+        real_save(folder, state, algorithm_state, records, fingerprint)
+        if records[-1]["round"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    cell = Cell("Fed-LoRA", settings, centralized=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, cells_dir, quiet=True)
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    [interrupted] = cells_dir.glob("fedlora-cola-*.incomplete")
+    stale = cells_dir / "fedlora-cola-20000101-000000.incomplete"  # stopped before round 0 finished
+    stale.mkdir()
+    (stale / "config.json").write_text(json.dumps(settings.to_dict()))
+    resumed = run_cell(cell, cells_dir, quiet=True)
+    assert resumed["run"] == str(interrupted).removesuffix(".incomplete") and not stale.exists()
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+    (cells_dir / f"{cell.key}.json").unlink()
+    again = run_cell(cell, cells_dir, quiet=True)  # from scratch, uninterrupted
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed" and "bytes" not in k}
+                        for r in rs]  # noqa: E731
+    assert strip(again["rounds"]) == strip(read_jsonl(Path(resumed["run"]) / "rounds.jsonl"))

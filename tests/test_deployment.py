@@ -3,8 +3,12 @@
 import json
 import time
 
+import pytest
+
 from fedtune.deployment import LocalFederation, _bin, make_certificates
 from fedtune.runs import read_jsonl
+
+pytestmark = pytest.mark.slow  # the full tier (FULL=1 bash scripts/test.sh)
 
 
 def test_fedlora_over_tls_with_node_auth(tiny_bert, glue_dir, tmp_path):

@@ -9,6 +9,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.slow  # the full tier (FULL=1 bash scripts/test.sh)
 
 
 def test_sigint_to_a_running_simulation_stops_everything_and_says_how_to_resume(tiny_bert, glue_dir, tmp_path):

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from fedtune.config import Settings
-from fedtune.plugins import Option, declared_options, in_interval, main
+from fedtune.generate import main
+from fedtune.plugins import Option, declared_options, in_interval
 
 
 def test_generated_files_are_up_to_date(capsys):

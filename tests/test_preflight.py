@@ -51,3 +51,22 @@ def test_an_out_dir_that_is_a_file_is_named(base, tmp_path, capsys):
     code = main(["run", "--task", "cola", "--glue-dir", base.glue_dir, "--model", base.model, "--out-dir", str(target)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and str(target) in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--task", "cola", "--glue-dir", "/nonexistent"], "GLUE file not found: /nonexistent/CoLA/train.tsv"),
+    (["centralized", "--model", "/nonexistent/model"], "model '/nonexistent/model' is not a folder"),
+    (["resume", "/nonexistent/fedlora-cola-1.incomplete"], "config.json not found"),
+])
+def test_missing_inputs_are_reported_before_torch_is_imported(args, message, tmp_path):
+    """The first error comes from the standard library alone (the CLI imports torch, transformers
+    and Flower only after these checks): a missing file is reported at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedtune.cli import main; code = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, *args, "--out-dir", str(tmp_path / "runs")] if args[0] != "resume"
+                          else [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and done.stderr.count("\n") == 1

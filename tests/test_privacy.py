@@ -60,6 +60,7 @@ def test_dp_needs_same_shape_updates_and_plain_codec():
         Settings(dp_noise=1.0, codec="int8")
 
 
+@pytest.mark.slow
 def test_private_fedlora_reports_epsilon_every_round(tiny_bert, glue_dir, tmp_path):
     from fedtune.runs import read_jsonl
     from fedtune.simulation import run_federated

@@ -10,13 +10,15 @@ from fedtune.config import Settings
 from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
 
+pytestmark = pytest.mark.slow  # the full tier (FULL=1 bash scripts/test.sh)
+
 
 @pytest.fixture(scope="module")
 def base(tiny_bert, glue_dir, tmp_path_factory):
     return Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=90,
                     eval_limit=48, batch_size=8, max_length=32, local_steps=2, lora_r=4,
-                    full_lr=1e-3, partition="dirichlet", dirichlet_alpha=1.0,
-                    out_dir=str(tmp_path_factory.mktemp("runs")))
+                    full_lr=1e-3, partition="dirichlet", dirichlet_alpha=1.0, precision="fp32",
+                    out_dir=str(tmp_path_factory.mktemp("runs")))  # fp32: the SecAgg+ error bound below is fp32's
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,7 @@ def test_a_best_value_at_the_grid_edge_gets_one_more_step(tmp_path, monkeypatch,
     assert record["chosen"] == pytest.approx(chosen)
 
 
+@pytest.mark.slow
 def test_tuned_grid_runs_each_method_at_its_chosen_rate(tiny_bert, glue_dir, tmp_path, monkeypatch):
     given = {"task": "sst2", "glue-dir": str(glue_dir), "model": tiny_bert, "clients": 2, "rounds": 2,
              "train-limit": 400, "eval-limit": 32, "batch-size": 8, "max-length": 32, "local-steps": 2,

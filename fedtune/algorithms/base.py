@@ -7,11 +7,10 @@ from torch import nn
 from fedtune.algorithms.aggregate import State, robust_aggregate
 from fedtune.client_losses import task_loss
 from fedtune.config import Settings
-from fedtune.local import LocalWork, supervised_round
 from fedtune.models import save_model
 from fedtune.plugins import Option
 from fedtune.tasks import task_spec
-from fedtune.train import LossFn, schedule_factor
+from fedtune.train import LocalWork, LossFn, schedule_factor, supervised_round
 
 
 class Algorithm:
@@ -66,6 +65,14 @@ class Algorithm:
             if needs:
                 raise ValueError(f"{self.name} clients send updates of different shapes (each its own LoRA rank), so it "
                                  f"needs {', '.join(needs)}: robust rules, DP noise and SecAgg+ need same-shape updates")
+        if s.secure_aggregation != "none":
+            # SecAgg+ rounds (fedtune.secure) send every client the global state and receive only the
+            # masked sum: an algorithm that changes what is sent or how states combine cannot run there.
+            own = [hook for hook in ("client_state", "downlink_extras", "aggregate")
+                   if getattr(type(self), hook) is not getattr(Algorithm, hook)]
+            if own:
+                raise ValueError(f"{self.name} has its own {', '.join(own)}, which SecAgg+ rounds do not run (the server "
+                                 f"sees only the masked weighted sum): use secure-aggregation=none")
 
     def build_model(self, settings: Settings) -> nn.Module:
         """The model for `settings` (the server's or one client's); its trainable parameters travel."""

@@ -16,7 +16,8 @@ from torch import nn
 
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.fedlora import FedLoRA
-from fedtune.local import LocalWork, cached_model
+from fedtune.local import cached_model
+from fedtune.train import LocalWork
 from fedtune.models import save_merged
 from fedtune.train import seed_everything
 

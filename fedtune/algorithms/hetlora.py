@@ -24,7 +24,7 @@ from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.flexlora import HeterogeneousRanks
 from fedtune.algorithms.lora_maths import hetlora_aggregate, tail_norm, truncate_for_client
-from fedtune.local import LocalWork
+from fedtune.train import LocalWork
 from fedtune.plugins import Option
 from fedtune.train import LossFn
 

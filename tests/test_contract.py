@@ -1,0 +1,88 @@
+"""Contract tests over the registry: every registered algorithm, on a tiny model and the local
+engine, runs, accounts its bytes, and (full tier) resumes to the uninterrupted run's result.
+A new algorithm is covered by registering it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune.algorithms import get_algorithm, registered
+from fedtune.config import Settings
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
+
+ALGORITHMS = list(registered())
+
+
+@pytest.fixture(scope="module")
+def base(tiny_bert, glue_dir, tmp_path_factory):
+    return Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
+                    eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2, client_ranks="2,4",
+                    teacher_epochs=0.05, engine="local", out_dir=str(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="module")
+def finished(base):
+    """One finished two-round run per algorithm (made on first use)."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = run_federated(base.replace(algorithm=name), quiet=True)
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_runs_and_accounts_its_rounds_and_bytes(finished, base, name):
+    path = finished(name)
+    rounds = read_jsonl(path / "rounds.jsonl")
+    summary = json.loads((path / "summary.json").read_text())
+    assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["accepted"] == 2 for r in rounds[1:])
+    assert summary["failed_rounds"] == 0 and summary["algorithm"] == name
+    assert {"accuracy", "mcc", "auc", "balanced_accuracy", "worst_class_recall"} <= set(summary["dev"])
+    assert summary["total_bytes_up"] == sum(r["bytes_up"] for r in rounds)
+    if get_algorithm(name, base).same_shape_updates:
+        # every client sends its whole trainable state as fp32, plus a few KB of names and headers
+        payload = rounds[1]["travelling_parameters"] * 4 * base.clients
+        assert all(payload <= r["bytes_up"] <= payload * 1.01 + 30_000 for r in rounds[1:]), rounds
+    assert not (path / "checkpoint.safetensors").exists() and (path / "model").is_dir()
+
+
+def _model_files(path):
+    return {f.name: load_file(str(f)) for f in (path / "model").glob("*.safetensors")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_a_resume_after_round_1_gives_the_uninterrupted_result(finished, base, name, monkeypatch):
+    """Killed right after round 1's checkpoint, then resumed: the same rounds and model (server
+    state such as FedAdam's moments is in the checkpoint; client state on the clients' disk)."""
+    import fedtune.checkpoint as checkpoints
+
+    reference = finished(name)
+    real_save = checkpoints.save
+
+    def save_then_die(folder, state, algorithm_state, records, fingerprint):
+        real_save(folder, state, algorithm_state, records, fingerprint)
+        if records[-1]["round"] == 1:
+            raise KeyboardInterrupt
+
+    settings = base.replace(algorithm=name, out_dir=str(reference.parent / f"resume-{name}"))
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(settings, quiet=True)
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    [interrupted] = (reference.parent / f"resume-{name}").glob(f"{name}-cola-*.incomplete")
+    resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
+    ignored = ("seconds", "elapsed", "bytes")
+    strip = lambda rs: [{k: v for k, v in r.items() if not any(w in k for w in ignored)} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(reference / "rounds.jsonl"))
+    got, want = _model_files(resumed), _model_files(reference)
+    assert got.keys() == want.keys()
+    for filename in want:
+        assert got[filename].keys() == want[filename].keys()
+        assert all(torch.equal(got[filename][k], want[filename][k]) for k in want[filename]), filename
