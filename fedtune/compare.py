@@ -15,6 +15,7 @@ from fedtune.config import Settings, key_of
 from fedtune.console import say
 from fedtune.grid import grid_rows, make_grid, run_cell
 from fedtune.metrics import primary_metric
+from fedtune.tasks import task_spec
 from fedtune.runs import write_json
 from fedtune.tune import chosen_values, lr_setting, tune_methods
 
@@ -53,9 +54,12 @@ def table(results: list[dict], task: str) -> list[dict]:
         cells = [r for r in results if r["label"] == label]
         dev = [c["summary"]["dev"] for c in cells]
         row = {"method": label, "seeds": len(cells)}
-        if task == "cola":
+        if "mcc" in task_spec(task).metrics:
             row["MCC"] = _mean_std([d["mcc"] for d in dev])
         row["accuracy"] = _mean_std([d["accuracy"] for d in dev])
+        if any("balanced_accuracy" in d for d in dev):  # cells since label-skew metrics are recorded
+            row["balanced acc"] = _mean_std([d.get("balanced_accuracy") for d in dev])
+            row["worst-class recall"] = _mean_std([d.get("worst_class_recall") for d in dev])
         teacher = [(c["summary"].get("teacher_dev") or {}).get(primary_metric(task)) for c in cells]
         row["teacher"] = _mean_std(teacher)
         centralized = "rounds" not in cells[0]["summary"]
@@ -69,9 +73,18 @@ def table(results: list[dict], task: str) -> list[dict]:
                         "total MB": f"{up + down:.2f}"})
         else:
             row.update({"MB up / round": "-", "MB down / round": "-", "total MB": "-"})
+        row["server data"] = "yes" if not centralized and uses_server_data(cells[0]["settings"]) else "-"
         row["seconds"] = f"{np.mean([c['wall_seconds'] for c in cells]):.0f}"
         rows.append(row)
     return rows
+
+
+def uses_server_data(settings: dict) -> bool:
+    """Whether a federated cell's server trained on labelled data of its own (the public slice):
+    FedKDLoRA's server teacher, or `server-finetune-steps` (from the cell's kebab-case settings)."""
+    from fedtune.algorithms import get_algorithm
+
+    return get_algorithm(settings["algorithm"], Settings.from_dict(settings)).uses_server_data
 
 
 def markdown(rows: list[dict]) -> str:

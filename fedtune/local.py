@@ -119,6 +119,22 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
                         work.result.seconds, work.kept_state, work.metrics)
 
 
+def server_finetune(algorithm: Algorithm, state: State, server_round: int, lr: float) -> tuple[State, float]:
+    """`server-finetune-steps` steps of the server's model, holding `state`, on the public slice
+    (plain cross-entropy, the round's learning rate): (new state, mean training loss)."""
+    from fedtune.train import supervised_loss, supervised_round
+
+    settings = algorithm.settings
+    public = cached_task_data(settings).public
+    if len(public) == 0:
+        raise ValueError("server-finetune-steps trains on the public slice, but public-fraction is 0")
+    model = cached_model(algorithm, algorithm.server_settings())
+    load_trainable_state(model, state)
+    seed = round_seed(settings.seed, server_round, settings.clients + 1)  # distinct from every client's
+    result = supervised_round(settings, model, public, seed, lr, settings.server_finetune_steps, supervised_loss)
+    return trainable_state(model), result.loss
+
+
 @functools.lru_cache(maxsize=2)
 def dev_loader(settings: Settings):
     """Batches of the evaluation set (GLUE dev, or the holdout), built once per process."""

@@ -122,7 +122,7 @@ class SecureRounds:
                          for (k, v), u in zip(state.items(), self.mean_update, strict=True)}
                 stats.aggregate_seconds = time.perf_counter() - start
                 start = time.perf_counter()
-                state, server_metrics = strategy.algorithm.server_update(state, server_round, previous)
+                state, server_metrics = strategy.algorithm.after_aggregation(state, server_round, previous)
                 stats.server_seconds = time.perf_counter() - start
                 weights = [r.num_examples for r in self.results]
                 stats.train_loss = float(np.average([r.metrics["train-loss"] for r in self.results],

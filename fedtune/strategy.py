@@ -34,7 +34,7 @@ class RoundStats:
     accepted: int = 0
     dropped: list[dict] = field(default_factory=list)  # {"node", "reason"} per reply not used
     aggregate_seconds: float = 0.0
-    server_seconds: float = 0.0  # the algorithm's server_update
+    server_seconds: float = 0.0  # the algorithm's after_aggregation (server_update, server fine-tuning)
     train_loss: float | None = None  # example-weighted mean over accepted replies
     examples_seen: int = 0
     client_train_seconds: float = 0.0  # the accepted clients' training loops, summed (the rest of a turn is overhead)
@@ -51,7 +51,8 @@ class FedTuneStrategy(FedAvg):
       logged reason instead of failing the round or being averaged in;
     - a reply encoded by a codec (fp16, int8, SVD) is decoded before any check;
     - replies are aggregated in partition order by `algorithm.aggregate`, then
-      `algorithm.server_update` runs any server-side training (FedKDLoRA's distillation);
+      `algorithm.after_aggregation` runs any server-side training (FedKDLoRA's distillation,
+      `server-finetune-steps`);
     - bytes up and down are measured on the messages themselves.
 
     Parameters
@@ -145,7 +146,7 @@ class FedTuneStrategy(FedAvg):
         aggregated = self.algorithm.aggregate(states, weights)
         stats.aggregate_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        aggregated, server_metrics = self.algorithm.server_update(aggregated, server_round, self.global_state)
+        aggregated, server_metrics = self.algorithm.after_aggregation(aggregated, server_round, self.global_state)
         stats.server_seconds = time.perf_counter() - start
         stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
         stats.examples_seen = int(sum(m["examples-seen"] for m in metrics))

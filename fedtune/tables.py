@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from fedtune.compare import markdown
+from fedtune.compare import markdown, uses_server_data
+from fedtune.tasks import task_spec
 from fedtune.grid import grid_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +55,10 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
     seed system's accuracy, and MB per round up and down."""
     if not grids:
         return "_No grid of this preset has finished yet._"
-    columns, cells, traffic = [], {}, {}
+    columns, cells, traffic, server_data = [], {}, {}, set()
     for (task, partition), grid in grids.items():
-        metrics = ["MCC", "accuracy"] if task == "cola" else ["accuracy"]
+        server_data |= {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"] and uses_server_data(c["settings"])}
+        metrics = (["MCC"] if "mcc" in task_spec(task).metrics else []) + ["accuracy"]
         for metric in metrics:
             column = f"{TASK_NAMES[task]} {PARTITION_NAMES[partition]} {'acc' if metric == 'accuracy' else metric}"
             column += f" ({_seeds(grid['seeds'])})"
@@ -70,10 +72,12 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
     rows = []
     for method in methods:
         seed = SEED_SYSTEM.get(method)
-        rows.append({"method": method, **{c: cells[method].get(c, "-") for c in columns},
+        label = f"{method} †" if method in server_data else method
+        rows.append({"method": label, **{c: cells[method].get(c, "-") for c in columns},
                      "seed system acc (SST-2 / CoLA)": f"{seed['sst2']:.3f} / {seed['cola']:.3f}" if seed else "-",
                      "MB up / round": traffic[method][0], "MB down / round": traffic[method][1]})
-    return markdown(rows)
+    note = "\n\n† the server also trains on labelled data it holds (the public slice)" if server_data else ""
+    return markdown(rows) + note
 
 
 def grid_tables(grids: dict[tuple[str, str], dict]) -> str:

@@ -72,3 +72,18 @@ def test_model_dropout_table_sets_the_two_settings_side_by_side(tmp_path):
     assert "dev accuracy, model's own dropout (0.1)" in lines[0] and "dev accuracy, model-dropout 0" in lines[0]
     assert [cell.strip() for cell in lines[3].strip("|").split("|")] == ["Fed-LoRA", "2", "0.8500 ± 0.0010",
                                                                          "0.8503 ± 0.0029"]
+
+
+def test_rows_whose_server_uses_its_own_data_are_marked(tmp_path):
+    from fedtune.config import Settings
+
+    grid = _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy="0.5092 ± 0.0000"),
+                          _row("Fed-LoRA-KD (server teacher)", "0.634", accuracy="0.8131 ± 0.0000")], seeds=1)
+    federated = {"rounds": 10, "dev": {"accuracy": 0.5}}
+    grid["cells"] = [{"label": "Fed-LoRA", "settings": Settings(algorithm="fedlora").to_dict(), "summary": federated},
+                     {"label": "Fed-LoRA-KD (server teacher)", "summary": federated,
+                      "settings": Settings(algorithm="fedkdlora", kd_placement="server").to_dict()}]
+    (tmp_path / "sst2-iid-standard.json").write_text(json.dumps(grid))
+    text = headline(load_grids("standard", tmp_path))
+    assert "| Fed-LoRA-KD (server teacher) † | 0.813 |" in text and "| Fed-LoRA | 0.509 |" in text
+    assert text.endswith("† the server also trains on labelled data it holds (the public slice)")

@@ -6,6 +6,7 @@ from torch import nn
 
 from fedtune.algorithms.aggregate import State, robust_aggregate
 from fedtune.client_losses import task_loss
+from fedtune.local import server_finetune
 from fedtune.config import Settings
 from fedtune.models import save_model
 from fedtune.plugins import Option
@@ -135,6 +136,21 @@ class Algorithm:
 
     def restore(self, state: State) -> None:
         """Inverse of `checkpoint_state`."""
+
+    @property
+    def uses_server_data(self) -> bool:
+        """Whether the server trains on labelled data of its own (the public slice): such rows are
+        marked in every table (default: with `server-finetune-steps` > 0)."""
+        return self.settings.server_finetune_steps > 0
+
+    def after_aggregation(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
+        """What the server does with the aggregated `state` (both round loops call this):
+        `server_update`, then `server-finetune-steps` steps on the public slice if asked."""
+        state, metrics = self.server_update(state, server_round, previous)
+        if self.settings.server_finetune_steps > 0:
+            state, loss = server_finetune(self, state, server_round, self.round_lr(server_round))
+            metrics = {**metrics, "server_finetune_loss": loss}
+        return state, metrics
 
     def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
         """Server-side work after aggregation of `state`, `previous` being the global state the

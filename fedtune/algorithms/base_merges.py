@@ -58,6 +58,10 @@ class MergesIntoBase(FedLoRA):
             raise ValueError(f"{self.name} builds each round's base update from every client's own factors and "
                              f"every client folds it into its base: it needs dropout=0 (no skipped round), "
                              f"dp-noise=0 and secure-aggregation=none (the factors are not private)")
+        if settings.server_finetune_steps > 0:
+            raise ValueError(f"{self.name} keeps the server's base in step with every client's through the round's "
+                             f"factors; server-side fine-tuning would change the server's model outside them: use "
+                             f"server-finetune-steps=0")
         self.updates: dict[int, State] = {}  # round -> its factors (P, Q per module)
         self.sent_until: dict[int, int] = {}  # partition -> last round whose update it was sent
         self.pending: State = {}  # this round's factors, from `aggregate` until `server_update`

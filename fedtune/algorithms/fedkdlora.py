@@ -55,6 +55,10 @@ class FedKDLoRA(FedLoRA):
         self.teacher_on_client = settings.kd_placement == "client"
         self.teacher_state: State | None = None  # the server's teacher (server placement)
 
+    @property
+    def uses_server_data(self) -> bool:
+        return self.settings.kd_placement == "server" or super().uses_server_data
+
     def check_settings(self) -> None:
         super().check_settings()
         if self.settings.kd_placement == "client" and self.settings.client_loss != "none":
