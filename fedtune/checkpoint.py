@@ -1,8 +1,9 @@
 """The server's checkpoint: data only, never code.
 
 One safetensors file, `checkpoint.safetensors`, replaced atomically after every round:
-- tensors `global/<key>` (the global trainable state) and `algorithm/<key>` (server-side
-  algorithm state: FedAdam's moments, FedEx-LoRA's base updates, FedKDLoRA's teacher);
+- tensors `global/<key>` (the global trainable state), `algorithm/<key>` (server-side
+  algorithm state: FedAdam's moments, FedEx-LoRA's base updates, FedKDLoRA's teacher) and
+  `server/<key>` (the round loop's own: SCAFFOLD's control variate);
 - its string metadata holds JSON: `records` (the rounds so far, as in rounds.jsonl) and
   `settings` (the run's settings, its fingerprint: a resume with other settings is refused).
 
@@ -18,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class Checkpoint:
     algorithm_state: State
     records: list[dict]
     settings: dict
+    server_state: State = field(default_factory=dict)
 
 
 def path_in(folder: str | Path) -> Path:
@@ -55,12 +57,13 @@ def has_checkpoint(folder: str | Path) -> bool:
 
 
 def save(folder: str | Path, global_state: State, algorithm_state: State, records: list[dict],
-         settings: dict) -> None:
+         settings: dict, server_state: State | None = None) -> None:
     """Write the checkpoint atomically: a reader sees the previous one or the whole new one, and a
     failed write (a full disk) leaves no partial file and raises one clear RuntimeError."""
     folder = Path(folder)
     tensors = {f"global/{k}": v for k, v in global_state.items()}
     tensors |= {f"algorithm/{k}": v for k, v in algorithm_state.items()}
+    tensors |= {f"server/{k}": v for k, v in (server_state or {}).items()}
     # Own contiguous CPU copies: safetensors refuses tensors that share memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "records": json.dumps(records), "settings": json.dumps(settings, sort_keys=True)}
@@ -102,9 +105,11 @@ def load(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{bad} ({problem or 'its settings are not a JSON object'}); start the run anew")
     global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
     algorithm_state = {k[len("algorithm/"):]: v for k, v in tensors.items() if k.startswith("algorithm/")}
-    if not global_state or len(global_state) + len(algorithm_state) != len(tensors):
-        raise CheckpointError(f"{bad} (no global state, or tensors outside global/ and algorithm/); start the run anew")
-    return Checkpoint(global_state, algorithm_state, records, settings)
+    server_state = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
+    if not global_state or len(global_state) + len(algorithm_state) + len(server_state) != len(tensors):
+        raise CheckpointError(f"{bad} (no global state, or tensors outside global/, algorithm/ and server/); "
+                              f"start the run anew")
+    return Checkpoint(global_state, algorithm_state, records, settings, server_state)
 
 
 def check_settings(checkpoint: Checkpoint, settings: dict, path: Path) -> None:

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all; "
                              "`fedtune algorithms` lists the algorithms, each with its row labels)")
             sub.add_argument("--remedies", default="", help="comma-separated label-skew remedies to add after each "
-                             "federated row: a client loss (fedlc, logit-adjust) or equal-steps (every client the "
-                             "mean client's local steps, uniform weights); results go to <grid>-remedies/")
+                             "federated row: a client loss (fedlc, logit-adjust), equal-steps (every client the "
+                             "mean client's local steps, uniform weights), scaffold, or server-finetune (the server "
+                             "trains on its public slice: the server-data baseline); results go to <grid>-remedies/")
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         for f in dataclasses.fields(Settings):

@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedtune import scaffold
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.codecs import Codec
@@ -67,17 +68,28 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
             raise RuntimeError(f"simulated dropout of client {partition_id} in round {server_round}")
         # What this client keeps between rounds (its teacher) stays on its own disk, never in a reply.
         kept_folder = state_folder(settings.out_dir, str(config["run-name"]))
+        lr = float(config["lr"])
+        correction = None
+        if settings.scaffold:  # SCAFFOLD: c from the server, c_i from this client's disk (zeros at first)
+            c_global = msg.content[scaffold.RECORD].to_torch_state_dict()
+            c_local = load_kept(kept_folder / scaffold.RECORD, partition_id, server_round) or scaffold.zeros_like(c_global)
+            correction = (c_local, c_global)
         result = client_update(algorithm_for(settings), partition_id, num_partitions, received, server_round=server_round,
-                               lr=float(config["lr"]), kept_state=load_kept(kept_folder, partition_id, server_round),
-                               extras=extras)
+                               lr=lr, kept_state=load_kept(kept_folder, partition_id, server_round), extras=extras,
+                               correction=correction)
         if result.kept_state is not None:
             save_kept(kept_folder, partition_id, server_round, result.kept_state)
+        records = {}
+        if correction:
+            c_new = scaffold.client_control(*correction, received, result.state, result.steps, lr)
+            save_kept(kept_folder / scaffold.RECORD, partition_id, server_round, c_new)
+            records[scaffold.RECORD] = ArrayRecord({k: c_new[k] - correction[0][k] for k in c_new})
         codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
         arrays = ArrayRecord(codec.encode(result.state, received, server_round))
         metrics = MetricRecord({"num-examples": result.num_examples, "examples-seen": result.examples_seen,
                                 "train-loss": result.train_loss, "train-seconds": result.seconds,
                                 "partition-id": partition_id, **result.metrics})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics, **records}), reply_to=msg)
 
     return app
 

@@ -98,6 +98,9 @@ class CoreSettings:
     algorithm: str = _fed("fedlora", "federated algorithm (`fedtune algorithms` says what each does)", ALGORITHMS)
     client_loss: str = _fed("none", "the loss clients train with, against label skew: none (cross-entropy) or a "
                             "registered client loss (`fedtune algorithms` lists them)", CLIENT_LOSSES)
+    scaffold: int = _fed(0, "1: SCAFFOLD control variates (Karimireddy et al. 2020, option II) correct each "
+                         "client's drift, for an algorithm whose clients send same-shape states; both variates "
+                         "travel and are counted in bytes")
     server_finetune_steps: int = _fed(0, "after aggregating each round, the server trains the global model this "
                                       "many steps on the public slice (labelled data the server holds): the "
                                       "baseline for what server-side data alone does (0: off)")
@@ -152,6 +155,8 @@ class CoreSettings:
         nonneg = ("train_limit", "eval_limit", "local_steps", "epochs", "local_epochs", "min_partition_size",
                   "teacher_epochs", "weight_decay", "max_failed_rounds", "server_finetune_steps")
         problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if not getattr(self, n) >= 0]
+        if self.scaffold not in (0, 1):
+            problems.append(f"scaffold={self.scaffold} (must be 0 or 1)")
         if self.lora_r > MAX_LORA_RANK:
             problems.append(f"lora-r={self.lora_r} (must be <= {MAX_LORA_RANK}: a rank above a layer's width adds "
                             f"nothing but memory)")

@@ -33,12 +33,16 @@ def grid_rows() -> list[tuple[str, dict]]:
 
 def remedies() -> dict[str, dict]:
     """What `compare --remedies` can add to each federated row: name -> settings changes. Every
-    registered client loss, and `equal-steps`: every client the same number of local steps (the
-    mean client's, so the federation trains on as many rows as without it) and uniform weights."""
+    registered client loss; `equal-steps`: every client the same number of local steps (the
+    mean client's, so the federation trains on as many rows as without it) and uniform weights;
+    `scaffold`: SCAFFOLD's control variates; `server-finetune`: the server trains the global model
+    on the public slice after every round, as many steps as the mean client (the server-data baseline)."""
     from fedtune.client_losses import registered
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
-            "equal-steps": {"client_weighting": "uniform", "local_steps": "mean client"}}
+            "equal-steps": {"client_weighting": "uniform", "local_steps": "mean client"},
+            "scaffold": {"scaffold": 1},
+            "server-finetune": {"server_finetune_steps": "mean client"}}
 
 
 def remedy_changes(name: str, settings: Settings) -> dict:
@@ -46,10 +50,7 @@ def remedy_changes(name: str, settings: Settings) -> dict:
     known = remedies()
     if name not in known:
         raise ValueError(f"unknown remedy {name!r} (known: {', '.join(known)})")
-    changes = dict(known[name])
-    if changes.get("local_steps") == "mean client":
-        changes["local_steps"] = mean_client_steps(settings)
-    return changes
+    return {k: mean_client_steps(settings) if v == "mean client" else v for k, v in known[name].items()}
 
 
 def mean_client_steps(settings: Settings) -> int:

@@ -8,6 +8,7 @@ trainable state each round.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtune import scaffold
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize
 from fedtune.devices import compute, evaluation_precision, model_device
@@ -93,16 +95,18 @@ class ClientResult:
     seconds: float
     kept_state: State | None = None  # what stays on the client (its teacher), if anything
     metrics: dict[str, float] = field(default_factory=dict)  # extra metrics to report
+    steps: int = 0  # optimizer steps taken
 
 
 def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, global_state: State,
                   server_round: int, lr: float, kept_state: State | None = None,
-                  extras: State | None = None) -> ClientResult:
+                  extras: State | None = None, correction: tuple[State, State] | None = None) -> ClientResult:
     """Load the global state, train on this client's partition, return the new trainable state.
 
     `kept_state` is what this client kept from its previous round (FedKDLoRA's client teacher;
     None the first time); the result carries the updated one, which the caller stores locally
-    and never sends. `extras` are the arrays the algorithm sent besides the state.
+    and never sends. `extras` are the arrays the algorithm sent besides the state. `correction`
+    = (c_i, c): SCAFFOLD's control variates, applied to every gradient while it trains.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
@@ -110,13 +114,14 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
     model = cached_model(algorithm, algorithm.client_settings(partition_id))
     load_trainable_state(model, global_state)
     rows = cached_task_data(settings).private.select(client_partitions(settings, num_partitions)[partition_id])
-    work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
-                                 lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state,
-                                 extras=extras or {})
+    with scaffold.corrected(model, *correction) if correction else contextlib.nullcontext():
+        work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
+                                     lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state,
+                                     extras=extras or {})
     if model_device(model).type == "cuda":
         torch.cuda.empty_cache()  # the optimizer's state is gone with its turn; give its memory back
     return ClientResult(trainable_state(model), len(rows), work.result.examples, work.result.loss,
-                        work.result.seconds, work.kept_state, work.metrics)
+                        work.result.seconds, work.kept_state, work.metrics, work.result.steps)
 
 
 def server_finetune(algorithm: Algorithm, state: State, server_round: int, lr: float) -> tuple[State, float]:

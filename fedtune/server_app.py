@@ -158,6 +158,9 @@ class RoundRecorder:
         except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
             raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} holds server state that "
                                               f"{self.algorithm.name} cannot restore ({err}); start the run anew") from None
+        if self.algorithm.settings.scaffold:
+            checkpoints.check_state(checkpoint.server_state, initial, checkpoints.path_in(self.run.path))
+            self.strategy.control = checkpoint.server_state
         self.records = checkpoint.records
         self.run.write_jsonl("rounds.jsonl", self.records)  # drops a round that never reached its checkpoint
         self.strategy.offset = self.records[-1]["round"]
@@ -179,7 +182,7 @@ class RoundRecorder:
         self.records.append(record)
         self.run.append_jsonl("rounds.jsonl", record)
         checkpoints.save(self.run.path, state, self.algorithm.checkpoint_state(), self.records,
-                         self.algorithm.settings.to_dict())
+                         self.algorithm.settings.to_dict(), self.strategy.control)
         self.on_round(server_round)
         self.stop_if_failing()
         return MetricRecord(metrics)

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune import scaffold
 from fedtune.algorithms import Algorithm
 from fedtune.algorithms.aggregate import invalid_reason
 from fedtune.codecs import Codec
@@ -85,6 +86,8 @@ class FedTuneStrategy(FedAvg):
         self.rounds: dict[int, RoundStats] = {}  # per-round accounting, read by the server app
         self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
         self.global_state: dict = {}  # the global state at the start of this round
+        self.control: dict = {}  # SCAFFOLD's server control variate c (scaffold=1), zeros until round 1
+        self.control_deltas: dict[int, dict] = {}  # partition id -> its dc_i this round
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids trained this round: a seeded draw without replacement."""
@@ -100,6 +103,9 @@ class FedTuneStrategy(FedAvg):
         config.update(self.algorithm.round_config(server_round))
         global_state = arrays.to_torch_state_dict()
         self.global_state = global_state  # what this round's updates are relative to
+        scaffold_on = bool(self.algorithm.settings.scaffold)
+        if scaffold_on and not self.control:
+            self.control = scaffold.zeros_like(global_state)
         sampled = self.sample(server_round)
         self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}
         records: dict = {}  # one record per distinct state (most algorithms send one), one per client with extras
@@ -110,6 +116,8 @@ class FedTuneStrategy(FedAvg):
             if key not in records:
                 arrays_p = arrays if state is global_state else ArrayRecord(state)
                 content = {self.arrayrecord_key: arrays_p, self.configrecord_key: config}
+                if scaffold_on:
+                    content[scaffold.RECORD] = ArrayRecord(self.control)
                 records[key] = RecordDict(content | ({"extras": ArrayRecord(extras)} if extras else {}))
             messages.append(Message(content=records[key], message_type=MessageType.TRAIN, dst_node_id=self.nodes[p]))
         self.rounds[server_round] = RoundStats(sampled=sampled, lr=config["lr"],
@@ -138,6 +146,9 @@ class FedTuneStrategy(FedAvg):
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
             return None, None
         accepted.sort(key=lambda item: item[0])
+        if self.algorithm.settings.scaffold:  # c <- c + (1/N) sum dc_i over the round's accepted clients
+            deltas = [self.control_deltas[p] for p, _, _ in accepted]
+            self.control = scaffold.server_control(self.control, deltas, len(self.nodes))
         states = [state for _, state, _ in accepted]
         metrics = [m for _, _, m in accepted]
         uniform = self.uniform_weights or self.algorithm.settings.client_weighting == "uniform"
@@ -182,4 +193,10 @@ class FedTuneStrategy(FedAvg):
         except ValueError as error:
             return None, str(error)
         reason = invalid_reason(state, self.sent[partition_id])
+        if reason is None and self.algorithm.settings.scaffold:
+            if scaffold.RECORD not in content.array_records:
+                return None, "reply lacks the SCAFFOLD variate record"
+            deltas = content[scaffold.RECORD].to_torch_state_dict()
+            reason = scaffold.check_variates(deltas, self.sent[partition_id])
+            self.control_deltas[partition_id] = deltas
         return (None, reason) if reason else (state, None)

@@ -137,8 +137,8 @@ def _interrupted_run(tmp_path, tiny_bert, glue_dir, monkeypatch):
                         out_dir=str(tmp_path / "runs"))
     real_save = checkpoints.save
 
-    def save_then_crash(folder, state, algorithm_state, records, fingerprint):
-        real_save(folder, state, algorithm_state, records, fingerprint)
+    def save_then_crash(folder, state, algorithm_state, records, *args):
+        real_save(folder, state, algorithm_state, records, *args)
         if records[-1]["round"] == 1:
             raise KeyboardInterrupt  # the process dies here
 

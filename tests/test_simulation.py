@@ -162,8 +162,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(runs, base, monkeyp
     settings = base.replace(algorithm="fedkdlora", kd_placement="client", teacher_epochs=0.05)
     real_save = fedtune.checkpoint.save
 
-    def save_then_crash(folder, state, algorithm_state, records, fingerprint):
-        real_save(folder, state, algorithm_state, records, fingerprint)
+    def save_then_crash(folder, state, algorithm_state, records, *args):
+        real_save(folder, state, algorithm_state, records, *args)
         if records[-1]["round"] == 1:
             raise RuntimeError("simulated kill after round 1")
 

@@ -66,6 +66,15 @@ class Algorithm:
             if needs:
                 raise ValueError(f"{self.name} clients send updates of different shapes (each its own LoRA rank), so it "
                                  f"needs {', '.join(needs)}: robust rules, DP noise and SecAgg+ need same-shape updates")
+        if s.scaffold:
+            needs = [need for need, wrong in (("same-shape client states", not self.same_shape_updates),
+                                              ("aggregation=mean", s.aggregation != "mean"),
+                                              ("dp-noise=0", s.dp_noise > 0),
+                                              ("secure-aggregation=none", s.secure_aggregation != "none"))
+                     if wrong]
+            if needs:
+                raise ValueError(f"scaffold=1 averages one control variate per travelling tensor and sends each "
+                                 f"client's own in the clear: {self.name} here needs {', '.join(needs)}")
         if s.secure_aggregation != "none":
             # SecAgg+ rounds (fedtune.secure) send every client the global state and receive only the
             # masked sum: an algorithm that changes what is sent or how states combine cannot run there.

@@ -61,6 +61,10 @@ class FedKDLoRA(FedLoRA):
 
     def check_settings(self) -> None:
         super().check_settings()
+        if self.settings.kd_placement == "client" and self.settings.scaffold:
+            raise ValueError("fedkdlora with kd-placement=client trains the student inside FedKD's mutual "
+                             "distillation, which SCAFFOLD's correction does not reach yet: use scaffold=0, or "
+                             "kd-placement=server")
         if self.settings.kd_placement == "client" and self.settings.client_loss != "none":
             raise ValueError("fedkdlora with kd-placement=client trains with FedKD's distillation loss, which "
                              "client-loss does not change yet: use client-loss=none, or kd-placement=server")

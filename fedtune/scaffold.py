@@ -1,0 +1,81 @@
+"""SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1 with option II): control variates that
+correct each client's drift, for any algorithm whose clients send states of one shape
+(`--scaffold 1`).
+
+The server keeps a control variate c, the client i its own c_i (both start at zero, one tensor per
+travelling parameter). Each round the server sends c beside the global state x; the client trains
+with every gradient corrected to g - c_i + c, then (option II)
+
+    c_i+ = c_i - c + (x - y) / (K * lr)        y: its trained state, K: its local steps
+
+keeps c_i+ on its own disk and sends dc_i = c_i+ - c_i beside its state. The server aggregates the
+states as the algorithm does and sets c <- c + (1 / N) * sum over the round's clients of dc_i, N
+being the number of clients. Both variates are counted in the bytes down and up: they travel in
+the messages, in an array record named `scaffold`.
+
+fedtune's clients train with AdamW, not the paper's SGD: the correction is applied to the
+gradient AdamW receives (as the public SCAFFOLD implementations do with other optimizers), and
+option II's (x - y) / (K * lr) is then an estimate of the mean corrected gradient, not its exact value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+RECORD = "scaffold"  # the array record carrying c (down) and dc_i (up)
+
+
+# ---- the maths (pure) -------------------------------------------------------------------------
+def corrected_gradient(grad: torch.Tensor, c_local: torch.Tensor, c_global: torch.Tensor) -> torch.Tensor:
+    """g - c_i + c."""
+    return grad - c_local + c_global
+
+
+def client_control(c_local: State, c_global: State, sent: State, trained: State, steps: int, lr: float) -> State:
+    """Option II: c_i+ = c_i - c + (x - y) / (K * lr), per tensor."""
+    return {k: c_local[k] - c_global[k] + (sent[k] - trained[k]) / (steps * lr) for k in sent}
+
+
+def server_control(c_global: State, deltas: list[State], num_clients: int) -> State:
+    """c + (1 / N) * sum of the round's dc_i (N: every client, sampled or not)."""
+    return {k: c_global[k] + sum(d[k] for d in deltas) / num_clients for k in c_global}
+
+
+def zeros_like(state: State) -> State:
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+# ---- the client -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def corrected(model: nn.Module, c_local: State, c_global: State) -> Iterator[None]:
+    """While inside, every gradient of a travelling parameter of `model` is g - c_i + c."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(c_global) - set(params))
+    if missing:
+        raise ValueError(f"SCAFFOLD variates name parameters the model does not have: {missing[:3]}")
+    handles = []
+    for name, c in c_global.items():
+        shift = (c - c_local[name]).to(params[name].device)
+        handles.append(params[name].register_hook(lambda grad, shift=shift: grad + shift.to(grad.dtype)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_variates(deltas: State, sent: State) -> str | None:
+    """Why a client's dc_i cannot be used (keys, shapes, NaN/Inf), or None."""
+    if set(deltas) != set(sent):
+        return "its SCAFFOLD variate keys differ from the state's"
+    for k, v in deltas.items():
+        if v.shape != sent[k].shape:
+            return f"SCAFFOLD variate {k} has shape {tuple(v.shape)}, expected {tuple(sent[k].shape)}"
+        if not torch.isfinite(v).all():
+            return f"SCAFFOLD variate {k} has NaN or Inf"
+    return None

@@ -1,0 +1,121 @@
+"""SCAFFOLD (option II): the maths against the paper's formulas, the gradient correction on a
+hand-made model, and a two-round, two-client run whose files obey Algorithm 1 exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fedtune import scaffold
+from fedtune.algorithms import get_algorithm
+from fedtune.config import Settings
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
+
+
+def test_option_ii_and_the_server_update_by_hand():
+    c_local, c_global = {"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([0.5, 0.5])}
+    sent, trained = {"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([1.0, 3.0])}
+    # c_i+ = c_i - c + (x - y) / (K lr) = [1 - .5 + 1/(4*.5), -1 - .5 + (-1)/(4*.5)] = [1, -2]
+    assert torch.equal(scaffold.client_control(c_local, c_global, sent, trained, steps=4, lr=0.5)["w"],
+                       torch.tensor([1.0, -2.0]))
+    # c + (1/N) sum dc_i, N = 4 clients, 2 of them this round
+    deltas = [{"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([2.0, 4.0])}]
+    assert torch.equal(scaffold.server_control(c_global, deltas, 4)["w"], torch.tensor([1.5, 1.5]))
+    assert torch.equal(scaffold.corrected_gradient(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([0.5])),
+                       torch.tensor([2.5]))
+
+
+def test_the_correction_reaches_every_travelling_gradient_and_is_removed_after():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    x = torch.tensor([[3.0, 4.0]])
+    c_local, c_global = {"weight": torch.tensor([[1.0, 1.0]])}, {"weight": torch.tensor([[0.0, 3.0]])}
+    with scaffold.corrected(model, c_local, c_global):
+        model(x).sum().backward()
+    assert torch.equal(model.weight.grad, torch.tensor([[3.0 - 1.0 + 0.0, 4.0 - 1.0 + 3.0]]))  # g - c_i + c
+    model.weight.grad = None
+    model(x).sum().backward()
+    assert torch.equal(model.weight.grad, x)  # hooks gone
+    with pytest.raises(ValueError, match="parameters the model does not have"):
+        with scaffold.corrected(model, {"other": torch.zeros(1)}, {"other": torch.zeros(1)}):
+            pass
+
+
+@pytest.fixture(scope="module")
+def base(tiny_bert, glue_dir, tmp_path_factory):
+    return Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
+                    eval_limit=16, batch_size=8, max_length=32, local_steps=2, lora_r=2, engine="local", scaffold=1,
+                    precision="fp32", out_dir=str(tmp_path_factory.mktemp("runs")))
+
+
+def test_two_rounds_follow_algorithm_1_and_count_the_variates(base, monkeypatch):
+    """From the files a run leaves (each client's c_i per round on its disk, the server's state and
+    c in the checkpoint): y_i = x - K lr (c_i+ - c_i + c) for every client, and the next global
+    state is the example-weighted mean of the y_i; c after a round is the mean of the c_i."""
+    import fedtune.checkpoint as checkpoints
+
+    saved = {}
+    real_save = checkpoints.save
+
+    def keep(folder, state, algorithm_state, records, settings, server_state=None):
+        saved[records[-1]["round"]] = ({k: v.clone() for k, v in state.items()},
+                                       {k: v.clone() for k, v in (server_state or {}).items()})
+        real_save(folder, state, algorithm_state, records, settings, server_state)
+
+    monkeypatch.setattr(checkpoints, "save", keep)
+    path = run_federated(base, quiet=True)
+    rounds = read_jsonl(path / "rounds.jsonl")
+    sizes = [p["size"] for p in json.loads((path / "partitions.json").read_text())]
+    folder = base.out_dir + f"/client-state/{path.name}/scaffold"
+    c_local = {p: {k: torch.zeros_like(v) for k, v in saved[0][0].items()} for p in range(2)}
+    for r in (1, 2):
+        x, c = saved[r - 1][0], saved[r - 1][1] or {k: torch.zeros_like(v) for k, v in saved[0][0].items()}
+        lr, steps = rounds[r]["lr"], base.local_steps
+        new = {p: load_file(f"{folder}/client-{p}-round-{r}.safetensors") for p in range(2)}
+        y = {p: {k: x[k] - steps * lr * (new[p][k] - c_local[p][k] + c[k]) for k in x} for p in range(2)}
+        mean = {k: (sizes[0] * y[0][k] + sizes[1] * y[1][k]) / sum(sizes) for k in x}
+        for k in x:
+            assert torch.allclose(saved[r][0][k], mean[k], atol=1e-5), (r, k)
+            assert torch.allclose(saved[r][1][k], c[k] + ((new[0][k] - c_local[0][k]) + (new[1][k] - c_local[1][k])) / 2,
+                                  atol=1e-6), (r, k)
+        c_local = new
+    # Both variates travel: each message carries one more tensor per travelling tensor (fp32 values,
+    # plus Flower's per-array names and headers, as for the state itself).
+    plain = read_jsonl(run_federated(base.replace(scaffold=0), quiet=True) / "rounds.jsonl")
+    variates = rounds[1]["travelling_parameters"] * 4 * 2  # fp32, 2 clients
+    for direction in ("bytes_up", "bytes_down"):
+        assert variates <= rounds[2][direction] - plain[2][direction] <= variates + 30_000, direction
+
+
+@pytest.mark.slow
+def test_a_resumed_scaffold_run_equals_the_uninterrupted_one(base, monkeypatch):
+    import fedtune.checkpoint as checkpoints
+
+    reference = run_federated(base.replace(out_dir=base.out_dir + "/reference"), quiet=True)
+    real_save = checkpoints.save
+
+    def save_then_die(folder, state, algorithm_state, records, *args):
+        real_save(folder, state, algorithm_state, records, *args)
+        if records[-1]["round"] == 1:
+            raise KeyboardInterrupt
+
+    settings = base.replace(out_dir=base.out_dir + "/resumed")
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(settings, quiet=True)
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    [interrupted] = (reference.parent.parent / "resumed").glob("fedlora-cola-*.incomplete")
+    resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed"  # noqa: E731
+                         and "bytes" not in k} for r in rs]
+    assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(reference / "rounds.jsonl"))
+
+
+@pytest.mark.parametrize("name", ["flexlora", "hetlora", "flora"])
+def test_scaffold_is_refused_where_client_states_differ_in_shape(name):
+    with pytest.raises(ValueError, match=f"scaffold=1 .*{name} here needs same-shape client states"):
+        get_algorithm(name, Settings(algorithm=name, scaffold=1, client_ranks="2,4,8,8"))
