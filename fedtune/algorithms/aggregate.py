@@ -70,3 +70,30 @@ def robust_aggregate(states: list[State], weights: list[float], method: str, tri
         raise ValueError(f"unknown aggregation {method!r} (known: mean, median, trimmed-mean, krum)")
     return {name: torch.from_numpy(np.asarray(combine(np.stack([s[name].double().numpy() for s in states]))))
             .to(states[0][name].dtype) for name in states[0]}
+
+
+def fedadam_step(current: dict[str, np.ndarray], averaged: dict[str, np.ndarray], m: dict[str, np.ndarray],
+                 v: dict[str, np.ndarray], server_round: int, eta: float, beta1: float, beta2: float, tau: float,
+                 bias_correction: str = "flower") -> tuple[dict, dict, dict]:
+    """FedAdam's server step (Reddi et al., ICLR 2021, Algorithm 2), on numpy arrays:
+
+        delta = averaged - current              (the pseudo-gradient)
+        m <- beta1 m + (1 - beta1) delta        v <- beta2 v + (1 - beta2) delta^2
+        current <- current + eta_t m / (sqrt(v) + tau)
+
+    with eta_t = eta * sqrt(1 - beta2^e) / (1 - beta1^e), Kingma and Ba's bias-corrected step,
+    where the exponent e is the choice named by `bias_correction`:
+    - "flower": e = t + 1, as Flower's `FedAdam` computes it (at round 1: 0.74 * eta with the
+      defaults, not Kingma and Ba's sqrt(0.01) / 0.1 = eta); fedtune's fedadam uses this, so its
+      results equal Flower's strategy;
+    - "kingma": e = t, Kingma and Ba's alpha_t.
+    The paper's Algorithm 2 has no bias correction at all. Empty `m`/`v` start at zero. Returns
+    (new current, m, v). The arithmetic is Flower's, term for term (numpy, same order)."""
+    if bias_correction not in ("flower", "kingma"):
+        raise ValueError(f"bias_correction={bias_correction!r} (choose from: flower, kingma)")
+    delta = {k: x - current[k] for k, x in averaged.items()}
+    m = {k: beta1 * m.get(k, np.zeros_like(x)) + (1 - beta1) * delta[k] for k, x in averaged.items()}
+    v = {k: beta2 * v.get(k, np.zeros_like(x)) + (1 - beta2) * (delta[k] ** 2) for k, x in averaged.items()}
+    exponent = server_round + 1.0 if bias_correction == "flower" else float(server_round)
+    eta_t = eta * np.sqrt(1 - np.power(beta2, exponent)) / (1 - np.power(beta1, exponent))
+    return {k: x + eta_t * m[k] / (np.sqrt(v[k]) + tau) for k, x in current.items()}, m, v

@@ -1,34 +1,19 @@
 """FedAdam (Reddi et al., ICLR 2021, "Adaptive Federated Optimization"): FedLoRA's clients; the
 server treats the averaged update as a pseudo-gradient and takes an Adam step on the global
 LoRA state with its own learning rate (`server-lr`, `server-beta1`, `server-beta2`,
-`server-tau`). The Adam maths are Flower's own (`flwr.serverapp.strategy.FedAdam`), fed the
-averaged state instead of client replies."""
+`server-tau`). The step is `aggregate.fedadam_step` with Flower's bias correction (exponent
+t + 1), so the results equal Flower's `FedAdam` strategy (tested against it)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedtune.algorithms.aggregate import State
+from fedtune.algorithms.aggregate import State, fedadam_step
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.config import Settings
 from fedtune.plugins import Option
-
-
-class _Averaged(FlowerFedAvg):
-    """Stands in for Flower's FedAvg averaging under FedAdam: the replies it is given are the
-    already averaged state (fedtune's strategy averaged and checked them)."""
-
-    def aggregate_train(self, server_round, replies):  # noqa: D102
-        return replies, None
-
-
-class ServerAdam(FlowerFedAdam, _Averaged):
-    """Flower's FedAdam step (`aggregate_train`) applied to an averaged ArrayRecord."""
 
 
 @register
@@ -46,23 +31,24 @@ class FedAdam(FedLoRA):
     card = {"what trains": "LoRA A, B + head; server takes an Adam step on the mean update",
             "up (client -> server)": "as fedlora", "down (server -> client)": "as fedlora",
             "aggregation exact": "no", "own rank per client": "no", "paper": "Reddi et al. 2021"}
+    bias_correction = "flower"  # see aggregate.fedadam_step
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.optimizer = ServerAdam(eta=settings.server_lr, eta_l=settings.lora_lr, beta_1=settings.server_beta1,
-                                    beta_2=settings.server_beta2, tau=settings.server_tau)
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
 
     def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
-        self.optimizer.current_arrays = {k: v.numpy() for k, v in previous.items()}
-        averaged = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
-        stepped, _ = self.optimizer.aggregate_train(server_round, averaged)
-        return {k: torch.from_numpy(np.array(a.numpy())).to(state[k].dtype) for k, a in stepped.items()}, {}
+        s = self.settings
+        stepped, self.m, self.v = fedadam_step(
+            {k: t.numpy() for k, t in previous.items()}, {k: t.numpy() for k, t in state.items()}, self.m, self.v,
+            server_round, s.server_lr, s.server_beta1, s.server_beta2, s.server_tau, self.bias_correction)
+        return {k: torch.from_numpy(np.array(a)).to(state[k].dtype) for k, a in stepped.items()}, {}
 
     def checkpoint_state(self) -> State:
-        moments = {"m": self.optimizer.m_t or {}, "v": self.optimizer.v_t or {}}
+        moments = {"m": self.m, "v": self.v}
         return {f"{which}.{k}": torch.from_numpy(np.array(v)) for which, d in moments.items() for k, v in d.items()}
 
     def restore(self, state: State) -> None:
-        for which in ("m", "v"):
-            moments = {k[2:]: v.numpy() for k, v in state.items() if k.startswith(f"{which}.")}
-            setattr(self.optimizer, f"{which}_t", moments or None)
+        self.m = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("m.")}
+        self.v = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("v.")}
