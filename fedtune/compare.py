@@ -42,9 +42,25 @@ TASK_PRESETS: dict[tuple[str, str], dict] = {
 }
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "-"
+def _mean_std(values: list[float]) -> dict | None:
+    """Over seeds: {"mean", "std", "values"} (numbers, as results.json stores them), or None."""
+    values = [float(v) for v in values if v is not None]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values} if values else None
+
+
+def cell_text(value) -> str:
+    """How a table cell is shown: a seed statistic as "mean ± std" (4 decimals), None as "-".
+    Results written before the statistics were stored as numbers hold that text already."""
+    if isinstance(value, dict) and "mean" in value:
+        return f"{value['mean']:.4f} ± {value['std']:.4f}"
+    return "-" if value is None else str(value)
+
+
+def stat_mean(value) -> float | None:
+    """The mean of a seed statistic, whether stored as numbers or (older results) as text."""
+    if isinstance(value, dict):
+        return value["mean"]
+    return None if value in (None, "-") else float(str(value).split(" ± ")[0])
 
 
 def table(results: list[dict], task: str) -> list[dict]:
@@ -90,7 +106,7 @@ def uses_server_data(settings: dict) -> bool:
 def markdown(rows: list[dict]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if h == "method" else "---:" for h in header) + "|"]
-    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell_text(row[h]) for h in header) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from fedtune.compare import markdown, uses_server_data
+from fedtune.compare import markdown, stat_mean, uses_server_data
 from fedtune.tasks import task_spec
 from fedtune.grid import grid_rows
 
@@ -45,9 +45,10 @@ def _seeds(count: int) -> str:
     return f"{count} seed{'s' if count > 1 else ''}"
 
 
-def _mean(value: str) -> str:
-    """'0.8812 ± 0.0021' -> '0.881' (the headline shows 3 decimals; the grid tables have the std)."""
-    return value if value == "-" else f"{float(value.split(' ± ')[0]):.3f}"
+def _mean(value) -> str:
+    """A seed statistic -> '0.881' (the headline shows 3 decimals; the grid tables have the std)."""
+    mean = stat_mean(value)
+    return "-" if mean is None else f"{mean:.3f}"
 
 
 def headline(grids: dict[tuple[str, str], dict]) -> str:

@@ -111,9 +111,9 @@ def test_rank_sweep_reuses_cells_under_its_own_labels_and_plots_metric_vs_rank(b
     assert folder.name == "cola-iid-small-ranks" and (folder / "metric-vs-rank.png").is_file()
     rows = {r["method"]: r for r in json.loads((folder / "results.json").read_text())["table"]}
     assert list(rows) == ["Fed-LoRA"] + [f"{m} r={r}" for r in (4, 8, 16, 32) for m in ("Fed-LoRA", "Fed-LoRA-KD")]
-    assert rows["Fed-LoRA r=32"]["MCC"] == "0.3200 ± 0.0000"
+    assert rows["Fed-LoRA r=32"]["MCC"] == {"mean": 0.32, "std": 0.0, "values": [0.32]}  # numbers, not text
     assert len({c.key for c in cells}) == len(cells) - 1
-    assert rows["Fed-LoRA"]["MCC"] == rows["Fed-LoRA r=8"]["MCC"] == "0.0800 ± 0.0000"
+    assert rows["Fed-LoRA"]["MCC"] == rows["Fed-LoRA r=8"]["MCC"] == {"mean": 0.08, "std": 0.0, "values": [0.08]}
     assert rows["Fed-LoRA r=8"]["MB up / round"] == "0.008"  # 16,000 bytes over 2 rounds
 
 
