@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     if checkpoint:
         state = recorder.resume(checkpoint, state)
         say(f"resuming {run.path} after round {strategy.offset}", quiet)
+        if strategy.offset == settings.rounds:  # every round ran; writing the results failed last time
+            return finish_run(run, algorithm, state, recorder.records, partitions, ledger is not None, quiet)
     say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
         f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
     with progress_bar(settings.rounds, "rounds", quiet) as update:
@@ -149,7 +152,7 @@ class RoundRecorder:
         """Take over an interrupted run's records; the global state to continue from (checked
         against the keys and shapes of this run's `initial` state)."""
         checkpoints.check_state(checkpoint.global_state, initial, checkpoints.path_in(self.run.path))
-        if checkpoint.records[-1]["round"] >= self.algorithm.settings.rounds:
+        if checkpoint.records[-1]["round"] > self.algorithm.settings.rounds:
             raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} is after round "
                                               f"{checkpoint.records[-1]['round']} of {self.algorithm.settings.rounds}: "
                                               f"nothing is left to run")
@@ -227,12 +230,8 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
     settings = algorithm.settings
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, state)
-    algorithm.save_model(model, run.path / "model")
-    load_tokenizer(settings.model).save_pretrained(run.path / "model")
-    plot_rounds(records, settings.task, run.path / "metrics.png")
-    plot_partitions(partitions, run.path / "partitions.png")
     final = records[-1]
-    run.write_json("summary.json", {
+    summary = {
         "algorithm": settings.algorithm, "task": settings.task, "clients": settings.clients,
         "rounds": settings.rounds, "travelling_parameters": final["travelling_parameters"],
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
@@ -248,7 +247,18 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         **algorithm.summary_fields(),
         "failed_rounds": len(failed_rounds(records)),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
-        "seconds": final["elapsed"], "settings": settings.non_default()})
+        "seconds": final["elapsed"], "settings": settings.non_default()}
+    try:
+        algorithm.save_model(model, run.path / "model")
+        load_tokenizer(settings.model).save_pretrained(run.path / "model")
+        plot_rounds(records, settings.task, run.path / "metrics.png")
+        plot_partitions(partitions, run.path / "partitions.png")
+        run.write_json("summary.json", summary)
+    except Exception as err:  # noqa: BLE001  (a full disk: torch, tokenizers and matplotlib each raise their own)
+        free = shutil.disk_usage(run.path).free / 1e6
+        raise RuntimeError(f"could not write the final model, plots and summary into {run.path} ({free:.0f} MB "
+                           f"free on that disk): {err}; every round is checkpointed: free some space, then "
+                           f"`fedtune resume {run.path}` writes them") from None
     checkpoints.path_in(run.path).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)

@@ -81,3 +81,14 @@ def test_heterogeneous_ranks_refuse_what_needs_same_shape_updates(algorithm, cha
     with pytest.raises(ValueError, match=f"{algorithm} clients send updates of different shapes.*needs {needs}"):
         get_algorithm(algorithm, Settings(algorithm=algorithm, **changes))
     assert get_algorithm("fedlora", Settings(**changes)).same_shape_updates  # the same settings are fine there
+
+
+def test_peft_key_names_are_parsed_in_one_place():
+    from fedtune.algorithms.lora_maths import lora_key, lora_pairs
+
+    assert lora_key("base_model.model.bert.layer.0.query.lora_A.default.weight") == (
+        "base_model.model.bert.layer.0.query", "A", "default.weight")
+    assert lora_key("x.lora_B.default.weight")[1] == "B" and lora_key("classifier.weight") is None
+    state = {"m.lora_A.default.weight": torch.zeros(2, 3), "m.lora_B.default.weight": torch.zeros(3, 2),
+             "classifier.weight": torch.zeros(2, 3)}
+    assert lora_pairs(state) == {"m": ("m.lora_A.default.weight", "m.lora_B.default.weight")}

@@ -213,3 +213,32 @@ def test_a_run_whose_rounds_all_fail_stops_with_an_error_and_is_kept(tmp_path, t
     [folder] = out.glob("fedlora-cola-*")
     assert folder.name.endswith(".incomplete") and (folder / "checkpoint.safetensors").is_file()
     assert _cli("report", str(out), cwd=tmp_path).returncode == 2  # no finished run to list
+
+
+def test_a_full_disk_at_the_end_keeps_the_run_resumable(tmp_path, tiny_bert, glue_dir, monkeypatch):
+    """The tokenizers library raises a bare Exception when the disk fills: the run stops with one
+    error naming the folder, stays .incomplete with its last checkpoint, and a resume only writes
+    the results."""
+    from transformers import PreTrainedTokenizerBase
+
+    from fedtune.config import Settings
+    from fedtune.runs import read_jsonl
+    from fedtune.simulation import run_federated
+
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=1, train_limit=40,
+                        eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2, engine="local",
+                        out_dir=str(tmp_path / "runs"))
+
+    def disk_full(*args, **kwargs):
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002  (what tokenizers raises)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(RuntimeError, match=r"could not write the final model, plots and summary into .*"
+                                           r"No space left on device.*`fedtune resume .*\.incomplete` writes them"):
+        run_federated(settings, quiet=True)
+    monkeypatch.undo()
+    [folder] = (tmp_path / "runs").glob("fedlora-cola-*.incomplete")
+    assert (folder / "checkpoint.safetensors").is_file() and not (folder / "summary.json").exists()
+    finished = run_federated(settings.replace(resume=str(folder)), quiet=True)
+    assert [r["round"] for r in read_jsonl(finished / "rounds.jsonl")] == [0, 1]
+    assert (finished / "summary.json").is_file() and (finished / "model" / "tokenizer.json").is_file()

@@ -12,14 +12,14 @@ dropped (e.g. after a simulated `dropout`, which these algorithms therefore refu
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.local import cached_model
-from fedtune.train import LocalWork
 from fedtune.models import save_merged
-from fedtune.train import seed_everything
+from fedtune.train import LocalWork, seed_everything
 
 VERSION = "__round__"  # key of the kept base: the last round whose update it holds
 
@@ -27,7 +27,7 @@ VERSION = "__round__"  # key of the kept base: the last round whose update it ho
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA module prefix (as in the travelling state's keys) -> its frozen base weight (a live view)."""
     return {name: module.base_layer.weight.data for name, module in model.named_modules()
-            if hasattr(module, "lora_A") and hasattr(module, "base_layer")}
+            if isinstance(module, LoraLayer)}
 
 
 def factor_key(server_round: int, prefix: str, which: str) -> str:

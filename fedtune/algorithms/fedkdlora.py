@@ -24,8 +24,8 @@ from fedtune.data import cached_task_data, train_loader
 from fedtune.devices import compute, evaluation_precision
 from fedtune.distill import MutualDistillation
 from fedtune.local import cached_model, dev_loader, local_steps, round_seed
-from fedtune.plugins import Option
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
+from fedtune.plugins import Option
 from fedtune.teacher import build_student, load_teacher, require_teacher
 from fedtune.train import LocalWork, TrainResult, evaluate, seed_everything, train
 

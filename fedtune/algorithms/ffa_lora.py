@@ -9,6 +9,7 @@ from torch import nn
 
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
+from fedtune.algorithms.lora_maths import lora_key
 from fedtune.config import Settings
 
 
@@ -24,7 +25,7 @@ class FFALoRA(FedLoRA):
     def build_model(self, settings: Settings) -> nn.Module:
         model = super().build_model(settings)
         for name, parameter in model.named_parameters():
-            if ".lora_A." in name:
+            if (parsed := lora_key(name)) and parsed[1] == "A":
                 parameter.requires_grad_(False)  # not trained, so not sent (what travels is what trains)
         return model
 

@@ -18,21 +18,21 @@ Two choices keep it a fair baseline and close to the paper:
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.flexlora import HeterogeneousRanks
 from fedtune.algorithms.lora_maths import hetlora_aggregate, tail_norm, truncate_for_client
-from fedtune.train import LocalWork
 from fedtune.plugins import Option
-from fedtune.train import LossFn
+from fedtune.train import LocalWork, LossFn
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) weight parameters of every LoRA module of `model`."""
     return [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A]
+            if isinstance(m, LoraLayer) and "default" in m.lora_A]
 
 
 @torch.no_grad()

@@ -11,12 +11,23 @@ import torch
 from fedtune.algorithms.aggregate import State, weighted_mean
 
 
+def lora_key(key: str) -> tuple[str, str, str] | None:
+    """peft's name of a LoRA factor, parsed: `<module>.lora_A.<adapter>.weight` -> (module, "A",
+    "<adapter>.weight"); None for any other key. The one place that reads peft's key names."""
+    for which in ("A", "B"):
+        prefix, found, rest = key.partition(f".lora_{which}.")
+        if found:
+            return prefix, which, rest
+    return None
+
+
 def lora_pairs(state: State) -> dict[str, tuple[str, str]]:
     """Module prefix -> (A key, B key) for every LoRA module in `state`."""
     pairs = {}
     for key in state:
-        if ".lora_A." in key:
-            prefix, _, rest = key.partition(".lora_A.")
+        parsed = lora_key(key)
+        if parsed and parsed[1] == "A":
+            prefix, _, rest = parsed
             b_key = f"{prefix}.lora_B.{rest}"
             if b_key not in state:
                 raise ValueError(f"{key} has no matching {b_key}")
