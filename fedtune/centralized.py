@@ -17,7 +17,8 @@ from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, tra
 from fedtune.devices import compute, evaluation_precision
 from fedtune.metrics import primary_metric
 from fedtune.inputs import check_out_dir
-from fedtune.models import add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
+from fedtune.exports import describe
+from fedtune.models import HUB_IDS, add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
 from fedtune.runs import RunDir
 from fedtune.teacher import build_student, load_teacher, pretrain_teacher, teacher_dir, teacher_metrics
 from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
@@ -38,13 +39,15 @@ def kd_loss_fn(teacher: torch.nn.Module, temperature: float):
 
 def build_model(settings: Settings, quiet: bool = False):
     """(model to train, learning rate, loss function) for the centralized method."""
-    num_labels = task_spec(settings.task).num_labels
+    num_labels, labels = task_spec(settings.task).num_labels, task_spec(settings.task).labels
     lora = dict(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                 targets=settings.lora_targets)
     if settings.method == "finetune":
-        return load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout), settings.full_lr, None
+        return (load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout, labels),
+                settings.full_lr, None)
     if settings.method == "lora":
-        return add_lora(load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout), **lora), settings.lora_lr, None
+        return (add_lora(load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout, labels),
+                         **lora), settings.lora_lr, None)
     if settings.method == "kd":
         teacher = load_teacher(pretrain_teacher(settings, quiet)).to(compute(settings.device, settings.precision)[0])
         student = add_lora(build_student(settings, teacher), **lora)
@@ -97,14 +100,17 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     final = history[-1]
     # KD: the teacher's own metrics on the same evaluation set (as fedkdlora rows report theirs)
     teacher_dev = teacher_metrics(teacher_dir(settings)) if settings.method == "kd" else None
-    run.write_json("summary.json", {"method": settings.method, "task": settings.task,
+    summary = {"method": settings.method, "task": settings.task,
                                     "metric": primary_metric(settings.task),
                                     "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
                                     "teacher_dev": teacher_dev,
                                     "train_samples": result.examples, "seconds": final["seconds"],
                                     "trainable_parameters": trainable, "total_parameters": total,
                                     "precision": precision,
-                                    "epochs": history, "settings": settings.non_default()})
+                                    "epochs": history, "settings": settings.non_default()}
+    run.write_json("summary.json", summary)
+    describe(run.path / "model", settings.to_dict(), summary, task_spec(settings.task).labels,
+             HUB_IDS.get(settings.model, settings.model))
     path = run.finish()
     print_table(f"{settings.method} on {settings.task}", history, quiet)
     say(f"saved {path}", quiet)

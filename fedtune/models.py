@@ -66,9 +66,11 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p  # BERT's attention reads its dropout.p at each call
 
 
-def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = -1.0) -> PreTrainedModel:
+def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = -1.0,
+                    label_names: tuple[str, ...] = ()) -> PreTrainedModel:
     """A sequence classifier; the new head is initialised from `seed`, so loads repeat.
-    `dropout` >= 0 replaces every dropout probability inside the model (-1 keeps the model's own)."""
+    `dropout` >= 0 replaces every dropout probability inside the model (-1 keeps the model's own);
+    `label_names` go into its config (`id2label`, `label2id`: what an export shows its users)."""
     path = resolve_model_path(spec)
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(seed)
@@ -82,6 +84,9 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = 
         model.config._name_or_path = model.name_or_path = hub_id  # the hub id, not this machine's path
     if dropout >= 0:
         set_dropout(model, dropout)
+    if label_names:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     return model
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedtune.exports import described_task
 from fedtune.tasks import task_spec
 
 
@@ -67,9 +68,9 @@ def require_export(model_dir: Path) -> Path:
 
 def resolve_task(model_dir: Path, task: str | None) -> str:
     require_export(model_dir)
-    trained_on = run_settings(model_dir).get("task")
+    trained_on = described_task(model_dir) or run_settings(model_dir).get("task")
     if task and trained_on and task != trained_on:
-        raise ValueError(f"{model_dir} was trained on {trained_on} (its run's config.json), not {task}: "
+        raise ValueError(f"{model_dir} was trained on {trained_on} (its export.json or run's config.json), not {task}: "
                          f"drop --task, or give a model trained on {task}")
     task = task or trained_on
     if not task:

@@ -13,16 +13,18 @@ from fedtune import checkpoint as checkpoints
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
 from fedtune.config import Settings
-from fedtune.devices import compute
 from fedtune.console import print_table, progress_bar, quiet_libraries, say
+from fedtune.devices import compute
+from fedtune.exports import describe
 from fedtune.local import cached_model, evaluate_state, initial_state
-from fedtune.models import State, load_tokenizer, load_trainable_state
+from fedtune.models import HUB_IDS, State, load_tokenizer, load_trainable_state
 from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.privacy import PrivacyLedger, private
 from fedtune.runs import RunDir, read_config
 from fedtune.secure import SecureRounds
 from fedtune.strategy import FedTuneStrategy, RoundStats
+from fedtune.tasks import task_spec
 from fedtune.teacher import pretrain_teacher, teacher_metrics
 
 def handshake(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
@@ -254,6 +256,8 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         plot_rounds(records, settings.task, run.path / "metrics.png")
         plot_partitions(partitions, run.path / "partitions.png")
         run.write_json("summary.json", summary)
+        describe(run.path / "model", settings.to_dict(), summary, task_spec(settings.task).labels,
+                 HUB_IDS.get(settings.model, settings.model))
     except Exception as err:  # noqa: BLE001  (a full disk: torch, tokenizers and matplotlib each raise their own)
         free = shutil.disk_usage(run.path).free / 1e6
         raise RuntimeError(f"could not write the final model, plots and summary into {run.path} ({free:.0f} MB "

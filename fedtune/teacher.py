@@ -49,7 +49,8 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
     tokenizer = load_tokenizer(settings.model)
     seed_everything(settings.seed)
     device, precision = compute(settings.device, settings.precision)
-    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout).to(device)
+    model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout,
+                            task_spec(settings.task).labels).to(device)
     loader = train_loader(data.public, tokenizer, settings, settings.seed)
     steps = steps_for(len(loader), settings.teacher_epochs)
     with progress_bar(steps, "teacher on public slice", quiet) as update:
@@ -104,4 +105,5 @@ def build_student(settings: Settings, teacher: PreTrainedModel) -> PreTrainedMod
     if not settings.student:
         return make_student(teacher)
     check_same_tokenizer(settings.model, settings.student)
-    return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)
+    return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout,
+                           task_spec(settings.task).labels)

@@ -138,3 +138,25 @@ def test_predict_and_evaluate_use_an_export_as_the_run_reported_it(settings, cap
 
     assert main(["predict", str(tmp_path), "x"]) == 2  # not a model: one clear error
     assert "holds no exported model" in capsys.readouterr().err
+
+
+def test_an_export_describes_itself_and_predict_needs_no_task_elsewhere(settings, tmp_path, capsys):
+    """id2label in the exported config, a model card, export.json: a model folder copied anywhere
+    (no run config.json beside it) still knows its task and label names."""
+    import shutil
+
+    from fedtune.centralized import run_centralized
+    from fedtune.cli import main
+
+    path = run_centralized(settings.replace(method="finetune", out_dir=str(tmp_path / "runs")), quiet=True)
+    config = json.loads((path / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "unacceptable", "1": "acceptable"}
+    card = (path / "model" / "README.md").read_text()
+    assert "GLUE cola" in card and "centralized finetune" in card and "fedtune centralized" in card
+    copied = tmp_path / "elsewhere" / "my-model"
+    shutil.copytree(path / "model", copied)
+    assert main(["predict", str(copied), "a sentence", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["label"] in ("unacceptable", "acceptable")
+    assert main(["predict", str(copied), "--task", "sst2", "a sentence"]) == 2  # not what it was trained on
+    assert "was trained on cola" in capsys.readouterr().err

@@ -21,4 +21,5 @@ class FedAvg(Algorithm):
     lr_setting = "full_lr"
 
     def build_model(self, settings: Settings) -> nn.Module:
-        return load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)
+        spec = task_spec(settings.task)
+        return load_classifier(settings.model, spec.num_labels, settings.seed, settings.model_dropout, spec.labels)

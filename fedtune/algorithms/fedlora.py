@@ -20,7 +20,8 @@ class FedLoRA(Algorithm):
             "own rank per client": "no", "paper": "FedIT-style FedLoRA"}
 
     def build_model(self, settings: Settings) -> nn.Module:
-        model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout)
+        spec = task_spec(settings.task)
+        model = load_classifier(settings.model, spec.num_labels, settings.seed, settings.model_dropout, spec.labels)
         return add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
 
     def summary_fields(self) -> dict:
