@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -29,7 +30,7 @@ def print_table(title: str, rows: list[dict], quiet: bool = False) -> None:
     """Print dict rows as a table; floats get 4 significant decimals."""
     if quiet or not rows:
         return
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in rows[0]:
         table.add_column(column, justify="right")
     for row in rows:

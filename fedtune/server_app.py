@@ -270,16 +270,24 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
     return path
 
 
+# The console table's metric columns (rounds.jsonl has every metric): short names, 3 decimals, so
+# that a CoLA run with a teacher still fits an 80-column terminal.
+_CONSOLE = {"dev_loss": "loss", "dev_accuracy": "acc", "dev_mcc": "mcc", "dev_balanced_accuracy": "bal"}
+
+
 def _row(record: dict) -> dict:
-    """A compact console row: metrics, MB up/down this round and in total, seconds."""
-    row = {"round": record["round"]}
-    row.update({k[4:]: v for k, v in record.items() if k.startswith("dev_")})
-    row.update({"teacher " + k[12:]: v for k, v in record.items() if k.startswith("teacher_dev_") and "loss" not in k})
-    row["train_loss"] = "-" if record["train_loss"] is None else record["train_loss"]
-    row["MB up"] = record["bytes_up"] / 1e6
-    row["MB down"] = record["bytes_down"] / 1e6
-    row["MB total"] = (record["cum_bytes_up"] + record["cum_bytes_down"]) / 1e6
-    row["seconds"] = record["seconds"]
+    """A compact console row: round, dev metrics (the teacher's primary one), train loss, MB up/down
+    this round and in total, seconds."""
+    row = {"round": str(record["round"])}
+    row.update({short: f"{record[key]:.3f}" for key, short in _CONSOLE.items() if key in record})
+    teacher = "teacher_dev_mcc" if "teacher_dev_mcc" in record else "teacher_dev_accuracy"
+    if teacher in record:
+        row["tchr"] = f"{record[teacher]:.3f}"
+    row["train"] = "-" if record["train_loss"] is None else f"{record['train_loss']:.3f}"
+    row["MB up"] = f"{record['bytes_up'] / 1e6:.2f}"
+    row["MB dn"] = f"{record['bytes_down'] / 1e6:.2f}"
+    row["MB all"] = f"{(record['cum_bytes_up'] + record['cum_bytes_down']) / 1e6:.1f}"
+    row["s"] = f"{record['seconds']:.0f}"
     return row
 
 

@@ -45,3 +45,27 @@ def test_too_few_clients_fails_after_the_timeout():
 def test_inconsistent_partitions_are_refused(partitions):
     with pytest.raises(RuntimeError, match="distinct partition-id"):
         handshake(FakeGrid(partitions), expected=2, timeout=1)
+
+
+def test_the_round_table_fits_an_80_column_terminal():
+    """A CoLA FedKDLoRA record (the widest: MCC, balanced accuracy, teacher metrics) prints whole."""
+    import io
+
+    from rich.console import Console
+
+    import fedtune.console
+    from fedtune.server_app import _row
+
+    record = {"round": 10, "dev_loss": 0.6123, "dev_accuracy": 0.6912, "dev_mcc": -0.1234, "dev_auc": 0.55,
+              "dev_balanced_accuracy": 0.5012, "dev_worst_class_recall": 0.0, "teacher_dev_accuracy": 0.7,
+              "teacher_dev_mcc": 0.14, "teacher_dev_loss": 0.6, "train_loss": 0.5987, "bytes_up": 634_000,
+              "bytes_down": 608_000, "cum_bytes_up": 6_340_000, "cum_bytes_down": 6_080_000, "seconds": 123.4}
+    out = io.StringIO()
+    console, fedtune.console.console = fedtune.console.console, Console(file=out, width=80)
+    try:
+        fedtune.console.print_table("fedkdlora on cola", [_row(record)])
+    finally:
+        fedtune.console.console = console
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "-0.123" in text and "0.501" in text and "12.4" in text  # mcc, balanced accuracy, MB in all
