@@ -66,6 +66,8 @@ def stat_mean(value) -> float | None:
 def table(results: list[dict], task: str) -> list[dict]:
     """One row per method: metric mean ± std over seeds, MB per round up/down, total MB, seconds."""
     rows = []
+    # cells since label-skew metrics are recorded have them; a column for every row if any has them
+    skew = any("balanced_accuracy" in r["summary"]["dev"] for r in results)
     for label in dict.fromkeys(r["label"] for r in results):
         cells = [r for r in results if r["label"] == label]
         dev = [c["summary"]["dev"] for c in cells]
@@ -73,7 +75,7 @@ def table(results: list[dict], task: str) -> list[dict]:
         if "mcc" in task_spec(task).metrics:
             row["MCC"] = _mean_std([d["mcc"] for d in dev])
         row["accuracy"] = _mean_std([d["accuracy"] for d in dev])
-        if any("balanced_accuracy" in d for d in dev):  # cells since label-skew metrics are recorded
+        if skew:
             row["balanced acc"] = _mean_std([d.get("balanced_accuracy") for d in dev])
             row["worst-class recall"] = _mean_std([d.get("worst_class_recall") for d in dev])
         teacher = [(c["summary"].get("teacher_dev") or {}).get(primary_metric(task)) for c in cells]

@@ -221,3 +221,17 @@ def test_a_cell_interrupted_inside_a_round_is_resumed_not_recomputed(base, monke
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed" and "bytes" not in k}
                         for r in rs]  # noqa: E731
     assert strip(again["rounds"]) == strip(read_jsonl(Path(resumed["run"]) / "rounds.jsonl"))
+
+
+def test_every_row_has_the_skew_columns_when_any_cell_recorded_them():
+    from fedtune.compare import markdown, table
+    from fedtune.config import Settings
+
+    old = {"label": "Fed-LoRA", "settings": Settings(algorithm="fedlora").to_dict(), "wall_seconds": 1.0,
+           "summary": {"rounds": 10, "dev": {"accuracy": 0.5092}, "total_bytes_up": 1e6, "total_bytes_down": 1e6}}
+    new = {**old, "label": "Fed-LoRA + fedlc",
+           "summary": {**old["summary"], "dev": {"accuracy": 0.49, "balanced_accuracy": 0.5, "worst_class_recall": 0.0}}}
+    rows = table([old, new], "sst2")
+    assert [list(r) for r in rows][0] == list(rows[1]) and rows[0]["balanced acc"] is None
+    assert "| Fed-LoRA | 1 | 0.5092 ± 0.0000 | - | - |" in markdown(rows)
+    assert rows[1]["worst-class recall"] == {"mean": 0.0, "std": 0.0, "values": [0.0]}
