@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all; "
-                             "`fedtune algorithms` lists the algorithms, each with its row labels)")
+                             "`fedtune algorithms` lists the algorithms, each with its row labels; with --remedies, "
+                             "'<row> + <remedy>' names one remedied row)")
             sub.add_argument("--remedies", default="", help="comma-separated label-skew remedies to add after each "
                              "federated row: a client loss (fedlc, logit-adjust), equal-steps (every client the "
                              "mean client's local steps, uniform weights), scaffold, or server-finetune (the server "

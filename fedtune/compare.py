@@ -166,10 +166,12 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     (`fedtune.tune`); results.json records every trial."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
+    from fedtune.grid import remedies
+
     known = [label for label, _ in grid_rows()]
+    known += [f"{label} + {r}" for label in known for r in remedy_names or ()]
     if methods and (unknown := [m for m in methods if m not in known]):
         raise ValueError(f"unknown method(s) {unknown} (known: {', '.join(known)})")
-    from fedtune.grid import remedies
 
     if remedy_names and (unknown := [r for r in remedy_names if r not in remedies()]):
         raise ValueError(f"unknown remedy(ies) {unknown} (known: {', '.join(remedies())})")

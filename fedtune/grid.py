@@ -112,12 +112,18 @@ def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: lis
     federation's total budget. `remedy_names` add, after each federated row, the row with each
     remedy (labelled "<row> + <remedy>"). `tuned` adds per-row changes (the chosen learning rates)."""
     tuned = tuned or {}
-    rows = [(label, changes) for label, changes in grid_rows() if methods is None or label in methods]
+    # `methods` names rows: a base row's label, or a remedied row's ("Fed-LoRA + fedlc"); naming any
+    # remedied row keeps only the remedied rows named
+    named_variants = {m for m in methods or () if " + " in m}
+    bases = {m.split(" + ")[0] for m in named_variants}
+    rows = [(label, changes) for label, changes in grid_rows()
+            if methods is None or label in methods or label in bases]
     if remedy_names:
         rows = [variant for label, changes in rows for variant in
-                [(label, changes)] + ([] if "method" in changes else
-                                      [(f"{label} + {name}", {**changes, **remedy_changes(name, base)})
-                                       for name in remedy_names])]
+                ([(label, changes)] if methods is None or label in methods else [])
+                + ([] if "method" in changes else
+                   [(f"{label} + {name}", {**changes, **remedy_changes(name, base)}) for name in remedy_names
+                    if not named_variants or f"{label} + {name}" in named_variants])]
     rows = [(label, {**changes, **tuned.get(label, {})}) for label, changes in rows]
     if rank_sweep:
         rows += [(f"{name} r={r}", {"algorithm": algorithm, "lora_r": r})

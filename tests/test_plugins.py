@@ -83,3 +83,7 @@ def test_grid_rows_come_from_the_registry_and_remedies_add_rows(glue_dir):
     # rows: 421 batches of 32, and 6% of them rounds up to 26 steps
     assert equal.client_weighting == "uniform" and equal.local_steps == 26
     assert len({c.key for c in cells}) == 4
+    # A remedied row can be named on its own (to assemble a table of the finished rows)
+    picked = make_grid(base, seeds=1, methods=["Fed-LoRA", "Fed-LoRA + equal-steps", "FedProx + fedlc"],
+                       remedy_names=["fedlc", "equal-steps"])
+    assert [c.label for c in picked] == ["Fed-LoRA", "Fed-LoRA + equal-steps", "FedProx + fedlc"]
