@@ -216,6 +216,18 @@ def deployment_run_config(nodes: int, run_config: str, workdir: Path) -> str:
     return run_config if "out-dir=" in run_config else f'{run_config} out-dir="{workdir / "runs"}"'
 
 
+def resume_hint(runs: Path, run_config: str) -> str | None:
+    """What to run to continue a deployment run that stopped after a checkpointed round (the
+    SuperLink died, a node failed for good): the same run config plus `resume=<its folder>`."""
+    from fedtune.checkpoint import has_checkpoint
+
+    stopped = [f for f in sorted(Path(runs).glob("*.incomplete")) if has_checkpoint(f)]
+    if not stopped:
+        return None
+    return (f"the run stopped after a checkpointed round; continue it with: bash scripts/deploy-local.sh "
+            f"--run-config '{run_config} resume=\"{stopped[-1]}\"' (flwr run: the same --run-config)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run fedtune on a local SuperLink + SuperNodes (TLS, node auth).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         result = federation.run(run_config)
     print(result.stdout, result.stderr, sep="\n")
     print(f"certificates, logs and Flower's state: {workdir}; run folders: {workdir / 'runs'}")
+    if result.returncode != 0 and (hint := resume_hint(workdir / "runs", args.run_config)):
+        print(hint, file=sys.stderr)
     return result.returncode
 
 

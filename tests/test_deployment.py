@@ -70,3 +70,15 @@ def test_deployment_writes_run_folders_under_its_workdir(tmp_path):
 
     assert deployment_run_config(2, "rounds=2", tmp_path) == f'clients=2 rounds=2 out-dir="{tmp_path}/runs"'
     assert deployment_run_config(3, 'out-dir="/elsewhere"', tmp_path) == 'clients=3 out-dir="/elsewhere"'
+
+
+def test_a_stopped_deployment_run_is_told_how_to_resume(tmp_path):
+    from fedtune.deployment import resume_hint
+
+    runs = tmp_path / "runs"
+    assert resume_hint(runs, "rounds=5") is None
+    (runs / "fedlora-cola-1.incomplete").mkdir(parents=True)  # stopped before round 0: nothing to resume
+    assert resume_hint(runs, "rounds=5") is None
+    (runs / "fedlora-cola-1.incomplete" / "checkpoint.safetensors").write_bytes(b"x")
+    hint = resume_hint(runs, "rounds=5")
+    assert f"--run-config 'rounds=5 resume=\"{runs / 'fedlora-cola-1.incomplete'}\"'" in hint
