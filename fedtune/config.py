@@ -58,7 +58,8 @@ class CoreSettings:
                                    "a validation set, train without them and evaluate on them instead of dev "
                                    "(what `compare --tune` scores learning rates on: dev stays unseen)")
     # --- model
-    model: str = _opt("minilm", "model: 'minilm' (bundled all-MiniLM-L6-v2), a hub id, or a local folder")
+    model: str = _opt("minilm", "model: 'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled "
+                                "SmolLM2-135M-Instruct), a hub id, or a local folder")
     student: str = _opt("", "student model for KD; empty: the teacher with every other layer kept")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (update scale is alpha / r)")

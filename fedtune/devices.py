@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fedtune.bundled import cache_dir
+
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -140,10 +142,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown cpu"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
 
 
 def autocast(device: torch.device, precision: str):

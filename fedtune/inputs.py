@@ -12,7 +12,7 @@ from pathlib import Path
 from fedtune.config import Settings
 from fedtune.tasks import task_spec
 
-BUNDLED = ("minilm", "sentence-transformers/all-MiniLM-L6-v2")  # models.HUB_IDS, without importing torch
+from fedtune.bundled import bundled_name
 
 
 def check_inputs(settings: Settings) -> None:
@@ -46,7 +46,7 @@ def check_glue_files(settings: Settings) -> None:
 def model_folder_problem(spec: str) -> str | None:
     """Why `spec` (a model setting) names no usable local model, or None (a usable folder, the
     bundled model, or a hub id)."""
-    if spec in BUNDLED:
+    if bundled_name(spec):
         return None
     folder = Path(spec).expanduser()
     if folder.is_dir():

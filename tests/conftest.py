@@ -75,6 +75,70 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
     return _save_tiny(tmp_path_factory, "tiny-llama", config, tokenizer_dir)
 
 
+def write_tiny_llama_gguf(path: Path, hidden: int = 16, layers: int = 2, ffn: int = 32, heads: int = 2,
+                          kv_heads: int = 1, seed: int = 0) -> dict:
+    """A tiny Llama as llama.cpp writes one (unquantized F32 tensors; a byte-level BPE tokenizer with
+    SmolLM2's special tokens and two merges), written with the `gguf` package. Returns its tensors by
+    GGUF name, as numpy arrays."""
+    import gguf
+    import numpy as np
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    byte_chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]  # GPT-2's byte map
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_chars, "th", "the"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))  # control tokens, then normal ones
+    writer.add_token_merges(["t h", "th e"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    rng = np.random.default_rng(seed)
+    head = hidden // heads
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (hidden, hidden),
+                   f"blk.{i}.attn_k.weight": (kv_heads * head, hidden), f"blk.{i}.attn_v.weight": (kv_heads * head, hidden),
+                   f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
+                   f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                   f"blk.{i}.ffn_down.weight": (hidden, ffn)}
+    tensors = {name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape))
+               .astype(np.float32) for name, shape in shapes.items()}
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm(tmp_path_factory) -> str:
+    """A tiny Llama converted from a GGUF file as the bundled SmolLM2 is: its own byte-level
+    tokenizer (a vocabulary unlike BERT's), pad token <|im_end|>."""
+    from fedtune.bundled import convert_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-smollm")
+    write_tiny_llama_gguf(folder / "tiny.gguf", layers=4)
+    return str(convert_gguf(folder / "tiny.gguf", folder / "model"))
+
+
 @pytest.fixture
 def task_identity():
     """Flower Messages read run/task/node ids that a running app sets; set them for unit tests."""
