@@ -20,7 +20,8 @@ from fedtune.inputs import check_out_dir
 from fedtune.exports import describe
 from fedtune.models import HUB_IDS, add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
 from fedtune.runs import RunDir
-from fedtune.teacher import build_student, load_teacher, pretrain_teacher, teacher_dir, teacher_metrics
+from fedtune.distill import split_inputs
+from fedtune.teacher import build_student, load_teacher, pretrain_teacher, teacher_dir, teacher_metrics, teacher_tokenizer
 from fedtune.train import distillation_losses, evaluate, seed_everything, steps_for, train
 
 
@@ -29,8 +30,9 @@ def kd_loss_fn(teacher: torch.nn.Module, temperature: float):
     teacher.eval()
 
     def loss_fn(student: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        teacher_batch, batch = split_inputs(batch)  # each model reads its own token ids
         with torch.no_grad():
-            teacher_logits = teacher(**batch).logits
+            teacher_logits = teacher(**teacher_batch).logits
         student_logits = student(**batch).logits
         return distillation_losses(teacher_logits, student_logits, batch["labels"], temperature)[1]
 
@@ -59,12 +61,15 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     """Train one centralized baseline; returns the finished run folder."""
     check_out_dir(settings.out_dir)
     data = cached_task_data(settings)
-    tokenizer = load_tokenizer(settings.model)
+    kd = settings.method == "kd"
+    reader = settings.student if kd and settings.student else settings.model  # the model that trains
+    tokenizer = load_tokenizer(reader)
     device, precision = compute(settings.device, settings.precision)
     model, lr, loss_fn = build_model(settings, quiet)
     model.to(device)
     seed_everything(settings.seed)
-    batches = train_loader(data.private, tokenizer, settings, settings.seed)
+    batches = train_loader(data.private, tokenizer, settings, settings.seed,
+                           teacher_tokenizer=teacher_tokenizer(settings) if kd else None)
     dev_loader = eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer,
                              settings.eval_batch_size)
     run = RunDir(settings.out_dir, f"centralized-{settings.method}-{settings.task}", settings)
@@ -110,7 +115,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
                                     "epochs": history, "settings": settings.non_default()}
     run.write_json("summary.json", summary)
     describe(run.path / "model", settings.to_dict(), summary, task_spec(settings.task).labels,
-             HUB_IDS.get(settings.model, settings.model))
+             HUB_IDS.get(reader, reader))
     path = run.finish()
     print_table(f"{settings.method} on {settings.task}", history, quiet)
     say(f"saved {path}", quiet)

@@ -60,7 +60,10 @@ class CoreSettings:
     # --- model
     model: str = _opt("minilm", "model: 'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled "
                                 "SmolLM2-135M-Instruct), a hub id, or a local folder")
-    student: str = _opt("", "student model for KD; empty: the teacher with every other layer kept")
+    student: str = _opt("", "student model for KD ('minilm', 'smollm2', a hub id or a folder; its own tokenizer may "
+                            "differ from the teacher's `model`); empty: a subset of the teacher's blocks")
+    student_layers: int = _opt(0, "KD student made from the teacher (student empty): how many of its blocks it keeps, "
+                               "evenly spaced, the last kept (0: half)")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (update scale is alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
@@ -154,7 +157,7 @@ class CoreSettings:
                     "lora_alpha", "kd_temperature", "round_timeout")
         problems += [f"{key_of(n)}={getattr(self, n)} (must be > 0)" for n in positive if not getattr(self, n) > 0]
         nonneg = ("train_limit", "eval_limit", "local_steps", "epochs", "local_epochs", "min_partition_size",
-                  "teacher_epochs", "weight_decay", "max_failed_rounds", "server_finetune_steps")
+                  "teacher_epochs", "weight_decay", "max_failed_rounds", "server_finetune_steps", "student_layers")
         problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if not getattr(self, n) >= 0]
         if self.scaffold not in (0, 1):
             problems.append(f"scaffold={self.scaffold} (must be 0 or 1)")
@@ -243,6 +246,12 @@ class CoreSettings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def input_model(self) -> str:
+        """The model whose tokenizer reads the rows of the federated model (the one that trains,
+        travels and is exported): fedkdlora's `student` when it is a model of its own, else `model`."""
+        return self.student if self.student and self.algorithm == "fedkdlora" else self.model
 
     @property
     def resolved_glue_dir(self) -> str:

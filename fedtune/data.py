@@ -160,6 +160,20 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.input_ids[i], self.labels[i]
 
 
+class PairedDataset(TokenizedDataset):
+    """The same rows read by two tokenizers (distillation between models that do not share one):
+    items are (student ids, label, teacher ids)."""
+
+    def __init__(self, student: TokenizedDataset, teacher: TokenizedDataset):
+        if student.labels != teacher.labels:
+            raise ValueError("paired tokenizations must be of the same rows")
+        super().__init__(student.input_ids, student.labels)
+        self.teacher_input_ids = teacher.input_ids
+
+    def __getitem__(self, i: int) -> tuple[list[int], int, list[int]]:
+        return self.input_ids[i], self.labels[i], self.teacher_input_ids[i]
+
+
 _TOKEN_CACHE: dict[tuple, TokenizedDataset] = {}
 
 
@@ -172,29 +186,41 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int) -> TokenizedDataset:
     return _TOKEN_CACHE[key]
 
 
-def make_collate(pad_token_id: int):
-    """Pad a batch to its longest row (right padding) and build the attention mask."""
+def pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of `rows` padded on the right to the longest."""
+    longest = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
 
-    def collate(batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        longest = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        labels = torch.tensor([label for _, label in batch], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+def make_collate(pad_token_id: int, teacher_pad_token_id: int | None = None):
+    """Pad a batch to its longest row (right padding) and build the attention mask. Items of a
+    `PairedDataset` also give `teacher_input_ids` and `teacher_attention_mask` (padded with
+    `teacher_pad_token_id`)."""
+
+    def collate(batch: list[tuple]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad([item[0] for item in batch], pad_token_id)
+        labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if teacher_pad_token_id is not None:
+            out["teacher_input_ids"], out["teacher_attention_mask"] = pad([item[2] for item in batch],
+                                                                          teacher_pad_token_id)
+        return out
 
     return collate
 
 
 def make_loader(data: TokenizedDataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
-                by_length: bool = False) -> torch.utils.data.DataLoader:
+                by_length: bool = False, teacher_tokenizer=None) -> torch.utils.data.DataLoader:
     """Batches of `data`, shuffled with `seed`; with `by_length`, rows of similar length are batched
     together (transformers' length-grouped sampler: random mega-batches of up to 50 batches, each
-    sorted by length), which cuts padding."""
+    sorted by length), which cuts padding. A `PairedDataset` needs its `teacher_tokenizer`."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    collate = make_collate(tokenizer.pad_token_id)
+    collate = make_collate(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id if teacher_tokenizer else None)
     if shuffle and by_length:
         sampler = LengthGroupedSampler(batch_size, lengths=[len(ids) for ids in data.input_ids], generator=generator)
         return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate)
@@ -202,10 +228,16 @@ def make_loader(data: TokenizedDataset, tokenizer, batch_size: int, shuffle: boo
                                        collate_fn=collate)
 
 
-def train_loader(rows: Dataset, tokenizer, settings: Settings, seed: int) -> torch.utils.data.DataLoader:
-    """Shuffled training batches of `rows`, formed as `settings.batching` says."""
-    return make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.batch_size, shuffle=True,
-                       seed=seed, by_length=settings.batching == "by-length")
+def train_loader(rows: Dataset, tokenizer, settings: Settings, seed: int,
+                 teacher_tokenizer=None) -> torch.utils.data.DataLoader:
+    """Shuffled training batches of `rows`, formed as `settings.batching` says. With a
+    `teacher_tokenizer` (a teacher that reads other token ids), each batch also carries the
+    teacher's reading of the same rows (`teacher_input_ids`, `teacher_attention_mask`)."""
+    data = tokenize(rows, tokenizer, settings.max_length)
+    if teacher_tokenizer is not None:
+        data = PairedDataset(data, tokenize(rows, teacher_tokenizer, settings.max_length))
+    return make_loader(data, tokenizer, settings.batch_size, shuffle=True, seed=seed,
+                       by_length=settings.batching == "by-length", teacher_tokenizer=teacher_tokenizer)
 
 
 def eval_loader(data: TokenizedDataset, tokenizer, batch_size: int) -> torch.utils.data.DataLoader:

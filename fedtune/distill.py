@@ -6,15 +6,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtune.models import kept_blocks
 from fedtune.train import distillation_losses
+
+TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask")
 
 
 def layer_map(teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
-    """(student block, teacher block) pairs: block i of the student to block (i+1)*T/S - 1.
+    """(student block, teacher block) pairs: block i of the student to block (i+1)*T/S - 1, the
+    block a student made from the teacher keeps (`models.kept_blocks`).
 
     With a student that keeps every other teacher block this is i -> 2i+1, FedKD's map.
     """
-    return [(i, (i + 1) * teacher_layers // student_layers - 1) for i in range(student_layers)]
+    return list(enumerate(kept_blocks(teacher_layers, student_layers)))
+
+
+def split_inputs(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(teacher inputs, student inputs) of a batch: the same rows, each in its own model's token ids
+    when the batch carries the teacher's (`data.PairedDataset`), else the batch's ids for both."""
+    student = {k: v for k, v in batch.items() if k not in TEACHER_KEYS}
+    if "teacher_input_ids" not in batch:
+        return student, student
+    return {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"],
+            "labels": batch["labels"]}, student
 
 
 class MutualDistillation(nn.Module):
@@ -43,7 +57,11 @@ class MutualDistillation(nn.Module):
     def losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher loss, student loss) on one batch."""
         hidden = self.hidden_weight > 0
-        teacher_out = self.teacher(**batch, output_hidden_states=hidden)
+        teacher_batch, batch = split_inputs(batch)
+        if hidden and teacher_batch is not batch:
+            raise ValueError("kd-hidden-weight compares hidden states token by token, which needs a student that "
+                             "reads the teacher's token ids: set kd-hidden-weight 0 with a student of another tokenizer")
+        teacher_out = self.teacher(**teacher_batch, output_hidden_states=hidden)
         student_out = self.student(**batch, output_hidden_states=hidden)
         teacher_loss, student_loss = distillation_losses(teacher_out.logits, student_out.logits, batch["labels"],
                                                          self.temperature)

@@ -140,10 +140,11 @@ def server_finetune(algorithm: Algorithm, state: State, server_round: int, lr: f
     return trainable_state(model), result.loss
 
 
-@functools.lru_cache(maxsize=2)
-def dev_loader(settings: Settings):
-    """Batches of the evaluation set (GLUE dev, or the holdout), built once per process."""
-    tokenizer = load_tokenizer(settings.model)
+@functools.lru_cache(maxsize=4)
+def dev_loader(settings: Settings, model: str = ""):
+    """Batches of the evaluation set (GLUE dev, or the holdout), built once per process, in the
+    token ids of `model` (default: the federated model's, `settings.input_model`)."""
+    tokenizer = load_tokenizer(model or settings.input_model)
     data = cached_task_data(settings)
     return eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer, settings.eval_batch_size)
 

@@ -107,13 +107,10 @@ def save_merged(model: nn.Module, folder) -> None:
     copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
 
 
-def check_same_tokenizer(teacher_spec: str, student_spec: str) -> None:
-    """Distillation compares logits row by row, so both models must read the same token ids."""
-    if teacher_spec == student_spec:
-        return
-    if load_tokenizer(teacher_spec).get_vocab() != load_tokenizer(student_spec).get_vocab():
-        raise ValueError(f"teacher {teacher_spec!r} and student {student_spec!r} use different tokenizers; "
-                         f"pick a student of the same family, or leave `student` empty to derive one")
+def same_tokenizer(teacher_spec: str, student_spec: str) -> bool:
+    """Whether two models read the same token ids (then distillation may also compare hidden states
+    position by position; otherwise each model tokenizes the text itself)."""
+    return teacher_spec == student_spec or load_tokenizer(teacher_spec).get_vocab() == load_tokenizer(student_spec).get_vocab()
 
 
 # ---- teacher -> student ----------------------------------------------------------------
@@ -129,17 +126,27 @@ def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     return model.get_submodule(parent_name), attr, stack
 
 
-def make_student(teacher: PreTrainedModel) -> PreTrainedModel:
-    """The teacher with every other block kept: student block i is teacher block 2i+1.
+def kept_blocks(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher blocks a student of `student_layers` blocks keeps: evenly spaced, the last one
+    kept, block i -> (i + 1) * T // S - 1 (for S = T / 2: 2i + 1, DistilBERT's and FedKD's map)."""
+    return [(i + 1) * teacher_layers // student_layers - 1 for i in range(student_layers)]
+
+
+def make_student(teacher: PreTrainedModel, layers: int = 0) -> PreTrainedModel:
+    """The teacher with `layers` of its blocks kept (0: half), as `kept_blocks` picks them.
 
     This is how DistilBERT was initialised from BERT, and it matches the hidden-state
     map of FedKD (teacher layer 2i+1 -> student layer i).
     """
     student = copy.deepcopy(teacher)
     parent, attr, stack = find_layer_stack(student)
-    kept = nn.ModuleList(stack[i] for i in range(1, len(stack), 2))
-    if len(kept) == 0:
-        raise ValueError("the teacher has a single block; give a student model explicitly")
+    layers = layers or len(stack) // 2
+    if not 0 < layers < len(stack):
+        raise ValueError(f"student-layers={layers}: a student made from the teacher keeps between 1 and "
+                         f"{len(stack) - 1} of its {len(stack)} blocks" if len(stack) > 1 else
+                         "the teacher has a single block; give a student model explicitly")
+    indices = kept_blocks(len(stack), layers)
+    kept = nn.ModuleList(stack[i] for i in indices)
     setattr(parent, attr, kept)
     for new_index, block in enumerate(kept):
         for module in block.modules():  # decoder blocks index their KV cache by layer
@@ -149,7 +156,7 @@ def make_student(teacher: PreTrainedModel) -> PreTrainedModel:
     if hasattr(student.config, "n_layers"):  # DistilBERT's name for it
         student.config.n_layers = len(kept)
     if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in range(1, len(stack), 2)]
+        student.config.layer_types = [student.config.layer_types[i] for i in indices]
     return student
 
 

@@ -252,12 +252,12 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "seconds": final["elapsed"], "settings": settings.non_default()}
     try:
         algorithm.save_model(model, run.path / "model")
-        load_tokenizer(settings.model).save_pretrained(run.path / "model")
+        load_tokenizer(settings.input_model).save_pretrained(run.path / "model")
         plot_rounds(records, settings.task, run.path / "metrics.png")
         plot_partitions(partitions, run.path / "partitions.png")
         run.write_json("summary.json", summary)
         describe(run.path / "model", settings.to_dict(), summary, task_spec(settings.task).labels,
-                 HUB_IDS.get(settings.model, settings.model))
+                 HUB_IDS.get(settings.input_model, settings.input_model))
     except Exception as err:  # noqa: BLE001  (a full disk: torch, tokenizers and matplotlib each raise their own)
         free = shutil.disk_usage(run.path).free / 1e6
         raise RuntimeError(f"could not write the final model, plots and summary into {run.path} ({free:.0f} MB "

@@ -14,7 +14,7 @@ from fedtune.config import Settings
 from fedtune.console import progress_bar, say
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.devices import compute, evaluation_precision
-from fedtune.models import check_same_tokenizer, load_classifier, load_tokenizer, make_student
+from fedtune.models import load_classifier, load_tokenizer, make_student, same_tokenizer
 from fedtune.train import evaluate, seed_everything, steps_for, train
 
 # The settings that decide the teacher's weights; anything else may change and reuse it.
@@ -100,10 +100,17 @@ def load_teacher(folder: Path) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(folder)
 
 
+def teacher_tokenizer(settings: Settings):
+    """The teacher's tokenizer when the student reads other token ids (a `student` model of
+    another family): distillation batches then carry both readings of each row. None otherwise."""
+    if settings.student and not same_tokenizer(settings.model, settings.student):
+        return load_tokenizer(settings.model)
+    return None
+
+
 def build_student(settings: Settings, teacher: PreTrainedModel) -> PreTrainedModel:
-    """The given `student` model, or the teacher with every other block kept."""
+    """The given `student` model (any tokenizer), or the teacher with `student-layers` of its blocks."""
     if not settings.student:
-        return make_student(teacher)
-    check_same_tokenizer(settings.model, settings.student)
+        return make_student(teacher, settings.student_layers)
     return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout,
                            task_spec(settings.task).labels)

@@ -144,7 +144,7 @@ def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: 
                      loss_fn: LossFn) -> TrainResult:
     """`steps` AdamW steps of `loss_fn` on `rows` at a constant `lr` (the schedule runs over rounds)."""
     seed_everything(seed)
-    loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
+    loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed)
     return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                  loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1])
 

@@ -51,3 +51,43 @@ def test_every_centralized_method_trains_a_decoder(base, method, glue_dir, evalu
     config = json.loads((path / "model" / ("adapter_config.json" if method == "lora" else "config.json")).read_text())
     if method == "kd":  # the student keeps every other block of the 4-block teacher
         assert config["num_hidden_layers"] == 2 and config["pad_token_id"] == 2
+
+
+@pytest.mark.parametrize("placement", ["server", "client"])
+def test_a_decoder_teacher_distils_into_a_bert_student_and_only_the_student_travels(base, placement, tiny_bert,
+                                                                                    glue_dir, evaluate_export):
+    """Cross-model FedKDLoRA: the teacher (the Llama, its byte-level tokenizer) and the student (a
+    BERT with WordPiece) each read the rows in their own token ids; what travels is exactly what a
+    Fed-LoRA run of the BERT sends, and the export is a BERT with BERT's tokenizer."""
+    kd = base.replace(algorithm="fedkdlora", kd_placement=placement, teacher_epochs=0.05, student=tiny_bert)
+    path = run_federated(kd, quiet=True)
+    fedlora = run_federated(base.replace(algorithm="fedlora", model=tiny_bert), quiet=True)
+    kd_rounds, lora_rounds = read_jsonl(path / "rounds.jsonl"), read_jsonl(fedlora / "rounds.jsonl")
+    assert kd_rounds[-1]["travelling_parameters"] == lora_rounds[-1]["travelling_parameters"]
+    for a, b in zip(kd_rounds[1:], lora_rounds[1:]):
+        # The same tensors down; up, client teachers also report their dev metrics (a few hundred bytes).
+        assert abs(a["bytes_down"] - b["bytes_down"]) <= 3 * 32
+        assert 0 <= a["bytes_up"] - b["bytes_up"] + 3 * 32 <= (3 * 32 if placement == "server" else 3 * 32 + 3 * 400)
+    assert all(r["teacher_dev_accuracy"] is not None for r in kd_rounds[1:])
+    config = json.loads((path / "model" / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["id2label"] == {"0": "unacceptable", "1": "acceptable"}
+    assert json.loads((path / "model" / "tokenizer_config.json").read_text())["tokenizer_class"].startswith("Bert")
+    reported = json.loads((path / "summary.json").read_text())["dev"]
+    measured = evaluate_export(path, glue_dir)
+    assert measured["accuracy"] == reported["accuracy"] and measured["loss"] == pytest.approx(reported["loss"], abs=1e-5)
+
+
+def test_centralized_kd_from_a_decoder_teacher_into_a_bert_student(base, tiny_bert, glue_dir, evaluate_export):
+    path = run_centralized(base.replace(method="kd", student=tiny_bert, epochs=1, teacher_epochs=0.2), quiet=True)
+    assert json.loads((path / "model" / "config.json").read_text())["model_type"] == "bert"
+    reported = json.loads((path / "summary.json").read_text())["dev"]
+    measured = evaluate_export(path, glue_dir)
+    assert measured["accuracy"] == reported["accuracy"] and measured["loss"] == pytest.approx(reported["loss"], abs=1e-5)
+
+
+def test_hidden_state_kd_across_tokenizers_is_refused_before_any_round(base, tiny_bert):
+    from fedtune.algorithms import get_algorithm
+
+    settings = base.replace(algorithm="fedkdlora", student=tiny_bert, kd_hidden_weight=1.0)
+    with pytest.raises(ValueError, match="kd-hidden-weight compares hidden states token by token"):
+        get_algorithm("fedkdlora", settings).check_settings()

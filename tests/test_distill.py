@@ -73,3 +73,66 @@ def test_hidden_mse_ignores_padding(batch):
     mask = batch["attention_mask"].bool()
     expected = torch.stack([((s[i + 1] - t[j + 1])[mask] ** 2).mean() for i, j in layer_map(4, 2)]).mean()
     assert distiller.hidden_mse(t, s, batch["attention_mask"]).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _paired_batch(teacher_dir, student_dir):
+    from datasets import Dataset
+
+    from fedtune.config import Settings
+    from fedtune.data import train_loader
+    from fedtune.models import load_tokenizer
+
+    rows = Dataset.from_dict({"sentence": ["the cat sat on the mat", "a dog", "colourless green ideas sleep"],
+                              "label": [1, 0, 1]})
+    settings = Settings(batch_size=3, max_length=64)  # no truncation: the byte-level teacher reads ~30 ids
+    loader = train_loader(rows, load_tokenizer(student_dir), settings, seed=0, teacher_tokenizer=load_tokenizer(teacher_dir))
+    return next(iter(loader)), rows
+
+
+def test_a_paired_batch_holds_each_models_reading_of_the_same_rows(tiny_smollm, tiny_bert):
+    from fedtune.models import load_tokenizer
+
+    batch, rows = _paired_batch(tiny_smollm, tiny_bert)
+    student_tok, teacher_tok = load_tokenizer(tiny_bert), load_tokenizer(tiny_smollm)
+    squash = lambda text: "".join(text.split()).lower()  # noqa: E731  (BERT lowercases and splits words)
+    for row in range(3):
+        s_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        t_ids = batch["teacher_input_ids"][row][batch["teacher_attention_mask"][row].bool()].tolist()
+        student_text = squash(student_tok.decode(s_ids, skip_special_tokens=True))
+        assert student_text == squash(teacher_tok.decode(t_ids, skip_special_tokens=True))
+        label = rows["label"][[squash(s) for s in rows["sentence"]].index(student_text)]
+        assert batch["labels"][row].item() == label
+    assert batch["teacher_input_ids"].shape != batch["input_ids"].shape  # byte-level ids vs word pieces
+    assert (batch["teacher_input_ids"][batch["teacher_attention_mask"] == 0] == teacher_tok.pad_token_id).all()
+
+
+def test_cross_tokenizer_kd_feeds_each_model_its_own_ids_and_is_the_formula(tiny_smollm, tiny_bert):
+    from fedtune.centralized import kd_loss_fn
+    from fedtune.models import load_classifier
+    from fedtune.train import distillation_losses
+
+    batch, _ = _paired_batch(tiny_smollm, tiny_bert)
+    teacher, student = load_classifier(tiny_smollm, 2, seed=0), load_classifier(tiny_bert, 2, seed=1)
+    teacher.eval(), student.eval()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        by_hand = distillation_losses(t_logits, s_logits, batch["labels"], 2.0)[1]
+        assert torch.allclose(kd_loss_fn(teacher, 2.0)(student, batch), by_hand)
+        mutual = MutualDistillation(teacher, student, temperature=2.0).eval()
+        t_loss, s_loss = mutual.losses(batch)
+    assert torch.allclose(s_loss, by_hand)
+    # and the formula itself, for the teacher's side: CE + KL(student || teacher) / (CE_t + CE_s)
+    ce_t, ce_s = F.cross_entropy(t_logits, batch["labels"]), F.cross_entropy(s_logits, batch["labels"])
+    p_s, log_p_t = F.softmax(s_logits / 2, -1), F.log_softmax(t_logits / 2, -1)
+    kl = (p_s * (p_s.log() - log_p_t)).sum(-1).mean()
+    assert torch.allclose(t_loss, ce_t + 4 * kl / (ce_t + ce_s), atol=1e-6)
+
+
+def test_hidden_state_distillation_across_tokenizers_is_refused(tiny_smollm, tiny_bert):
+    from fedtune.models import load_classifier
+
+    batch, _ = _paired_batch(tiny_smollm, tiny_bert)
+    mutual = MutualDistillation(load_classifier(tiny_smollm, 2), load_classifier(tiny_bert, 2), hidden_weight=1.0)
+    with pytest.raises(ValueError, match="kd-hidden-weight"):
+        mutual.losses(batch)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fedtune.models import (add_lora, check_same_tokenizer, find_layer_stack, head_modules, load_classifier,
-                            load_tokenizer, load_trainable_state, make_student, trainable_state)
+from fedtune.models import (add_lora, find_layer_stack, head_modules, load_classifier,
+                            load_tokenizer, load_trainable_state, make_student, same_tokenizer, trainable_state)
 
 
 @pytest.fixture(params=["tiny_bert", "tiny_distilbert", "tiny_llama"])
@@ -21,6 +21,22 @@ def test_student_keeps_every_other_block(model_dir):
             assert torch.equal(p, q), name
     batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     assert student(**batch).logits.shape == (1, 2)
+
+
+@pytest.mark.parametrize("layers, kept", [(1, [3]), (2, [1, 3]), (3, [0, 1, 3]), (4, None)])
+def test_student_layers_keeps_evenly_spaced_blocks_ending_with_the_last(tiny_llama, layers, kept):
+    teacher = load_classifier(tiny_llama, num_labels=2, seed=0)
+    if kept is None:  # as many blocks as the teacher: not a student
+        with pytest.raises(ValueError, match="student-layers=4"):
+            make_student(teacher, layers)
+        return
+    student = make_student(teacher, layers)
+    _, _, teacher_blocks = find_layer_stack(teacher)
+    _, _, student_blocks = find_layer_stack(student)
+    assert student.config.num_hidden_layers == len(student_blocks) == len(kept)
+    for block, index in zip(student_blocks, kept):
+        assert torch.equal(block.self_attn.q_proj.weight, teacher_blocks[index].self_attn.q_proj.weight)
+    assert [m.layer_idx for m in student.modules() if hasattr(m, "layer_idx")] == list(range(len(kept)))
 
 
 def test_lora_trains_adapters_and_the_whole_head(model_dir):
@@ -60,7 +76,7 @@ def test_decoder_models_get_a_pad_token(tiny_llama):
     assert model.config.pad_token_id is not None
 
 
-def test_teacher_and_student_must_share_a_tokenizer(tiny_bert, tmp_path):
+def test_a_student_of_another_vocabulary_is_told_apart(tiny_bert, tiny_smollm, tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     vocab = tmp_path / "vocab.txt"
@@ -68,9 +84,8 @@ def test_teacher_and_student_must_share_a_tokenizer(tiny_bert, tmp_path):
     BertTokenizer(str(vocab)).save_pretrained(tmp_path)
     BertModel(BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
                          intermediate_size=8)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="different tokenizers"):
-        check_same_tokenizer(tiny_bert, str(tmp_path))
-    check_same_tokenizer(tiny_bert, tiny_bert)  # same model: fine
+    assert not same_tokenizer(tiny_bert, str(tmp_path)) and not same_tokenizer(tiny_smollm, tiny_bert)
+    assert same_tokenizer(tiny_bert, tiny_bert)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_distilbert"])

@@ -26,7 +26,8 @@ from fedtune.distill import MutualDistillation
 from fedtune.local import cached_model, dev_loader, local_steps, round_seed
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
 from fedtune.plugins import Option
-from fedtune.teacher import build_student, load_teacher, require_teacher
+from fedtune.models import same_tokenizer
+from fedtune.teacher import build_student, load_teacher, require_teacher, teacher_tokenizer
 from fedtune.train import LocalWork, TrainResult, evaluate, seed_everything, train
 
 
@@ -39,8 +40,8 @@ class FedKDLoRA(FedLoRA):
         "kd_placement": Option("server", "where the teacher lives: 'server' (distils on the public slice after "
                                "aggregation) or 'client' (each client keeps its own teacher; FedKD)",
                                ("server", "client")),
-        "kd_hidden_weight": Option(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i); "
-                                   "0: off", interval="[0, inf)"),
+        "kd_hidden_weight": Option(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i; "
+                                   "needs a student that reads the teacher's tokens); 0: off", interval="[0, inf)"),
         "kd_server_steps": Option(0, "server-side distillation steps per round (0: as many as an average client's "
                                   "local steps)", interval="[0, inf)"),
     }
@@ -68,6 +69,11 @@ class FedKDLoRA(FedLoRA):
         if self.settings.kd_placement == "client" and self.settings.client_loss != "none":
             raise ValueError("fedkdlora with kd-placement=client trains with FedKD's distillation loss, which "
                              "client-loss does not change yet: use client-loss=none, or kd-placement=server")
+        if (self.settings.kd_hidden_weight > 0 and self.settings.student
+                and not same_tokenizer(self.settings.model, self.settings.student)):
+            raise ValueError(f"kd-hidden-weight compares hidden states token by token, but student "
+                             f"{self.settings.student!r} reads other tokens than the teacher {self.settings.model!r}: "
+                             f"set kd-hidden-weight 0 (the distillation on class probabilities works across tokenizers)")
 
     def build_model(self, settings: Settings) -> nn.Module:
         """The student: the teacher with every other block (or `student`), with LoRA."""
@@ -136,9 +142,11 @@ def distil(algorithm: FedKDLoRA, rows, teacher_state: State | None, seed: int, l
     distiller, initial = _distillation(settings)
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
     seed_everything(seed)
-    loader = train_loader(rows, load_tokenizer(settings.model), settings, seed)
+    loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed,
+                          teacher_tokenizer=teacher_tokenizer(settings))
     device, precision = compute(settings.device, settings.precision)
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                    loss_fn=lambda model, batch: model.loss(batch), precision=precision)
-    metrics = evaluate(distiller.teacher, dev_loader(settings), settings.task, evaluation_precision(device, precision))
+    metrics = evaluate(distiller.teacher, dev_loader(settings, settings.model), settings.task,
+                       evaluation_precision(device, precision))
     return result, distiller.kept_state(), metrics
