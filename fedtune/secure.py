@@ -1,6 +1,8 @@
 """Secure aggregation (SecAgg+, Bell et al. 2020) with Flower's own protocol implementation.
 
-Each round runs Flower's `SecAggPlusWorkflow` (server) against `secaggplus_mod` (clients):
+The round loop is the strategy's own (`FedTuneStrategy`, Flower's `Strategy.start`); SecAgg+ is
+how a round's replies arrive (`SecureGrid`): Flower's `SecAggPlusWorkflow` (server) against
+`secaggplus_mod` (clients):
 clients exchange keys, secret-share their mask seeds, and send their update quantized and
 masked, so the server learns only the example-weighted sum. Clients send their *update*
 (trained state minus the state they received), not the state: updates are small, so the
@@ -13,8 +15,7 @@ and its mask is removed with the other clients' shares.
 
 from __future__ import annotations
 
-import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedtune.comm import wire_bytes
-from fedtune.strategy import FedTuneStrategy, RoundStats
 
 KEYS = "state-keys"  # config entry naming the update's tensors (legacy Parameters are a bare list)
 
@@ -54,85 +54,80 @@ class MeteredGrid:
         return getattr(self.grid, name)
 
 
-class SecureRounds:
-    """Runs `strategy`'s rounds with SecAgg+ in place of plain replies.
+@dataclass
+class SecureSum:
+    """What a SecAgg+ round gives the server: the unmasked example-weighted mean of the clients'
+    updates, and each answering client's legacy fit result (its metrics; its update stays masked)."""
 
-    Same `start` as a Flower strategy, so the server app treats it like one. What
-    `SecAggPlusWorkflow` needs from a legacy strategy is `configure_fit` (who trains, on
-    what) and `aggregate_fit` (receives the unmasked weighted mean); both are here.
+    mean_update: list[np.ndarray] | None
+    results: list[FitRes]
+    bytes_down: int
+    bytes_up: int
+
+
+class SecureGrid:
+    """A Grid through which a round's train messages travel as Flower's SecAgg+ protocol.
+
+    The strategy's round loop (Flower's `Strategy.start`) is unchanged: it builds the round's train
+    messages as always and hands them to `send_and_receive`. Here they become the SecAgg+ workflow's
+    fit instructions (same state and config to every sampled node), the protocol runs, and the
+    replies that come back are none: the masked sum is left in `last` for
+    `FedTuneStrategy.aggregate_train`. Any other message passes through.
     """
 
-    def __init__(self, strategy: FedTuneStrategy, clip: float, max_weight: int):
-        if len(strategy.sample(1)) < 2:
-            raise ValueError("secure-aggregation needs at least 2 sampled clients per round; "
-                             "raise `clients` or `fraction-train`")
-        self.strategy = strategy
+    def __init__(self, grid: Grid, clip: float, max_weight: int):
+        self.grid = grid
         # Every sampled client holds a share of every other's secrets (1.0 = all of them); the
         # masks can be removed as long as 2/3 of the share holders answer the unmask stage.
         self.workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=2 / 3,
                                            clipping_range=clip, max_weight=max_weight)
-        self.round_config: dict = {}
+        self.last: SecureSum | None = None
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        content = messages[0].content
+        if any(m.content is not content for m in messages):  # Algorithm.check_settings refuses such algorithms
+            raise ValueError("SecAgg+ sends every sampled client the same message")
+        arrays, config = content["arrays"], dict(content["config"])
+        state = arrays.to_torch_state_dict()
+        metered = MeteredGrid(self.grid)
+        shim = _LegacyStrategy(metered, [m.metadata.dst_node_id for m in messages],
+                               {**config, KEYS: ",".join(state)})
+        run_id = self.grid.run.run_id
+        legacy = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                               ServerConfig(num_rounds=int(config["server-round"])), strategy=shim)
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters([t.numpy() for t in state.values()]), True)
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(config["server-round"])})
+        self.workflow.timeout = timeout
+        self.workflow(metered, legacy)
+        self.last = SecureSum(shim.mean_update, shim.results, metered.bytes_down, metered.bytes_up)
+        return []
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+class _LegacyStrategy:
+    """The two methods `SecAggPlusWorkflow` calls on its (legacy) strategy: who trains on what
+    (`configure_fit`), and where the unmasked weighted mean goes (`aggregate_fit`)."""
+
+    def __init__(self, grid: MeteredGrid, node_ids: list[int], config: dict):
+        self.grid, self.node_ids, self.config = grid, node_ids, config
         self.mean_update: list[np.ndarray] | None = None
         self.results: list[FitRes] = []
 
-    # -- the two methods SecAggPlusWorkflow calls on its "strategy"
     def configure_fit(self, server_round, parameters, client_manager):
-        fit_ins = FitIns(parameters, self.round_config)
-        return [(GridClientProxy(self.strategy.nodes[p], self.grid, self.run_id), fit_ins)
-                for p in self.strategy.sample(server_round)]
+        fit_ins = FitIns(parameters, self.config)
+        return [(GridClientProxy(node_id, self.grid, self.grid.run.run_id), fit_ins) for node_id in self.node_ids]
 
     def aggregate_fit(self, server_round, results, failures):
         self.results = [fitres for _, fitres in results]
         # Every result carries the same unmasked weighted mean (the workflow's legacy convention).
         self.mean_update = parameters_to_ndarrays(results[0][1].parameters) if results else None
         return None, {}
-
-    # -- the strategy-like entry point the server app calls
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float,
-              train_config: ConfigRecord, evaluate_fn) -> SimpleNamespace:
-        strategy = self.strategy
-        self.grid = MeteredGrid(grid)
-        self.workflow.timeout = timeout
-        self.run_id = grid.run.run_id
-        context = Context(run_id=self.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        legacy = LegacyContext(context, ServerConfig(num_rounds=num_rounds), strategy=self)
-        state = initial_arrays.to_torch_state_dict()
-        evaluate_fn(0, initial_arrays)
-        for flower_round in range(1, num_rounds + 1):
-            server_round = flower_round + strategy.offset
-            sampled = strategy.sample(server_round)
-            lr = strategy.lr_at(server_round)
-            self.round_config = {**dict(train_config), **strategy.algorithm.round_config(server_round),
-                                 "server-round": server_round, "lr": lr, KEYS: ",".join(state)}
-            self.mean_update, self.results = None, []
-            self.grid.bytes_up = self.grid.bytes_down = 0
-            legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-                ndarrays_to_parameters([t.numpy() for t in state.values()]), True)
-            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-            self.workflow(self.grid, legacy)
-            answered = {int(r.metrics["partition-id"]) for r in self.results}
-            dropped = [{"node": strategy.nodes[p], "reason": "no masked update (failed, timed out, or the "
-                        "protocol halted)"} for p in sampled if p not in answered]
-            stats = RoundStats(sampled=sampled, lr=lr, bytes_up=self.grid.bytes_up, bytes_down=self.grid.bytes_down,
-                               received=len(self.results), accepted=len(self.results), dropped=dropped)
-            if self.mean_update is not None:
-                start = time.perf_counter()
-                previous = state
-                state = {k: v + torch.from_numpy(np.asarray(u)).to(v.dtype)
-                         for (k, v), u in zip(state.items(), self.mean_update, strict=True)}
-                stats.aggregate_seconds = time.perf_counter() - start
-                start = time.perf_counter()
-                state, server_metrics = strategy.algorithm.after_aggregation(state, server_round, previous)
-                stats.server_seconds = time.perf_counter() - start
-                weights = [r.num_examples for r in self.results]
-                stats.train_loss = float(np.average([r.metrics["train-loss"] for r in self.results],
-                                                       weights=weights))
-                stats.examples_seen = int(sum(r.metrics["examples-seen"] for r in self.results))
-                stats.client_train_seconds = float(sum(r.metrics.get("train-seconds", 0.0) for r in self.results))
-                stats.extra = server_metrics
-            strategy.rounds[server_round] = stats
-            evaluate_fn(flower_round, ArrayRecord(state))
-        return SimpleNamespace(arrays=ArrayRecord(state))
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:

@@ -22,7 +22,6 @@ from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.privacy import PrivacyLedger, private
 from fedtune.runs import RunDir, read_config
-from fedtune.secure import SecureRounds
 from fedtune.strategy import FedTuneStrategy, RoundStats
 from fedtune.tasks import task_spec
 from fedtune.teacher import pretrain_teacher, teacher_metrics
@@ -116,13 +115,14 @@ def pretrained_teacher_metrics(algorithm: Algorithm, quiet: bool) -> dict[str, f
 
 
 def build_runner(algorithm: Algorithm, nodes: dict[int, int], partitions: list[dict]):
-    """(strategy, what runs the rounds: the strategy, its DP wrapper or SecAgg+, DP ledger or None)."""
+    """(strategy, what runs the rounds: the strategy or its DP wrapper, DP ledger or None)."""
     settings = algorithm.settings
     codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
-    strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec)
+    secagg = ((settings.secagg_clip, max(p["size"] for p in partitions))
+              if settings.secure_aggregation == "secagg+" else None)
+    strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec,
+                               secagg)
     runner = private(strategy, settings)  # the DP wrapper around it, when dp-noise > 0
-    if settings.secure_aggregation == "secagg+":
-        runner = SecureRounds(strategy, settings.secagg_clip, max_weight=max(p["size"] for p in partitions))
     ledger = PrivacyLedger(settings, len(strategy.sample(1))) if settings.dp_noise > 0 else None
     return strategy, runner, ledger
 

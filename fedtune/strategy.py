@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -18,6 +19,7 @@ from fedtune.algorithms import Algorithm
 from fedtune.algorithms.aggregate import invalid_reason
 from fedtune.codecs import Codec
 from fedtune.comm import wire_bytes
+from fedtune.secure import SecureGrid
 
 log = logging.getLogger("fedtune")
 
@@ -54,7 +56,10 @@ class FedTuneStrategy(FedAvg):
     - replies are aggregated in partition order by `algorithm.aggregate`, then
       `algorithm.after_aggregation` runs any server-side training (FedKDLoRA's distillation,
       `server-finetune-steps`);
-    - bytes up and down are measured on the messages themselves.
+    - bytes up and down are measured on the messages themselves;
+    - with `secagg` the round's replies arrive through SecAgg+ (`fedtune.secure.SecureGrid`):
+      the same loop, sampling and hooks, but the server receives only the clients' masked
+      example-weighted sum (algorithms that need more are refused at start-up).
 
     Parameters
     ----------
@@ -70,10 +75,12 @@ class FedTuneStrategy(FedAvg):
         Local learning rate for a round (the schedule over rounds); sent as `lr`.
     codec : Codec, optional
         How clients encode their replies (default: plain fp32 states).
+    secagg : tuple[float, int], optional
+        (clipping range, largest client weight) of SecAgg+ rounds; None: plain replies.
     """
 
     def __init__(self, algorithm: Algorithm, nodes: dict[int, int], fraction_train: float, seed: int,
-                 lr_at: Callable[[int], float], codec: Codec | None = None):
+                 lr_at: Callable[[int], float], codec: Codec | None = None, secagg: tuple[float, int] | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(nodes))
         self.algorithm = algorithm
@@ -88,6 +95,19 @@ class FedTuneStrategy(FedAvg):
         self.global_state: dict = {}  # the global state at the start of this round
         self.control: dict = {}  # SCAFFOLD's server control variate c (scaffold=1), zeros until round 1
         self.control_deltas: dict[int, dict] = {}  # partition id -> its dc_i this round
+        self.secagg = secagg
+        self.secure_grid: SecureGrid | None = None  # set by `start` when secagg is on
+        if secagg and len(self.sample(1)) < 2:
+            raise ValueError("secure-aggregation needs at least 2 sampled clients per round; "
+                             "raise `clients` or `fraction-train`")
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None):
+        """Flower's round loop; with SecAgg+, over a grid that carries train messages as the protocol."""
+        if self.secagg:
+            grid = self.secure_grid = SecureGrid(grid, *self.secagg)
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids trained this round: a seeded draw without replacement."""
@@ -126,8 +146,29 @@ class FedTuneStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
-        replies = list(replies)
         stats = self.rounds.setdefault(server_round, RoundStats())
+        received = self.receive_secure(stats) if self.secure_grid else self.receive(server_round, list(replies), stats)
+        if received is None:
+            log.warning("round %d: no usable reply; the global model is unchanged", server_round)
+            return None, None
+        aggregated, metrics, weights = received
+        start = time.perf_counter()
+        aggregated, server_metrics = self.algorithm.after_aggregation(aggregated, server_round, self.global_state)
+        stats.server_seconds = time.perf_counter() - start
+        stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
+        stats.examples_seen = int(sum(m["examples-seen"] for m in metrics))
+        stats.client_train_seconds = float(sum(m.get("train-seconds", 0.0) for m in metrics))
+        # Per-client extras (e.g. each client's teacher on the dev set): example-weighted means.
+        extras = sorted({key for m in metrics for key in m if key.startswith("teacher-")})
+        stats.extra = {key.replace("-", "_"): float(np.average([m[key] for m in metrics], weights=weights))
+                       for key in extras if all(key in m for m in metrics)}
+        stats.extra.update(server_metrics)
+        record = MetricRecord({"train-loss": stats.train_loss, "examples-seen": stats.examples_seen})
+        return ArrayRecord(aggregated), record
+
+    def receive(self, server_round: int, replies: list[Message], stats: RoundStats):
+        """Plain replies: each checked, then combined by the algorithm. (aggregated state, the
+        accepted replies' metrics, their weights), or None when no reply is usable."""
         stats.bytes_up = sum(wire_bytes(m) for m in replies if not m.has_error())
         accepted, dropped, answered = [], [], set()
         for msg in replies:
@@ -143,8 +184,7 @@ class FedTuneStrategy(FedAvg):
                 accepted.append((int(msg.content["metrics"]["partition-id"]), state, msg.content["metrics"]))
         stats.received, stats.accepted, stats.dropped = len(replies), len(accepted), dropped
         if not accepted:
-            log.warning("round %d: no usable reply; the global model is unchanged", server_round)
-            return None, None
+            return None
         accepted.sort(key=lambda item: item[0])
         if self.algorithm.settings.scaffold:  # c <- c + (1/N) sum dc_i over the round's accepted clients
             deltas = [self.control_deltas[p] for p, _, _ in accepted]
@@ -156,19 +196,25 @@ class FedTuneStrategy(FedAvg):
         start = time.perf_counter()
         aggregated = self.algorithm.aggregate(states, weights)
         stats.aggregate_seconds = time.perf_counter() - start
+        return aggregated, metrics, weights
+
+    def receive_secure(self, stats: RoundStats):
+        """A SecAgg+ round: the global state plus the unmasked example-weighted mean update (the
+        weighted mean of the clients' states, as `Algorithm.aggregate` computes it), or None when
+        the protocol gave no sum. Bytes are every protocol message's."""
+        secure, self.secure_grid.last = self.secure_grid.last, None
+        stats.bytes_down, stats.bytes_up = secure.bytes_down, secure.bytes_up
+        answered = {int(r.metrics["partition-id"]) for r in secure.results}
+        stats.dropped = [{"node": self.nodes[p], "reason": "no masked update (failed, timed out, or the protocol "
+                          "halted)"} for p in stats.sampled if p not in answered]
+        stats.received = stats.accepted = len(secure.results)
+        if secure.mean_update is None:
+            return None
         start = time.perf_counter()
-        aggregated, server_metrics = self.algorithm.after_aggregation(aggregated, server_round, self.global_state)
-        stats.server_seconds = time.perf_counter() - start
-        stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
-        stats.examples_seen = int(sum(m["examples-seen"] for m in metrics))
-        stats.client_train_seconds = float(sum(m.get("train-seconds", 0.0) for m in metrics))
-        # Per-client extras (e.g. each client's teacher on the dev set): example-weighted means.
-        extras = sorted({key for m in metrics for key in m if key.startswith("teacher-")})
-        stats.extra = {key.replace("-", "_"): float(np.average([m[key] for m in metrics], weights=weights))
-                       for key in extras if all(key in m for m in metrics)}
-        stats.extra.update(server_metrics)
-        record = MetricRecord({"train-loss": stats.train_loss, "examples-seen": stats.examples_seen})
-        return ArrayRecord(aggregated), record
+        aggregated = {k: v + torch.from_numpy(np.asarray(u)).to(v.dtype)
+                      for (k, v), u in zip(self.global_state.items(), secure.mean_update, strict=True)}
+        stats.aggregate_seconds = time.perf_counter() - start
+        return aggregated, [r.metrics for r in secure.results], [float(r.num_examples) for r in secure.results]
 
     def check(self, msg: Message) -> tuple[dict | None, str | None]:
         """(decoded client state, None) for a usable reply, else (None, why not)."""

@@ -75,12 +75,10 @@ def test_private_fedlora_reports_epsilon_every_round(tiny_bert, glue_dir, tmp_pa
 
 
 def test_secure_aggregation_refuses_mixed_shapes_and_a_single_client():
-    from fedtune.secure import SecureRounds
-
     nodes = {0: 101, 1: 102}
     with pytest.raises(ValueError, match="needs secure-aggregation=none"):
         get_algorithm("flexlora", Settings(algorithm="flexlora", clients=2, client_ranks="2,4",
                                            secure_aggregation="secagg+"))
     fedlora = get_algorithm("fedlora", Settings(algorithm="fedlora", clients=2))
     with pytest.raises(ValueError, match="at least 2 sampled clients"):  # SecAgg+ needs someone to hide among
-        SecureRounds(FedTuneStrategy(fedlora, nodes, 0.5, 0, lambda r: 1e-3), clip=8.0, max_weight=100)
+        FedTuneStrategy(fedlora, nodes, 0.5, 0, lambda r: 1e-3, secagg=(8.0, 100))
