@@ -106,6 +106,8 @@ def uses_server_data(settings: dict) -> bool:
 
 
 def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if h == "method" else "---:" for h in header) + "|"]
     lines += ["| " + " | ".join(cell_text(row[h]) for h in header) + " |" for row in rows]
@@ -199,7 +201,7 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)
     elif not remedy_names:
-        (root / f"{base.partition}-{preset}.md").write_text(seed_table(root, base.partition, preset) + "\n")
+        (root / f"{partition_name(base)}-{preset}.md").write_text(seed_table(root, partition_name(base), preset) + "\n")
     say(markdown(rows), quiet)
     say(f"saved {folder}", quiet)
     return folder

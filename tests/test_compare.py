@@ -135,6 +135,18 @@ def test_seed_table_puts_each_task_in_its_own_columns(tmp_path):
                          "| Fed-LoRA | 0.2000 ± 0.0100 | 0.7000 ± 0.0000 | 0.8000 ± 0.0200 | 1.249 |"]
 
 
+def test_seed_table_of_another_dirichlet_alpha_reads_its_own_grids(tmp_path):
+    from fedtune.compare import partition_name, seed_table
+    from fedtune.config import Settings
+
+    assert partition_name(Settings(partition="dirichlet", dirichlet_alpha=0.5)) == "dirichlet0.5"
+    assert seed_table(tmp_path, "dirichlet0.5", "standard") == "(no rows)"  # nothing finished yet: no crash
+    (tmp_path / "sst2-dirichlet0.5-standard").mkdir()
+    rows = [{"method": "Fed-LoRA", "accuracy": {"mean": 0.61, "std": 0.0, "values": [0.61]}, "MB up / round": 1.249}]
+    (tmp_path / "sst2-dirichlet0.5-standard" / "results.json").write_text(json.dumps({"seeds": 1, "table": rows}))
+    assert seed_table(tmp_path, "dirichlet0.5", "standard").splitlines()[2].startswith("| Fed-LoRA | 0.6100")
+
+
 def test_a_cell_whose_round_kept_no_reply_is_refused_not_cached(base):
     from fedtune.grid import check_rounds
 
