@@ -87,3 +87,22 @@ def test_rows_whose_server_uses_its_own_data_are_marked(tmp_path):
     text = headline(load_grids("standard", tmp_path))
     assert "| Fed-LoRA-KD (server teacher) † | 0.813 |" in text and "| Fed-LoRA | 0.509 |" in text
     assert text.endswith("† the server also trains on labelled data it holds (the public slice)")
+
+
+def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp_path):
+    from fedtune.tables import skew_curve
+
+    stat = lambda v: {"mean": v, "std": 0.0, "values": [v]}  # noqa: E731
+    files = {"sst2-iid-standard.json": _grid("sst2", [_row("LoRA", accuracy=stat(0.9)),
+                                                        _row("Fed-LoRA", "1.249", accuracy=stat(0.845))]),
+             "sst2-dirichlet0.5-standard.json": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy=stat(0.811),
+                                                                    **{"balanced acc": stat(0.809)})], seeds=1),
+             "sst2-dirichlet-standard-remedies.json": _grid("sst2", [
+                 _row("Fed-LoRA + scaffold", "2.496", accuracy=stat(0.509), **{"balanced acc": stat(0.5)})], seeds=1)}
+    assert skew_curve(tmp_path) == "_No skewed grid has finished yet._"
+    for name, grid in files.items():
+        (tmp_path / name).write_text(json.dumps(grid))
+    lines = skew_curve(tmp_path).splitlines()
+    assert lines[0] == "| method | IID (2 seeds) | Dir 0.5 (1 seed) | Dir 0.1 (1 seed) |"
+    # Centralized rows have no skew; a remedied row follows its method's row.
+    assert lines[2:4] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + scaffold | - | - | 0.509 (0.500) |"]
