@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from fedtune.config import Settings
-from fedtune.console import print_table, progress_bar, say
+from fedtune.console import print_table, progress_bar, say, warn
 from fedtune.data import cached_task_data, eval_loader, task_spec, tokenize, train_loader
 from fedtune.devices import compute, evaluation_precision
-from fedtune.metrics import primary_metric
+from fedtune.metrics import learned_nothing, primary_metric
 from fedtune.inputs import check_out_dir
 from fedtune.exports import describe
 from fedtune.models import HUB_IDS, add_lora, count_parameters, load_classifier, load_tokenizer, save_merged, save_model
@@ -113,10 +113,13 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
                                     "trainable_parameters": trainable, "total_parameters": total,
                                     "precision": precision,
                                     "epochs": history, "settings": settings.non_default()}
+    summary["learned_nothing"] = learned_nothing(summary["dev"])
     run.write_json("summary.json", summary)
     describe(run.path / "model", settings.to_dict(), summary, task_spec(settings.task).labels,
              HUB_IDS.get(reader, reader))
     path = run.finish()
     print_table(f"{settings.method} on {settings.task}", history, quiet)
+    if problem := summary["learned_nothing"]:
+        warn(f"centralized {settings.method} on {settings.task}: {problem}")
     say(f"saved {path}", quiet)
     return path

@@ -43,6 +43,11 @@ def say(message: str, quiet: bool = False) -> None:
         console.print(message)
 
 
+def warn(message: str) -> None:
+    """A warning the user must see, `--quiet` or not (one line)."""
+    console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+
+
 class _Expected:
     """Drops Flower warnings about choices fedtune makes on purpose: the `run_simulation` entry
     point (deprecated in favour of `flwr run`, which `fedtune run` wraps in-process) and server-side

@@ -31,3 +31,14 @@ def classification_metrics(task: str, labels: np.ndarray, predictions: np.ndarra
 def primary_metric(task: str) -> str:
     """'mcc' for CoLA, 'accuracy' for SST-2."""
     return task_spec(task).primary_metric
+
+
+def learned_nothing(dev: dict[str, float]) -> str | None:
+    """Why final dev metrics are no result, or None: a model whose worst class has recall 0 never
+    gets one of the classes right (for two classes: one label for every row, balanced accuracy
+    .5), whatever its accuracy says. Metrics recorded before the recall was are not judged."""
+    if dev.get("worst_class_recall") == 0.0:
+        return (f"the model never predicts one of the classes correctly (worst-class recall 0, balanced accuracy "
+                f"{dev.get('balanced_accuracy', float('nan')):.3f}): its accuracy {dev.get('accuracy', float('nan')):.3f} "
+                f"is the other class's share, not something it learned")
+    return None

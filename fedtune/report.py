@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedtune.metrics import learned_nothing
 from fedtune.runs import INCOMPLETE
 
 
@@ -54,7 +55,8 @@ def summary_problem(summary) -> str | None:
 def _metric_cell(summary: dict) -> str:
     dev = summary["dev"]
     cell = f"acc {dev['accuracy']:.4f}"
-    return f"MCC {dev['mcc']:.4f}, {cell}" if "mcc" in dev else cell
+    cell = f"MCC {dev['mcc']:.4f}, {cell}" if "mcc" in dev else cell
+    return cell + (" (one class: learned nothing)" if learned_nothing(dev) else "")
 
 
 def markdown_table(summaries: list[dict]) -> str:

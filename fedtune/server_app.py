@@ -13,10 +13,11 @@ from fedtune import checkpoint as checkpoints
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
 from fedtune.config import Settings
-from fedtune.console import print_table, progress_bar, quiet_libraries, say
+from fedtune.console import print_table, progress_bar, quiet_libraries, say, warn
 from fedtune.devices import compute
 from fedtune.exports import describe
 from fedtune.local import cached_model, evaluate_state, initial_state
+from fedtune.metrics import learned_nothing
 from fedtune.models import HUB_IDS, State, load_tokenizer, load_trainable_state
 from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
@@ -250,6 +251,7 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "failed_rounds": len(failed_rounds(records)),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
         "seconds": final["elapsed"], "settings": settings.non_default()}
+    summary["learned_nothing"] = learned_nothing(summary["dev"])
     try:
         algorithm.save_model(model, run.path / "model")
         load_tokenizer(settings.input_model).save_pretrained(run.path / "model")
@@ -266,6 +268,8 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
     checkpoints.path_in(run.path).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
+    if problem := summary["learned_nothing"]:
+        warn(f"{settings.algorithm} on {settings.task}: {problem}")
     say(f"saved {path}", quiet)
     return path
 

@@ -30,13 +30,18 @@ def _logits(model, tokenizer_dir):
         return model(**batch).logits
 
 
-def test_finetune_writes_a_loadable_model_and_epoch_metrics(settings):
+def test_finetune_writes_a_loadable_model_and_epoch_metrics(settings, capsys):
+    from fedtune.metrics import learned_nothing
+
     path = run_centralized(settings.replace(method="finetune"), quiet=True)
     epochs = read_jsonl(path / "epochs.jsonl")
     assert [e["epoch"] for e in epochs] == [1.0, 2.0]
     assert epochs[-1]["samples"] == 2 * 64
     summary = json.loads((path / "summary.json").read_text())
     assert set(summary["dev"]) == {"loss", "accuracy", "mcc", "auc", "balanced_accuracy", "worst_class_recall"}
+    # A model that gets one class never right says so, even under --quiet (64 rows: it may well be one)
+    assert summary["learned_nothing"] == learned_nothing(summary["dev"])
+    assert ("learned" in capsys.readouterr().out) == (summary["dev"]["worst_class_recall"] == 0)
     model = AutoModelForSequenceClassification.from_pretrained(path / "model")
     assert _logits(model, path / "model").shape == (2, 2)
 

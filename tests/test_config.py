@@ -151,3 +151,25 @@ def test_report_skips_summaries_with_nulls_or_strings_and_marks_failed_rounds(tm
     assert "| failed | fedlora r=8 (2 clients, 3 rounds, 2 rounds failed) |" in out
     assert all(f"skipped unreadable {tmp_path / name / 'summary.json'}" in err for name in bad)
     assert "dev.accuracy is None, not a number" in err and "seconds is '5', not a number" in err
+
+
+def test_a_model_that_gets_one_class_never_right_is_marked_as_having_learned_nothing(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from fedtune.cli import main
+    from fedtune.metrics import classification_metrics, learned_nothing
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    majority = classification_metrics("sst2", labels, np.ones(7, dtype=int))  # "positive" for every row
+    assert majority["accuracy"] == 4 / 7 and majority["balanced_accuracy"] == 0.5 and majority["worst_class_recall"] == 0
+    assert "worst-class recall 0" in learned_nothing(majority)
+    assert learned_nothing(classification_metrics("sst2", labels, np.array([0, 1, 1, 1, 1, 1, 1]))) is None
+    assert learned_nothing({"accuracy": 0.509}) is None  # recorded before the recall was: not judged
+    summary = {"algorithm": "fedlora", "task": "sst2", "dev": majority, "clients": 2, "rounds": 3,
+               "total_bytes_up": 1e6, "total_bytes_down": 2e6, "examples_seen": 90, "seconds": 5.0, "lora_r": 8}
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "acc 0.5714 (one class: learned nothing)" in capsys.readouterr().out
