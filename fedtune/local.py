@@ -9,8 +9,6 @@ trainable state each round.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,11 +18,11 @@ from torch import nn
 
 from fedtune import scaffold
 from fedtune.config import Settings
-from fedtune.data import cached_task_data, eval_loader, tokenize
+from fedtune.data import cached_task_data
 from fedtune.devices import compute, evaluation_precision, model_device
-from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.models import State, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
-from fedtune.train import LocalWork, evaluate, steps_for
+from fedtune.train import LocalWork, dev_loader, evaluate, local_steps, round_seed
 
 
 
@@ -76,16 +74,6 @@ def simulated_failure(settings: Settings, server_round: int, partition_id: int) 
     return bool(np.random.default_rng([settings.seed, server_round, partition_id, 1]).random() < settings.dropout)
 
 
-def round_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A distinct, reproducible seed for each (round, client)."""
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**31
-
-
-def local_steps(settings: Settings, rows: int) -> int:
-    """Optimizer steps of one client round over `rows` rows (`local-epochs` or `local-steps`)."""
-    return steps_for(math.ceil(rows / settings.batch_size), settings.local_epochs, settings.local_steps)
-
-
 @dataclass
 class ClientResult:
     state: State
@@ -122,31 +110,6 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
         torch.cuda.empty_cache()  # the optimizer's state is gone with its turn; give its memory back
     return ClientResult(trainable_state(model), len(rows), work.result.examples, work.result.loss,
                         work.result.seconds, work.kept_state, work.metrics, work.result.steps)
-
-
-def server_finetune(algorithm: Algorithm, state: State, server_round: int, lr: float) -> tuple[State, float]:
-    """`server-finetune-steps` steps of the server's model, holding `state`, on the public slice
-    (plain cross-entropy, the round's learning rate): (new state, mean training loss)."""
-    from fedtune.train import supervised_loss, supervised_round
-
-    settings = algorithm.settings
-    public = cached_task_data(settings).public
-    if len(public) == 0:
-        raise ValueError("server-finetune-steps trains on the public slice, but public-fraction is 0")
-    model = cached_model(algorithm, algorithm.server_settings())
-    load_trainable_state(model, state)
-    seed = round_seed(settings.seed, server_round, settings.clients + 1)  # distinct from every client's
-    result = supervised_round(settings, model, public, seed, lr, settings.server_finetune_steps, supervised_loss)
-    return trainable_state(model), result.loss
-
-
-@functools.lru_cache(maxsize=4)
-def dev_loader(settings: Settings, model: str = ""):
-    """Batches of the evaluation set (GLUE dev, or the holdout), built once per process, in the
-    token ids of `model` (default: the federated model's, `settings.input_model`)."""
-    tokenizer = load_tokenizer(model or settings.input_model)
-    data = cached_task_data(settings)
-    return eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer, settings.eval_batch_size)
 
 
 def evaluate_state(algorithm: Algorithm, state: State) -> dict[str, float]:

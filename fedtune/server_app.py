@@ -87,7 +87,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         for p in partitions:
             p["lora-r"] = ranks[p["partition-id"]]
     run.write_json("partitions.json", partitions)
-    strategy, runner, ledger = build_runner(algorithm, nodes, partitions)
+    model = cached_model(algorithm, algorithm.server_settings())  # the server's model, for server-side hooks
+    strategy, runner, ledger = build_runner(algorithm, nodes, partitions, model)
     state = initial_state(algorithm)
     recorder = RoundRecorder(run, algorithm, strategy, ledger, teacher_dev, sum(t.numel() for t in state.values()))
     if checkpoint:
@@ -115,14 +116,14 @@ def pretrained_teacher_metrics(algorithm: Algorithm, quiet: bool) -> dict[str, f
     return {f"teacher_dev_{k}": v for k, v in teacher_metrics(teacher).items()}
 
 
-def build_runner(algorithm: Algorithm, nodes: dict[int, int], partitions: list[dict]):
+def build_runner(algorithm: Algorithm, nodes: dict[int, int], partitions: list[dict], model=None):
     """(strategy, what runs the rounds: the strategy or its DP wrapper, DP ledger or None)."""
     settings = algorithm.settings
     codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)
     secagg = ((settings.secagg_clip, max(p["size"] for p in partitions))
               if settings.secure_aggregation == "secagg+" else None)
     strategy = FedTuneStrategy(algorithm, nodes, settings.fraction_train, settings.seed, algorithm.round_lr, codec,
-                               secagg)
+                               secagg, model)
     runner = private(strategy, settings)  # the DP wrapper around it, when dp-noise > 0
     ledger = PrivacyLedger(settings, len(strategy.sample(1))) if settings.dp_noise > 0 else None
     return strategy, runner, ledger
@@ -160,7 +161,7 @@ class RoundRecorder:
                                               f"{checkpoint.records[-1]['round']} of {self.algorithm.settings.rounds}: "
                                               f"nothing is left to run")
         try:
-            self.algorithm.restore(checkpoint.algorithm_state)
+            self.algorithm.restore(checkpoint.algorithm_state, self.strategy.model)
         except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
             raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} holds server state that "
                                               f"{self.algorithm.name} cannot restore ({err}); start the run anew") from None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -77,10 +78,14 @@ class FedTuneStrategy(FedAvg):
         How clients encode their replies (default: plain fp32 states).
     secagg : tuple[float, int], optional
         (clipping range, largest client weight) of SecAgg+ rounds; None: plain replies.
+    model : nn.Module, optional
+        The server's model, handed to the algorithm's server-side hooks (`after_aggregation`);
+        algorithms without server-side training do not need it.
     """
 
     def __init__(self, algorithm: Algorithm, nodes: dict[int, int], fraction_train: float, seed: int,
-                 lr_at: Callable[[int], float], codec: Codec | None = None, secagg: tuple[float, int] | None = None):
+                 lr_at: Callable[[int], float], codec: Codec | None = None, secagg: tuple[float, int] | None = None,
+                 model: nn.Module | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(nodes))
         self.algorithm = algorithm
@@ -96,6 +101,7 @@ class FedTuneStrategy(FedAvg):
         self.control: dict = {}  # SCAFFOLD's server control variate c (scaffold=1), zeros until round 1
         self.control_deltas: dict[int, dict] = {}  # partition id -> its dc_i this round
         self.secagg = secagg
+        self.model = model
         self.secure_grid: SecureGrid | None = None  # set by `start` when secagg is on
         if secagg and len(self.sample(1)) < 2:
             raise ValueError("secure-aggregation needs at least 2 sampled clients per round; "
@@ -153,7 +159,8 @@ class FedTuneStrategy(FedAvg):
             return None, None
         aggregated, metrics, weights = received
         start = time.perf_counter()
-        aggregated, server_metrics = self.algorithm.after_aggregation(aggregated, server_round, self.global_state)
+        aggregated, server_metrics = self.algorithm.after_aggregation(self.model, aggregated, server_round,
+                                                                      self.global_state)
         stats.server_seconds = time.perf_counter() - start
         stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
         stats.examples_seen = int(sum(m["examples-seen"] for m in metrics))

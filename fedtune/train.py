@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedtune.config import Settings
-from fedtune.data import train_loader
+from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
 from fedtune.devices import autocast, compute, model_device, to_device
 from fedtune.metrics import classification_metrics
-from fedtune.models import State, load_tokenizer
+from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
 
 
 def seed_everything(seed: int) -> None:
@@ -156,3 +157,36 @@ class LocalWork:
     result: TrainResult
     kept_state: State | None = None  # what stays on the client (its teacher), if anything
     metrics: dict[str, float] = field(default_factory=dict)  # extra metrics to report
+
+
+# ---- round helpers shared by the clients, the server and the algorithms -------------------
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed for each (round, client)."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**31
+
+
+def local_steps(settings: Settings, rows: int) -> int:
+    """Optimizer steps of one client round over `rows` rows (`local-epochs` or `local-steps`)."""
+    return steps_for(math.ceil(rows / settings.batch_size), settings.local_epochs, settings.local_steps)
+
+
+@functools.lru_cache(maxsize=4)
+def dev_loader(settings: Settings, model: str = ""):
+    """Batches of the evaluation set (GLUE dev, or the holdout), built once per process, in the
+    token ids of `model` (default: the federated model's, `settings.input_model`)."""
+    tokenizer = load_tokenizer(model or settings.input_model)
+    data = cached_task_data(settings)
+    return eval_loader(tokenize(data.validation, tokenizer, settings.max_length), tokenizer, settings.eval_batch_size)
+
+
+def server_finetune(settings: Settings, model: nn.Module, state: State, server_round: int,
+                    lr: float) -> tuple[State, float]:
+    """`server-finetune-steps` steps of the server's `model`, holding `state`, on the public slice
+    (plain cross-entropy, the round's learning rate): (new state, mean training loss)."""
+    public = cached_task_data(settings).public
+    if len(public) == 0:
+        raise ValueError("server-finetune-steps trains on the public slice, but public-fraction is 0")
+    load_trainable_state(model, state)
+    seed = round_seed(settings.seed, server_round, settings.clients + 1)  # distinct from every client's
+    result = supervised_round(settings, model, public, seed, lr, settings.server_finetune_steps, supervised_loss)
+    return trainable_state(model), result.loss

@@ -106,13 +106,13 @@ def test_fedadam_takes_flowers_adam_step_on_the_averaged_update_and_resumes():
     algorithm = get_algorithm("fedadam", settings)
     x0 = torch.tensor([1.0, -2.0, 0.5])
     deltas = [torch.tensor([0.1, 0.0, -0.3]), torch.tensor([-0.2, 0.05, 0.1])]
-    x1, metrics = algorithm.server_update({"w": x0 + deltas[0]}, 1, {"w": x0})
+    x1, metrics = algorithm.server_update(None, {"w": x0 + deltas[0]}, 1, {"w": x0})  # no model: FedAdam only steps
     assert metrics == {}
     torch.testing.assert_close(x1["w"], _adam_reference(x0, deltas[:1], 0.1, 0.9, 0.99, 1e-3))
     # A resumed server (fresh instance, moments restored) takes the same second step.
     resumed = get_algorithm("fedadam", settings)
-    resumed.restore(algorithm.checkpoint_state())
-    x2 = resumed.server_update({"w": x1["w"] + deltas[1]}, 2, x1)[0]
+    resumed.restore(algorithm.checkpoint_state(), None)
+    x2 = resumed.server_update(None, {"w": x1["w"] + deltas[1]}, 2, x1)[0]
     torch.testing.assert_close(x2["w"], _adam_reference(x0, deltas, 0.1, 0.9, 0.99, 1e-3))
     assert x2["w"].dtype == torch.float32
 

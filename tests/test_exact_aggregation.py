@@ -48,10 +48,10 @@ def test_server_and_client_models_equal_base_plus_the_mean_client_update(tiny_be
     clients = [_perturbed(algorithm.client_state(start, p), seed=p + 1) for p in (0, 1)]
     weights = [1.0, 3.0]
     extras_round_1 = algorithm.downlink_extras(0, 1)
-    new_state, _ = algorithm.server_update(algorithm.aggregate(clients, weights), 1, start)
-
     server = cached_model(algorithm, algorithm.server_settings())
-    pristine = server.pristine_base
+    pristine = {k: w.clone() for k, w in base_weights(server).items()}  # nothing folded in yet
+    new_state, _ = algorithm.server_update(server, algorithm.aggregate(clients, weights), 1, start)
+
     server_pairs = lora_pairs(new_state)
     for prefix, base in base_weights(server).items():
         expected = pristine[prefix] + sum(
@@ -80,7 +80,8 @@ def test_flora_restarts_lora_each_round_and_fedex_keeps_the_average(tiny_bert):
         algorithm = get_algorithm(name, settings)
         start = initial_state(algorithm)
         clients = [_perturbed(start, seed=p) for p in (1, 2)]
-        new, _ = algorithm.server_update(algorithm.aggregate(clients, [1.0, 1.0]), 1, start)
+        server = cached_model(algorithm, algorithm.server_settings())
+        new, _ = algorithm.server_update(server, algorithm.aggregate(clients, [1.0, 1.0]), 1, start)
         b_key = next(k for k in new if ".lora_B." in k)
         if name == "flora":
             assert torch.count_nonzero(new[b_key]) == 0  # B restarts at zero (A is drawn afresh)

@@ -9,7 +9,7 @@ from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.config import Settings
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.fedkdlora import _distillation
-from fedtune.local import client_update, initial_state
+from fedtune.local import cached_model, client_update, initial_state
 from fedtune.teacher import pretrain_teacher, require_teacher
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -41,7 +41,7 @@ def test_client_teacher_persists_across_rounds_and_never_travels(settings):
                       state=RecordDict(), run_config={})
     algorithm = get_algorithm("fedkdlora", settings)
     start = initial_state(algorithm)
-    _, initial_teacher = _distillation(settings)
+    _, initial_teacher = _distillation(settings, cached_model(algorithm, algorithm.client_settings(0)))
 
     folder = state_folder(settings.out_dir, "test-run")
     reply1 = app(train_message(start, 1), context)

@@ -67,7 +67,10 @@ def test_finder_sees_a_circle():
 
 def test_fedtune_has_no_import_circle():
     graph = import_graph()
-    assert "fedtune.local" in graph["fedtune.algorithms.fedkdlora"]  # the edge of the circle this test was written for
+    # The algorithms sit below the runtime (local.py: the per-process model cache, a client's round):
+    # they are handed the models they work on, and never fetch one.
+    for algorithm in (m for m in graph if m.startswith("fedtune.algorithms")):
+        assert "fedtune.local" not in graph[algorithm], algorithm
     # the layers below the algorithms do not import them, not even for types
     for lower in ("fedtune.local", "fedtune.train", "fedtune.config", "fedtune.plugins", "fedtune.client_losses"):
         assert not any(t.startswith("fedtune.algorithms") for t in graph[lower]), lower

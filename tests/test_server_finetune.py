@@ -7,7 +7,7 @@ import torch
 
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
-from fedtune.local import initial_state
+from fedtune.local import cached_model, initial_state
 from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
 
@@ -22,13 +22,14 @@ def base(tiny_bert, glue_dir, tmp_path_factory):
 def test_after_aggregation_is_server_update_then_the_public_slice_steps(base):
     plain = get_algorithm("fedlora", base)
     state = initial_state(plain)
-    same, metrics = plain.after_aggregation(state, 1, state)
+    model = cached_model(plain, plain.server_settings())  # the server's model, as the runtime passes it
+    same, metrics = plain.after_aggregation(model, state, 1, state)
     assert metrics == {} and all(torch.equal(same[k], state[k]) for k in state)  # 0 steps: untouched
     tuned = get_algorithm("fedlora", base.replace(server_finetune_steps=3))
-    changed, metrics = tuned.after_aggregation(state, 1, state)
+    changed, metrics = tuned.after_aggregation(model, state, 1, state)
     assert metrics["server_finetune_loss"] > 0 and changed.keys() == state.keys()
     assert any(not torch.equal(changed[k], state[k]) for k in state)
-    again, _ = get_algorithm("fedlora", base.replace(server_finetune_steps=3)).after_aggregation(state, 1, state)
+    again, _ = get_algorithm("fedlora", base.replace(server_finetune_steps=3)).after_aggregation(model, state, 1, state)
     assert all(torch.equal(again[k], changed[k]) for k in state)  # seeded: the same steps
 
 

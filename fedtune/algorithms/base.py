@@ -6,12 +6,11 @@ from torch import nn
 
 from fedtune.algorithms.aggregate import State, robust_aggregate
 from fedtune.client_losses import task_loss
-from fedtune.local import server_finetune
 from fedtune.config import Settings
 from fedtune.models import save_model
 from fedtune.plugins import Option
 from fedtune.tasks import task_spec
-from fedtune.train import LocalWork, LossFn, schedule_factor, supervised_round
+from fedtune.train import LocalWork, LossFn, schedule_factor, server_finetune, supervised_round
 
 
 class Algorithm:
@@ -143,8 +142,8 @@ class Algorithm:
         """Server-side state besides the global model that a resumed run needs (default: none)."""
         return {}
 
-    def restore(self, state: State) -> None:
-        """Inverse of `checkpoint_state`."""
+    def restore(self, state: State, model: nn.Module) -> None:
+        """Inverse of `checkpoint_state`, on a resumed server whose model is `model`."""
 
     @property
     def uses_server_data(self) -> bool:
@@ -152,18 +151,22 @@ class Algorithm:
         marked in every table (default: with `server-finetune-steps` > 0)."""
         return self.settings.server_finetune_steps > 0
 
-    def after_aggregation(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
-        """What the server does with the aggregated `state` (both round loops call this):
-        `server_update`, then `server-finetune-steps` steps on the public slice if asked."""
-        state, metrics = self.server_update(state, server_round, previous)
+    def after_aggregation(self, model: nn.Module, state: State, server_round: int,
+                          previous: State) -> tuple[State, dict[str, float]]:
+        """What the server does with the aggregated `state`, `model` being the server's model (the
+        runtime passes it in; its trainable weights hold whatever was loaded last): `server_update`,
+        then `server-finetune-steps` steps on the public slice if asked."""
+        state, metrics = self.server_update(model, state, server_round, previous)
         if self.settings.server_finetune_steps > 0:
-            state, loss = server_finetune(self, state, server_round, self.round_lr(server_round))
+            state, loss = server_finetune(self.settings, model, state, server_round, self.round_lr(server_round))
             metrics = {**metrics, "server_finetune_loss": loss}
         return state, metrics
 
-    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
+    def server_update(self, model: nn.Module, state: State, server_round: int,
+                      previous: State) -> tuple[State, dict[str, float]]:
         """Server-side work after aggregation of `state`, `previous` being the global state the
-        round started from: (new global state, metrics to record). Default: none."""
+        round started from, `model` the server's model: (new global state, metrics to record).
+        Default: none."""
         return state, {}
 
     def save_model(self, model: nn.Module, folder) -> None:

@@ -11,17 +11,22 @@ dropped (e.g. after a simulated `dropout`, which these algorithms therefore refu
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.fedlora import FedLoRA
-from fedtune.local import cached_model
 from fedtune.models import save_merged
 from fedtune.train import LocalWork, seed_everything
 
 VERSION = "__round__"  # key of the kept base: the last round whose update it holds
+# Model -> its LoRA modules' base weights as built, before any update was folded in. A side table,
+# not an attribute: a process may hold several models (the server's, each client rank's), and a
+# client that has no kept base yet starts from these.
+_PRISTINE: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +73,7 @@ class MergesIntoBase(FedLoRA):
 
     def build_model(self, settings) -> nn.Module:
         model = super().build_model(settings)
-        model.pristine_base = {k: w.clone() for k, w in base_weights(model).items()}  # before any update
+        _PRISTINE[model] = {k: w.clone() for k, w in base_weights(model).items()}  # before any update
         return model
 
     def round_update(self, states: list[State], weights: list[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -81,9 +86,9 @@ class MergesIntoBase(FedLoRA):
                         for which, factor in (("P", p), ("Q", q))}
 
     # ---- server ----------------------------------------------------------------------------
-    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
+    def server_update(self, model: nn.Module, state: State, server_round: int,
+                      previous: State) -> tuple[State, dict[str, float]]:
         self.updates[server_round] = {f"{server_round}/{k}": v for k, v in self.pending.items()}
-        model = cached_model(self, self.server_settings())
         fold_in(base_weights(model), self.updates[server_round], server_round - 1)
         return state, {}
 
@@ -96,16 +101,15 @@ class MergesIntoBase(FedLoRA):
         sent = torch.tensor([[p, t] for p, t in sorted(self.sent_until.items())], dtype=torch.long).reshape(-1, 2)
         return {**{k: v for update in self.updates.values() for k, v in update.items()}, "sent-until": sent}
 
-    def restore(self, state: State) -> None:
+    def restore(self, state: State, model: nn.Module) -> None:
         self.sent_until = {int(p): int(t) for p, t in state.get("sent-until", torch.zeros(0, 2)).tolist()}
         self.updates = {}
         for key, value in state.items():
             if key != "sent-until":
                 self.updates.setdefault(int(key.split("/", 1)[0]), {})[key] = value
-        model = cached_model(self, self.server_settings())  # a new process: fold every update in again
-        base = base_weights(model)
+        base = base_weights(model)  # a new process: fold every update in again
         for prefix, weight in base.items():
-            weight.copy_(model.pristine_base[prefix])
+            weight.copy_(_PRISTINE[model][prefix])
         for t in sorted(self.updates):
             fold_in(base, self.updates[t], t - 1)
 
@@ -121,7 +125,7 @@ class MergesIntoBase(FedLoRA):
         base = base_weights(model)
         kept = kept_state or {}
         for prefix, weight in base.items():
-            weight.copy_(kept.get(prefix, model.pristine_base[prefix]))
+            weight.copy_(kept.get(prefix, _PRISTINE[model][prefix]))
         version = fold_in(base, extras, int(kept[VERSION]) if VERSION in kept else 0)
         seed_everything(seed)
         work = super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedtune.algorithms.aggregate import State, fedadam_step
 from fedtune.algorithms.base import register
@@ -38,7 +39,8 @@ class FedAdam(FedLoRA):
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
-    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
+    def server_update(self, model: nn.Module, state: State, server_round: int,
+                      previous: State) -> tuple[State, dict[str, float]]:
         s = self.settings
         stepped, self.m, self.v = fedadam_step(
             {k: t.numpy() for k, t in previous.items()}, {k: t.numpy() for k, t in state.items()}, self.m, self.v,
@@ -49,6 +51,6 @@ class FedAdam(FedLoRA):
         moments = {"m": self.m, "v": self.v}
         return {f"{which}.{k}": torch.from_numpy(np.array(v)) for which, d in moments.items() for k, v in d.items()}
 
-    def restore(self, state: State) -> None:
+    def restore(self, state: State, model: nn.Module) -> None:
         self.m = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("m.")}
         self.v = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("v.")}

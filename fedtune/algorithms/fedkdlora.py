@@ -23,12 +23,11 @@ from fedtune.config import Settings
 from fedtune.data import cached_task_data, train_loader
 from fedtune.devices import compute, evaluation_precision
 from fedtune.distill import MutualDistillation
-from fedtune.local import cached_model, dev_loader, local_steps, round_seed
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
 from fedtune.plugins import Option
 from fedtune.models import same_tokenizer
 from fedtune.teacher import build_student, load_teacher, require_teacher, teacher_tokenizer
-from fedtune.train import LocalWork, TrainResult, evaluate, seed_everything, train
+from fedtune.train import LocalWork, TrainResult, dev_loader, evaluate, local_steps, round_seed, seed_everything, train
 
 
 @register
@@ -89,10 +88,11 @@ class FedKDLoRA(FedLoRA):
         if not self.teacher_on_client:
             return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
                                        extras=extras)
-        result, teacher, metrics = distil(self, rows, kept_state, seed, lr, steps)
+        result, teacher, metrics = distil(self, model, rows, kept_state, seed, lr, steps)
         return LocalWork(result, teacher, {f"teacher-dev-{k}": v for k, v in metrics.items()})
 
-    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
+    def server_update(self, model: nn.Module, state: State, server_round: int,
+                      previous: State) -> tuple[State, dict[str, float]]:
         """With the teacher on the server: mutual distillation on the public slice after averaging,
         for as many steps as an average client's local training (or `kd-server-steps`)."""
         if self.teacher_on_client:
@@ -101,13 +101,13 @@ class FedKDLoRA(FedLoRA):
         public = cached_task_data(settings).public
         if len(public) == 0:
             raise ValueError("kd-placement=server distils on the public slice, but public-fraction is 0")
-        student = cached_model(self, settings)
+        student = model
         load_trainable_state(student, state)
         steps = settings.kd_server_steps or local_steps(settings, math.ceil(len(cached_task_data(settings).private)
                                                                             / settings.clients))
         seed = round_seed(settings.seed, server_round, settings.clients)  # partition ids are 0..clients-1
-        _, self.teacher_state, metrics = distil(self, public, self.teacher_state, seed, self.round_lr(server_round),
-                                                steps)
+        _, self.teacher_state, metrics = distil(self, student, public, self.teacher_state, seed,
+                                                self.round_lr(server_round), steps)
         return trainable_state(student), {f"teacher_dev_{k}": v for k, v in metrics.items()}
 
     def save_model(self, model: nn.Module, folder) -> None:
@@ -118,28 +118,29 @@ class FedKDLoRA(FedLoRA):
     def checkpoint_state(self) -> State:
         return dict(self.teacher_state or {})
 
-    def restore(self, state: State) -> None:
+    def restore(self, state: State, model: nn.Module) -> None:
         self.teacher_state = dict(state) or None
 
 
 @functools.lru_cache(maxsize=2)
-def _distillation(settings: Settings) -> tuple[MutualDistillation, State]:
-    """The pre-trained teacher with LoRA, paired with the cached student; and the teacher's initial state."""
+def _distillation(settings: Settings, student: nn.Module) -> tuple[MutualDistillation, State]:
+    """The pre-trained teacher with LoRA, paired with `student` (the same model object every round
+    of a process); and the teacher's initial state."""
     teacher = load_teacher(require_teacher(settings))
     seed_everything(settings.seed)  # same teacher LoRA init on every process
     teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
-    student = cached_model(FedKDLoRA(settings), settings)
     distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight)
     distiller.to(compute(settings.device, settings.precision)[0])  # the student is there already
     return distiller, distiller.kept_state()
 
 
-def distil(algorithm: FedKDLoRA, rows, teacher_state: State | None, seed: int, lr: float,
+def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State | None, seed: int, lr: float,
            steps: int) -> tuple[TrainResult, State, dict[str, float]]:
-    """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and the
-    student (already loaded) on `rows`: (train result, new teacher state, teacher dev metrics)."""
+    """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and
+    `student` (its state already loaded) on `rows`: (train result, new teacher state, teacher dev
+    metrics)."""
     settings = algorithm.settings
-    distiller, initial = _distillation(settings)
+    distiller, initial = _distillation(settings, student)
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from fedtune.algorithms.aggregate import State, weighted_mean
 from fedtune.algorithms.base import register
@@ -61,8 +62,9 @@ class FLoRA(MergesIntoBase, HeterogeneousRanks):
         _, others = split_lora(states)
         return weighted_mean([{k: s[k] for k in others} for s in states], weights)  # the head; LoRA restarts
 
-    def server_update(self, state: State, server_round: int, previous: State) -> tuple[State, dict[str, float]]:
-        _, metrics = super().server_update(state, server_round, previous)
+    def server_update(self, model: nn.Module, state: State, server_round: int,
+                      previous: State) -> tuple[State, dict[str, float]]:
+        _, metrics = super().server_update(model, state, server_round, previous)
         # The next round's global state: the averaged head and a new LoRA at the server's rank.
         fresh = fresh_lora(previous, seed=self.settings.seed * 1_000_003 + server_round)
         return {k: state.get(k, fresh[k]) for k in previous}, metrics
