@@ -60,8 +60,15 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
-def peak_of(t: dict) -> float:
+def peak_of(t: dict, precision: str = "fp32") -> float:
+    """The matmul peak a row's MFU is measured against: that of its own precision."""
+    if precision == "bf16":
+        return t["matmul_peak_gflops_bf16"]
     return max(t["matmul_peak_gflops"], t.get("matmul_peak_gflops_after", 0.0))
+
+
+def precision_of(row: dict) -> str:
+    return row.get("precision", "fp32")  # rows measured before bf16 rows existed were fp32
 
 
 def targets(results: dict) -> list[str]:
@@ -74,9 +81,16 @@ def targets(results: dict) -> list[str]:
     if r := results.get("round"):
         check("simulated round / raw training of the same samples", f"{r['ratio']:.2f}x", "<= 1.10x", r["ratio"] <= 1.10)
     if t := results.get("throughput"):
-        for lora in (x for x in t["rows"] if x["method"].startswith("lora")):
-            mfu = lora["fedtune_gflops"] / peak_of(t)
-            check(f"LoRA training FLOP/s / fp32 matmul peak ({lora['method']})", f"{mfu:.0%}", ">= 70%", mfu >= 0.70)
+        in_use = t.get("auto_precision", "fp32")  # what `precision auto` trains in on this host
+        for lora in (x for x in t["rows"] if x["method"].startswith("lora") and precision_of(x) == in_use):
+            mfu = lora["fedtune_gflops"] / peak_of(t, in_use)
+            check(f"LoRA training FLOP/s / {in_use} matmul peak ({lora['method']})", f"{mfu:.0%}", ">= 70%",
+                  mfu >= 0.70)
+        fp32 = {x["method"]: x for x in t["rows"] if precision_of(x) == "fp32"}
+        for row in (x for x in t["rows"] if precision_of(x) == "bf16" and x["method"] in fp32):
+            speedup = row["fedtune_samples_per_s"] / fp32[row["method"]]["fedtune_samples_per_s"]
+            if row["method"].startswith("lora"):
+                check(f"LoRA samples/s, bf16 / fp32 ({row['method']})", f"{speedup:.2f}x", ">= 2x", speedup >= 2)
     for s in results.get("scale", {}).get("engines", []):
         overhead = sum(s["overhead_per_client"][1:]) / len(s["overhead_per_client"][1:])
         check(f"{s['clients']} clients, overhead per client turn, engine {s['engine']} (rounds 2-{s['rounds']})",
@@ -121,14 +135,20 @@ def render(results: dict) -> str:
     if t := results.get("throughput"):
         out += ["", f"**Local training throughput** (`throughput`, {on(t)}; SST-2 batches of {t['batch_size']}, padded per "
                 f"batch, max-length {t['max_length']}; FLOPs counted by PyTorch's FlopCounterMode; fedtune's `train` "
-                f"and a minimal loop run the same batches). fp32 matmul peak (2048x2048, best of 10, at the start "
-                f"and the end of the same run): {peak_of(t):.1f} GFLOP/s; MFU = FLOP/s / that peak.", "",
-                table(["method", "tokens / sample (padded)", "samples/s fedtune", "samples/s raw loop",
+                f"and a minimal loop run the same batches). Matmul peaks (2048x2048, best of 10, at the start "
+                f"and the end of the same run): fp32 {peak_of(t):.1f} GFLOP/s"
+                + (f", bf16 {peak_of(t, 'bf16'):.1f} GFLOP/s" if "matmul_peak_gflops_bf16" in t else "")
+                + "; MFU = FLOP/s / the peak of the row's precision"
+                + (f"; `precision auto` trains in {t['auto_precision']} on this host" if "auto_precision" in t else "")
+                + ".", "",
+                table(["method", "precision", "tokens / sample (padded)", "samples/s fedtune", "samples/s raw loop",
                        "GFLOP/s fedtune", "GFLOP/s raw loop", "MFU (fedtune / peak)"],
-                      [[r["method"], f"{r['real_tokens'] / r['samples']:.1f} ({r['padded_tokens'] / r['samples']:.1f})",
+                      [[r["method"], precision_of(r),
+                        f"{r['real_tokens'] / r['samples']:.1f} ({r['padded_tokens'] / r['samples']:.1f})",
                         r["fedtune_samples_per_s"], r["raw_samples_per_s"], r["fedtune_gflops"], r["raw_gflops"],
-                        f"{r['fedtune_gflops'] / peak_of(t):.0%}"] for r in t["rows"]])]
-        for key, what in (("lora_profile", "the model's own dropout (0.1)"), ("lora_profile_no_dropout", "model-dropout 0")):
+                        f"{r['fedtune_gflops'] / peak_of(t, precision_of(r)):.0%}"] for r in t["rows"]])]
+        for key, what in (("lora_profile", "the model's own dropout (0.1)"), ("lora_profile_no_dropout", "model-dropout 0"),
+                          ("lora_profile_bf16", "bf16 autocast, model-dropout 0")):
             if shares := t.get(key):
                 out += ["", f"Where a LoRA step's CPU time goes, {what} (torch.profiler, self time): "
                         + ", ".join(f"`{op}` {share:.0%}" for op, share in shares.items()) + "."]

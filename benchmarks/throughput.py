@@ -2,8 +2,8 @@
 
 Every method trains the default model (all-MiniLM-L6-v2) on the same real SST-2 batches. FLOPs
 are counted by `torch.utils.flop_counter.FlopCounterMode` on those batches (forward and
-backward, padding included), so FLOP/s over this machine's fp32 matmul peak, measured in the
-same run, is the model-FLOP utilisation (MFU).
+backward, padding included), so FLOP/s over this machine's matmul peak in the row's precision
+(fp32, or bf16 for the autocast rows), measured in the same run, is the model-FLOP utilisation (MFU).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
-from fedtune.devices import autocast, compute, model_device, to_device
+from fedtune.devices import autocast, compute, evaluation_precision, model_device, to_device
 from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student
 from fedtune.train import evaluate, seed_everything, supervised_loss, train
@@ -109,13 +109,14 @@ def raw_loop(model, loss_fn, batches, lr: float, precision: str = "fp32") -> flo
     return time.perf_counter() - start
 
 
-def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 6) -> dict[str, float]:
+def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 6,
+                   precision: str = "fp32") -> dict[str, float]:
     """Share of the training step's CPU time per PyTorch operator (self time), largest first."""
     model, loss_fn = build(method, settings)
     batches = sst2_batches(settings, steps + 2)
-    raw_loop(model, loss_fn, batches[:2], lr_of(method, settings))
+    raw_loop(model, loss_fn, batches[:2], lr_of(method, settings), precision)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        raw_loop(model, loss_fn, batches[2:], lr_of(method, settings))
+        raw_loop(model, loss_fn, batches[2:], lr_of(method, settings), precision)
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return {e.key: e.self_cpu_time_total / total for e in events[:top]}
@@ -124,7 +125,7 @@ def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 
 def evaluation_seconds(settings: Settings) -> dict:
     """The server's evaluation of the whole SST-2 dev set: rows in file order vs sorted by length."""
     model, _ = build("lora", settings)
-    precision = compute(settings.device, settings.precision)[1]
+    precision = evaluation_precision(*compute(settings.device, settings.precision))  # as the server evaluates
     tokenizer = load_tokenizer(settings.model)
     dev = tokenize(cached_task_data(settings).validation, tokenizer, settings.max_length)
     loaders = {"file order": make_loader(dev, tokenizer, settings.eval_batch_size, shuffle=False),
@@ -142,21 +143,26 @@ NO_DROPOUT, COMPILED = ", model-dropout 0", ", torch.compile"
 # The last row is an experiment, not a setting: torch.compile (inductor, dynamic shapes) of the model.
 METHODS = ("full", "lora", "kd", "lora by-length", "full" + NO_DROPOUT, "lora" + NO_DROPOUT,
            "lora by-length" + NO_DROPOUT, "lora by-length" + NO_DROPOUT + COMPILED)
+# Measured again under bf16 autocast (what `precision auto` picks on a CPU whose bf16 pays).
+BF16_METHODS = ("full", "lora", "kd", "lora by-length" + NO_DROPOUT)
 
 
 def row_settings(method: str, settings: Settings) -> Settings:
     return settings.replace(model_dropout=0.0) if NO_DROPOUT in method else settings
 
 
-def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> dict:
+def run(steps: int = 20, methods=METHODS, settings: Settings | None = None, bf16_methods=BF16_METHODS) -> dict:
     """Each method: fedtune's `train` and the raw loop over the same batches (by-length: batches
-    from the length-grouped sampler, `batching by-length`; model-dropout 0: no dropout inside the model)."""
+    from the length-grouped sampler, `batching by-length`; model-dropout 0: no dropout inside the
+    model), in fp32, then `bf16_methods` again under bf16 autocast; each row's MFU is against the
+    matmul peak of its own precision (both peaks measured at the start and the end, the better kept)."""
     settings = settings or Settings(task="sst2")
-    device, precision = compute(settings.device, settings.precision)
-    peak = matmul_peak(device=device)
+    device = compute(settings.device, "fp32")[0]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: matmul_peak(device=device, dtype=dtype) for name, dtype in dtypes.items()}
     batches = {False: sst2_batches(settings, steps + 2), True: sst2_batches(settings, steps + 2, by_length=True)}
     rows = []
-    for method in methods:
+    for method, precision in [(m, "fp32") for m in methods] + [(m, "bf16") for m in bf16_methods]:
         warmup, timed = batches["by-length" in method][:2], batches["by-length" in method][2:]
         model, loss_fn = build(method.split()[0].rstrip(","), row_settings(method, settings))
         lr = lr_of(method, settings)
@@ -167,16 +173,19 @@ def run(steps: int = 20, methods=METHODS, settings: Settings | None = None) -> d
         samples = sum(len(b["labels"]) for b in timed)
         fedtune_seconds = train(model, timed, lr=lr, steps=len(timed), loss_fn=loss_fn, precision=precision).seconds
         raw_seconds = raw_loop(model, loss_fn, timed, lr, precision)
-        rows.append({"method": method, "samples": samples,
+        rows.append({"method": method, "precision": precision, "samples": samples,
                      "padded_tokens": sum(int(b["attention_mask"].numel()) for b in timed),
                      "real_tokens": sum(int(b["attention_mask"].sum()) for b in timed),
                      "gflop": flops / 1e9, "fedtune_seconds": fedtune_seconds, "raw_seconds": raw_seconds,
                      "fedtune_samples_per_s": samples / fedtune_seconds, "raw_samples_per_s": samples / raw_seconds,
                      "fedtune_gflops": flops / 1e9 / fedtune_seconds, "raw_gflops": flops / 1e9 / raw_seconds})
-    peak = max(peak, matmul_peak(device=device))  # the better of the two measurements: a conservative MFU
+    # the better of the two measurements: a conservative MFU
+    peaks = {name: max(peak, matmul_peak(device=device, dtype=dtypes[name])) for name, peak in peaks.items()}
     for row in rows:
-        row["mfu"] = row["fedtune_gflops"] / peak
-    return {"matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
+        row["mfu"] = row["fedtune_gflops"] / peaks[row["precision"]]
+    return {"matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
+            "auto_precision": compute(settings.device, "auto")[1], "threads": torch.get_num_threads(),
             "batch_size": settings.batch_size, "max_length": settings.max_length, "rows": rows,
             "evaluation": evaluation_seconds(settings), "lora_profile": profile_shares("lora", settings),
-            "lora_profile_no_dropout": profile_shares("lora", settings.replace(model_dropout=0.0))}
+            "lora_profile_no_dropout": profile_shares("lora", settings.replace(model_dropout=0.0)),
+            "lora_profile_bf16": profile_shares("lora", settings.replace(model_dropout=0.0), precision="bf16")}
