@@ -44,8 +44,8 @@ def say(message: str, quiet: bool = False) -> None:
 
 
 def warn(message: str) -> None:
-    """A warning the user must see, `--quiet` or not (one line)."""
-    console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    """A warning the user must see, `--quiet` or not: one line on stderr (stdout may be data)."""
+    Console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
 
 
 class _Expected:

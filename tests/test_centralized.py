@@ -41,7 +41,7 @@ def test_finetune_writes_a_loadable_model_and_epoch_metrics(settings, capsys):
     assert set(summary["dev"]) == {"loss", "accuracy", "mcc", "auc", "balanced_accuracy", "worst_class_recall"}
     # A model that gets one class never right says so, even under --quiet (64 rows: it may well be one)
     assert summary["learned_nothing"] == learned_nothing(summary["dev"])
-    assert ("learned" in capsys.readouterr().out) == (summary["dev"]["worst_class_recall"] == 0)
+    assert ("learned" in capsys.readouterr().err) == (summary["dev"]["worst_class_recall"] == 0)
     model = AutoModelForSequenceClassification.from_pretrained(path / "model")
     assert _logits(model, path / "model").shape == (2, 2)
 
