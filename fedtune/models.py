@@ -90,6 +90,15 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = 
     return model
 
 
+def set_attention(model: nn.Module, implementation: str) -> None:
+    """Every transformers model inside `model` (a PEFT wrapper, a distillation pair) computes its
+    attention with `implementation` ('eager', 'sdpa'); the weights, and what a saved copy loads
+    with, do not change."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation != implementation:
+            module.set_attn_implementation(implementation)
+
+
 def save_model(model: nn.Module, folder) -> None:
     """`save_pretrained`: full weights, or a PEFT adapter (with the head; never the embeddings,
     which LoRA leaves as they are: peft would otherwise look the base up on the hub to check)."""

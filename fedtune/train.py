@@ -15,9 +15,9 @@ from torch import nn
 
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
-from fedtune.devices import autocast, compute, model_device, to_device
+from fedtune.devices import autocast, compute, model_device, to_device, training_attention
 from fedtune.metrics import classification_metrics
-from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.models import State, load_tokenizer, load_trainable_state, set_attention, trainable_state
 
 
 def seed_everything(seed: int) -> None:
@@ -88,9 +88,12 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     """Run `steps` AdamW steps over `loader`, decaying lr by `schedule` over those steps, on the
     model's device, in `precision` (fp32; bf16 or fp16 autocast, fp16 with a grad scaler).
 
-    `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation).
+    `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation). On a
+    CPU in bf16 the model's attention becomes the eager one (`devices.training_attention`).
     """
     device = model_device(model)
+    if attention := training_attention(device, precision):
+        set_attention(model, attention)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers import PreTrainedModel
+
 from fedtune.data import make_loader, TokenizedDataset
 from fedtune.metrics import classification_metrics
 from fedtune.models import load_classifier, load_tokenizer, trainable_state
@@ -101,3 +103,27 @@ def test_balanced_accuracy_and_worst_class_recall_expose_a_one_class_model():
     assert majority["balanced_accuracy"] == 0.5 and majority["worst_class_recall"] == 0.0  # ...and is not
     mixed = classification_metrics("sst2", labels, np.array([0, 0, 0, 1, 1, 1, 1, 0]))
     assert mixed["balanced_accuracy"] == pytest.approx((3 / 6 + 1 / 2) / 2) and mixed["worst_class_recall"] == 0.5
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
+def test_bf16_training_on_cpu_switches_to_eager_attention_which_computes_the_same(fixture, request):
+    path = request.getfixturevalue(fixture)
+    from fedtune.models import add_lora, set_attention
+
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    batch["attention_mask"][1, 7:] = 0  # a padded row: both implementations must mask it alike
+    model = load_classifier(path, 2, seed=0, dropout=0.0).eval()
+    with torch.no_grad():
+        sdpa = model(**batch).logits
+        set_attention(model, "eager")
+        eager = model(**batch).logits
+    torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+    labels = torch.tensor([0, 1, 0, 1])
+    data = TokenizedDataset([ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])],
+                            labels.tolist())
+    loader = make_loader(data, load_tokenizer(path), batch_size=4, shuffle=False)
+    fp32, bf16 = (add_lora(load_classifier(path, 2, seed=0), r=2, alpha=4) for _ in range(2))
+    train(fp32, loader, lr=1e-3, steps=1)
+    train(bf16, loader, lr=1e-3, steps=1, precision="bf16")
+    implementations = lambda m: {x.config._attn_implementation for x in m.modules() if isinstance(x, PreTrainedModel)}  # noqa: E731
+    assert implementations(fp32) == {"sdpa"} and implementations(bf16) == {"eager"}
