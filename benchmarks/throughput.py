@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, make_loader, tokenize
-from fedtune.devices import autocast, compute, evaluation_precision, model_device, to_device
+from fedtune.devices import autocast, compute, evaluation_precision, model_device, to_device, training_attention
 from fedtune.distill import MutualDistillation
-from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student
+from fedtune.models import add_lora, load_classifier, load_tokenizer, make_student, set_attention
 from fedtune.train import evaluate, seed_everything, supervised_loss, train
 
 
@@ -93,7 +93,9 @@ def count_flops(model, loss_fn, batches) -> int:
 
 def raw_loop(model, loss_fn, batches, lr: float, precision: str = "fp32") -> float:
     """The minimal loop: AdamW, forward, backward, step (batches moved to the model's device as
-    fedtune does, autocast unless fp32). Returns seconds."""
+    fedtune does, autocast unless fp32, the attention `train` uses there). Returns seconds."""
+    if attention := training_attention(model_device(model), precision):
+        set_attention(model, attention)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     device = model_device(model)
