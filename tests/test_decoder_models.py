@@ -29,6 +29,11 @@ def base(tiny_smollm, glue_dir, tmp_path_factory):
                     out_dir=str(tmp_path_factory.mktemp("runs")))
 
 
+# One export of each kind is evaluated outside fedtune (the BERT contract tests check every
+# algorithm's): an adapter, full weights, a base with updates merged in, a merged KD student.
+EXPORT_CHECKED = ("fedlora", "fedavg", "flora", "fedkdlora-client")
+
+
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_every_algorithm_trains_a_decoder_and_its_export_gives_the_reported_metrics(base, name, glue_dir,
                                                                                    evaluate_export):
@@ -36,6 +41,9 @@ def test_every_algorithm_trains_a_decoder_and_its_export_gives_the_reported_metr
     path = run_federated(settings, quiet=True)
     rounds = read_jsonl(path / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["bytes_up"] > 0
+    assert all(0.0 <= r["dev_accuracy"] <= 1.0 and r["dev_loss"] > 0 for r in rounds)
+    if name not in EXPORT_CHECKED:
+        return
     reported = json.loads((path / "summary.json").read_text())["dev"]
     measured = evaluate_export(path, glue_dir)
     assert measured["accuracy"] == reported["accuracy"] and measured["mcc"] == pytest.approx(reported["mcc"], abs=1e-12)
