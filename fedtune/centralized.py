@@ -62,7 +62,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     check_out_dir(settings.out_dir)
     data = cached_task_data(settings)
     kd = settings.method == "kd"
-    reader = settings.student if kd and settings.student else settings.model  # the model that trains
+    reader = settings.trained_model(kd)
     tokenizer = load_tokenizer(reader)
     device, precision = compute(settings.device, settings.precision)
     model, lr, loss_fn = build_model(settings, quiet)

@@ -247,11 +247,15 @@ class CoreSettings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def trained_model(self, kd: bool) -> str:
+        """The model that trains and is exported, whose tokenizer reads the rows: with distillation
+        (`kd`) the `student` when it is a model of its own, else `model`."""
+        return self.student if kd and self.student else self.model
+
     @property
     def input_model(self) -> str:
-        """The model whose tokenizer reads the rows of the federated model (the one that trains,
-        travels and is exported): fedkdlora's `student` when it is a model of its own, else `model`."""
-        return self.student if self.student and self.algorithm == "fedkdlora" else self.model
+        """`trained_model` of a federated run (fedkdlora distils)."""
+        return self.trained_model(self.algorithm == "fedkdlora")
 
     @property
     def resolved_glue_dir(self) -> str:
