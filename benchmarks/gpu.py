@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.federated import clients_per_round
 from benchmarks.throughput import build, count_flops, lr_of, matmul_peak, raw_loop, sst2_batches, synchronize
 from fedtune.config import Settings
 from fedtune.runs import write_json
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     results["gpu_tests_passed"] = tests.returncode == 0
     settings = Settings(task="sst2", glue_dir=args.glue_dir, model=args.model, device="cuda")
     # One lent machine, one try: a part that fails is recorded with its error and the next part runs.
-    parts = {"throughput": lambda: throughput(settings)}
+    parts = {"throughput": lambda: throughput(settings),
+             "clients": lambda: clients_per_round(settings=settings)}  # one at a time vs batched
     if not args.skip_run:
         parts["federated"] = lambda: federated_run(args.glue_dir, args.model)
     for name, part in parts.items():

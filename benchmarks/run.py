@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_RESULTS = Path(__file__).resolve().parent / "gpu.json"
 RESULTS = ROOT / "benchmarks" / "results.json"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-PARTS = ("throughput", "round", "aggregation", "scale", "compare")
+PARTS = ("throughput", "round", "clients", "aggregation", "scale", "compare")
 
 
 def machine() -> str:
@@ -47,6 +47,8 @@ def run_part(part: str, settings: Settings) -> dict:
         return throughput.run(settings=settings)
     if part == "round":
         return federated.round_overhead(settings=settings)
+    if part == "clients":
+        return federated.clients_per_round(settings=settings)
     if part == "aggregation":
         return aggregation.run(settings=settings)
     if part == "scale":
@@ -97,6 +99,14 @@ def targets(results: dict) -> list[str]:
               f"{overhead:.3f} s", "<= 0.1 s", overhead <= 0.1)
         check(f"{s['clients']} clients, peak memory (PSS, process tree), engine {s['engine']}",
               f"{s['peak_pss_gb']:.2f} GB", "<= 4 GB", s["peak_pss_gb"] <= 4)
+    if c := results.get("clients"):
+        out += ["", f"**Clients per round, one at a time vs batched** (`clients`, {on(c)}; FedLoRA on the local engine, "
+                f"each client {c['local_steps']} steps of {c['batch_size']} SST-2 rows, by-length batches, "
+                f"model-dropout 0, {c['precision']}; round 2 timed, evaluation excluded; `batched-clients on` "
+                f"trains the round's clients in lockstep over the shared frozen base):", "",
+                table(["clients per round", "samples/s one at a time", "samples/s batched", "speed-up"],
+                      [[r["clients"], r["off_samples_per_s"], r["on_samples_per_s"], f"{r['speedup']:.2f}x"]
+                       for r in c["rows"]])]
     if a := results.get("aggregation"):
         worst = max((x for x in a["rows"] if x["algorithm"] == "flexlora"), key=lambda x: x["seconds"])
         check("FlexLoRA aggregation, default model", f"{worst['seconds']:.2f} s ({worst['clients']} clients, "
@@ -162,6 +172,14 @@ def render(results: dict) -> str:
                 f"the same {r['samples']} samples in the same batches through the raw loop took "
                 f"{r['raw_seconds']:.2f} s, evaluation {r['eval_seconds']:.2f} s. Round / raw: **{r['ratio']:.2f}x** "
                 f"({r['ratio_without_eval']:.2f}x without the evaluation)."]
+    if c := results.get("clients"):
+        out += ["", f"**Clients per round, one at a time vs batched** (`clients`, {on(c)}; FedLoRA on the local engine, "
+                f"each client {c['local_steps']} steps of {c['batch_size']} SST-2 rows, by-length batches, "
+                f"model-dropout 0, {c['precision']}; round 2 timed, evaluation excluded; `batched-clients on` "
+                f"trains the round's clients in lockstep over the shared frozen base):", "",
+                table(["clients per round", "samples/s one at a time", "samples/s batched", "speed-up"],
+                      [[r["clients"], r["off_samples_per_s"], r["on_samples_per_s"], f"{r['speedup']:.2f}x"]
+                       for r in c["rows"]])]
     if a := results.get("aggregation"):
         rows = [[x["algorithm"], x["clients"], x["rank"] or "-", f"{x['parameters_per_client']:,}", x["seconds"]]
                 for x in a["rows"]]

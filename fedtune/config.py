@@ -94,6 +94,10 @@ class CoreSettings:
     engine: str = _fed("ray", "simulation engine: ray (Flower's simulation engine, Ray actors) or local (this one "
                        "process, no Ray: the same apps through an in-process Flower Grid)", ("ray", "local"))
     client_cpus: int = _fed(0, "simulation: CPU cores each simulated client reserves (0: all, one client at a time)")
+    batched_clients: str = _fed("auto", "local engine: the round's clients train in lockstep, the shared frozen base run "
+                                "once over all their rows (`fedtune.lockstep`); auto: where that is exact (LoRA "
+                                "algorithms whose clients share a model, no dropout, no SCAFFOLD, not fp16), on: "
+                                "refuse a run where it is not, off: one client at a time", ("auto", "on", "off"))
     # --- centralized
     method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS, centralized=True)
     epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)", centralized=True)

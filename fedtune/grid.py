@@ -67,8 +67,9 @@ SWEEP_RANKS = (4, 8, 16, 32)
 # Settings a centralized run does not read (marked in Settings): normalised before hashing so grids share those cells.
 FEDERATED_ONLY = federated_only()
 # Settings that choose how a run executes, not what it computes (the engines' per-round metrics are
-# tested equal; the client shares only schedule Ray actors): cells computed either way are the same cell.
-EXECUTION_ONLY = ("engine", "client-cpus", "client-gpus")
+# tested equal, batched clients equal to float tolerance; the client shares only schedule Ray actors):
+# cells computed either way are the same cell.
+EXECUTION_ONLY = ("engine", "client-cpus", "client-gpus", "batched-clients")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,23 +3,28 @@
 `LocalGrid` is a Flower `Grid` (the interface the server talks to) that hands each message to
 the ClientApp of its node right here, after a round trip through Flower's wire format (so a
 client never shares an object with the server, as over gRPC or Ray), and returns the reply.
-Clients run one after another with every core, as the Ray path runs them by default; the
-per-client cost of Ray's actors and Flower's message store is gone. For tests, a laptop or a
+Clients run one after another with every core, as the Ray path runs them by default, or, with
+`batched` (`batched-clients`), the train messages of a round together: each client's app in its
+own thread, their training steps taken in lockstep over the shared model (`fedtune.lockstep`).
+The per-client cost of Ray's actors and Flower's message store is gone. For tests, a laptop or a
 single-GPU box (`--engine local`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import lockstep
 
 SERVER_NODE_ID = 1  # Flower's SuperLink node id
 
@@ -27,8 +32,8 @@ SERVER_NODE_ID = 1  # Flower's SuperLink node id
 class LocalGrid(Grid):
     """`num_nodes` nodes in this process, node i+1 holding partition i."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1):
-        self.client_app = client_app
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, batched: int = 0):
+        self.client_app, self.batched = client_app, batched  # batched: clients per lockstep room (0: none)
         self.nodes = {1000 + i: i for i in range(num_nodes)}  # node id -> partition id
         self.contexts = {node: Context(run_id=run_id, node_id=node, state=RecordDict(), run_config={},
                                        node_config={"partition-id": p, "num-partitions": num_nodes})
@@ -59,7 +64,33 @@ class LocalGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._deliver(self.waiting.pop(i)) for i in list(message_ids) if i in self.waiting]
+        messages = [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
+        if self.batched and len(messages) > 1 and all(m.metadata.message_type == MessageType.TRAIN
+                                                      for m in messages):
+            return [reply for start in range(0, len(messages), self.batched)
+                    for reply in self._deliver_together(messages[start:start + self.batched])]
+        return [self._deliver(message) for message in messages]
+
+    def _deliver_together(self, messages: list[Message]) -> list[Message]:
+        """Every message's ClientApp in its own thread, their training in one `lockstep.Room`; the
+        k-th message's rows come k-th in each combined batch, so results do not depend on threads."""
+        room, replies = lockstep.Room(len(messages)), [None] * len(messages)
+
+        def deliver(k: int) -> None:
+            member = lockstep.Member(k)
+            lockstep.seat(room, member)
+            try:
+                replies[k] = self._deliver(messages[k])
+            finally:
+                room.leave(member)  # a client that failed before training is not waited for
+                lockstep.seat(room, None)
+
+        threads = [threading.Thread(target=deliver, args=(k,), name=f"client-{k}") for k in range(len(messages))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
@@ -79,12 +110,15 @@ class LocalGrid(Grid):
 def run_local(settings, client_app: ClientApp, quiet: bool = False):
     """Run the federation of `settings` in this process; returns the finished run folder."""
     from fedtune.console import quiet_libraries
+    from fedtune.local import batched_clients
+    from fedtune.client_app import algorithm_for
     from fedtune.server_app import run_server
 
     quiet_libraries()
     previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
     try:
-        return run_server(LocalGrid(client_app, settings.clients), settings, quiet)
+        room = max(1, lockstep.ROOM_ROWS // settings.batch_size) if batched_clients(algorithm_for(settings)) else 0
+        return run_server(LocalGrid(client_app, settings.clients, batched=room), settings, quiet)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous

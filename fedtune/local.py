@@ -9,6 +9,7 @@ trainable state each round.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtune import scaffold
+from fedtune import lockstep, scaffold
 from fedtune.config import Settings
 from fedtune.data import cached_task_data
 from fedtune.devices import compute, evaluation_precision, model_device
-from fedtune.models import State, load_trainable_state, trainable_state
+from fedtune.models import State, config_dropout, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
 from fedtune.train import LocalWork, dev_loader, evaluate, local_steps, round_seed
 
@@ -31,6 +32,9 @@ class Algorithm(Protocol):
     layer does not import the algorithms, which sit above it)."""
 
     settings: Settings
+
+    @property
+    def batchable(self) -> bool: ...
 
     def build_model(self, settings: Settings) -> nn.Module: ...
 
@@ -45,7 +49,15 @@ _MODELS: dict[Settings, tuple[nn.Module, State]] = {}
 _MAX_MODELS = 8  # the server's model and a few client ranks
 
 
+_BUILDING = threading.Lock()  # batched clients ask from several threads
+
+
 def _built_model(algorithm: Algorithm, settings: Settings) -> tuple[nn.Module, State]:
+    with _BUILDING:
+        return _build_once(algorithm, settings)
+
+
+def _build_once(algorithm: Algorithm, settings: Settings) -> tuple[nn.Module, State]:
     if settings not in _MODELS:
         if len(_MODELS) >= _MAX_MODELS:
             del _MODELS[next(iter(_MODELS))]  # the oldest
@@ -65,6 +77,31 @@ def cached_model(algorithm: Algorithm, settings: Settings) -> nn.Module:
 def initial_state(algorithm: Algorithm) -> State:
     """The global trainable state before round 1 (same on every process: seeded init)."""
     return {name: tensor.clone() for name, tensor in _built_model(algorithm, algorithm.server_settings())[1].items()}
+
+
+def batched_clients(algorithm: Algorithm) -> bool:
+    """Whether this run's clients train in lockstep (`batched-clients`; `fedtune.lockstep`): with
+    `auto` where that is exact, with `on` or a `ValueError` that says why it cannot be. Decided from
+    the settings and the model's config, before any model is built (a fedkdlora student needs the
+    teacher that the server trains first); `lockstep.Room.bind` checks the built model once more."""
+    settings = algorithm.settings
+    if settings.batched_clients == "off" or settings.engine != "local":
+        return False
+    why = []
+    if not algorithm.batchable:
+        why.append(f"{settings.algorithm} clients cannot share a step (`batchable`: they must all build one model "
+                   f"whose base is frozen and train it with the default local training)")
+    if settings.scaffold:
+        why.append("scaffold=1 corrects each client's gradients on its own")
+    if compute(settings.device, settings.precision)[1] == "fp16":
+        why.append("fp16 scales each client's loss on its own")
+    model_dropout = settings.model_dropout if settings.model_dropout >= 0 else config_dropout(settings.input_model)
+    if model_dropout > 0 or settings.lora_dropout > 0:
+        why.append("the model has dropout (one mask over all clients' rows would differ from one-at-a-time "
+                   "training): set model-dropout 0 and lora-dropout 0")
+    if why and settings.batched_clients == "on":
+        raise ValueError("batched-clients=on, but " + "; ".join(why) + " (batched-clients auto or off run it)")
+    return not why
 
 
 def simulated_failure(settings: Settings, server_round: int, partition_id: int) -> bool:
@@ -100,7 +137,17 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     settings = algorithm.settings
     model = cached_model(algorithm, algorithm.client_settings(partition_id))
-    load_trainable_state(model, global_state)
+    seated = lockstep.current()
+    if seated:  # batched: the shared model is not ours alone; our trainable tensors are the member's own
+        member = seated[1]
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if trainable != set(global_state):
+            raise ValueError("trainable state does not match the model: "
+                             f"{sorted(trainable ^ set(global_state))[:3]}")
+        member.params = {name: global_state[name].to(model_device(model), copy=True).requires_grad_()
+                         for name in sorted(trainable)}
+    else:
+        load_trainable_state(model, global_state)
     rows = cached_task_data(settings).private.select(client_partitions(settings, num_partitions)[partition_id])
     with scaffold.corrected(model, *correction) if correction else contextlib.nullcontext():
         work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
@@ -108,7 +155,9 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
                                      extras=extras or {})
     if model_device(model).type == "cuda":
         torch.cuda.empty_cache()  # the optimizer's state is gone with its turn; give its memory back
-    return ClientResult(trainable_state(model), len(rows), work.result.examples, work.result.loss,
+    state = ({name: p.detach().cpu().clone() for name, p in seated[1].params.items()} if seated
+             else trainable_state(model))
+    return ClientResult(state, len(rows), work.result.examples, work.result.loss,
                         work.result.seconds, work.kept_state, work.metrics, work.result.steps)
 
 

@@ -55,6 +55,14 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def config_dropout(spec: str) -> float:
+    """The largest dropout probability in the config of the model `spec` (its weights are not loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(spec)).to_dict()
+    return max([v for k, v in config.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)], default=0.0)
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Every dropout in `model` (and in its config, so a saved copy keeps it) set to `p`."""
     for name, value in model.config.to_dict().items():

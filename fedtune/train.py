@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtune import lockstep
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
 from fedtune.devices import autocast, compute, model_device, to_device, training_attention
@@ -94,31 +95,47 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     device = model_device(model)
     if attention := training_attention(device, precision):
         set_attention(model, attention)
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    seated = lockstep.current()  # a batched client: its own tensors, steps taken together with the round's others
+    if seated:
+        room, member = seated
+        room.bind(model, precision)
+        params = list(member.params.values()) + list(extra_params)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     model.train()
     total_loss, examples, start = 0.0, 0, time.perf_counter()
     batches = cycle(loader)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * schedule_factor(schedule, step / steps)
-        batch = to_device(next(batches), device)
-        with autocast(device, precision):
-            loss = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        total_loss += loss.item()
-        examples += len(batch["labels"])
-        if on_step:
-            on_step(step + 1, total_loss / (step + 1), examples)
-            model.train()  # the callback may have evaluated
+    try:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * schedule_factor(schedule, step / steps)
+            if seated:
+                optimizer.zero_grad(set_to_none=True)
+                batch = next(batches)
+                total_loss += room.step(member, batch, loss_fn)
+                optimizer.step()
+            else:
+                batch = to_device(next(batches), device)
+                with autocast(device, precision):
+                    loss = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                total_loss += loss.item()
+            examples += len(batch["labels"])
+            if on_step:
+                on_step(step + 1, total_loss / (step + 1), examples)
+                model.train()  # the callback may have evaluated
+    finally:
+        if seated:
+            room.leave(member)  # the others stop waiting for this client
     return TrainResult(total_loss / steps, examples, steps, time.perf_counter() - start)
 
 

@@ -146,6 +146,15 @@ class Algorithm:
         """Inverse of `checkpoint_state`, on a resumed server whose model is `model`."""
 
     @property
+    def batchable(self) -> bool:
+        """Whether a round's clients may train in lockstep over one shared model (`batched-clients`,
+        `fedtune.lockstep`): true when they all build the same model and train it with the default
+        `local_train` and `client_loss` (whose loss reads only the model's logits). An algorithm
+        that overrides one of those and still qualifies says so by overriding this."""
+        own = [hook for hook in ("local_train", "client_loss") if getattr(type(self), hook) is not getattr(Algorithm, hook)]
+        return not own and len({self.client_settings(p) for p in range(self.settings.clients)}) == 1
+
+    @property
     def uses_server_data(self) -> bool:
         """Whether the server trains on labelled data of its own (the public slice): such rows are
         marked in every table (default: with `server-finetune-steps` > 0)."""

@@ -19,6 +19,7 @@ class FedAvg(Algorithm):
             "down (server -> client)": "whole model", "aggregation exact": "yes (weighted mean)",
             "paper": "McMahan et al. 2017"}
     lr_setting = "full_lr"
+    batchable = False  # every weight trains: there is no frozen base for batched clients to share
 
     def build_model(self, settings: Settings) -> nn.Module:
         spec = task_spec(settings.task)

@@ -81,6 +81,11 @@ class FedKDLoRA(FedLoRA):
         return add_lora(build_student(settings, teacher), settings.lora_r, settings.lora_alpha,
                         settings.lora_dropout, settings.lora_targets)
 
+    @property
+    def batchable(self) -> bool:
+        """With the teacher on the server, clients train the student alone, as Fed-LoRA's do."""
+        return not self.teacher_on_client
+
     def local_train(self, model: nn.Module, rows, global_state: State, *, seed: int, lr: float, steps: int,
                     kept_state: State | None, extras: State) -> LocalWork:
         """With the teacher on the client: mutual distillation of its teacher (kept from its last

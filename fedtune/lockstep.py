@@ -1,0 +1,209 @@
+"""Batched clients: the simulated clients of a round train in lockstep over one shared frozen base.
+
+Clients that share a frozen base differ only in their small trainable tensors (LoRA factors, the
+head) and optimizer states. `Room` lets each client's own training loop (`fedtune.train.train`,
+in its own thread) hand in one batch per step; when every client still training has handed one
+in, the room concatenates them, runs the model once (the frozen base over all rows at once) with
+each client's own trainable tensors applied to its own rows, sums the clients' losses and runs
+one backward: client k's gradients are those of its own loss alone. Each client then steps its
+own optimizer, and leaves the room when it has taken its steps.
+
+What makes this exact: rows of a transformer batch do not interact (no batch norm), padding is
+masked, and every module that owns a trainable tensor is a `Linear`, `Embedding` or `LayerNorm`
+applied row-wise (`segmented_modules` refuses any other). Dropout would draw one mask over all
+clients' rows, which one-at-a-time training would not, so batching refuses models with dropout
+(`dropout_free`). The concatenation is in client order, so results do not depend on threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune.devices import autocast, to_device
+
+SEGMENTABLE = (nn.Linear, nn.Embedding, nn.LayerNorm)
+# Rows in one combined step at most: a round's clients train in rooms of ROOM_ROWS // batch-size
+# (16 clients at batch 32), so memory stays that of one 512-row batch whatever the round's size.
+ROOM_ROWS = 512
+
+
+def segmented_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own a trainable tensor, by name; a `ValueError` if one is not row-wise."""
+    owners = {}
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            if not isinstance(module, SEGMENTABLE):
+                raise ValueError(f"batched clients: {name} ({type(module).__name__}) trains, and only "
+                                 f"{', '.join(t.__name__ for t in SEGMENTABLE)} modules can train per client")
+            owners[name] = module
+    return owners
+
+
+def dropout_free(model: nn.Module) -> bool:
+    """Whether no dropout is left in `model` (modules, and the attention's own probabilities)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return False
+        for attr in ("dropout_prob", "attention_dropout"):  # BERT's SDPA path, Llama's attention
+            if isinstance(value := getattr(module, attr, 0.0), float) and value > 0:
+                return False
+    return True
+
+
+def _apply(module: nn.Module, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`module`'s own function of `x` with its parameters replaced by `tensors` where given."""
+    weight = tensors.get("weight", module.weight)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, tensors.get("bias", module.bias))
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, weight, module.padding_idx, module.max_norm, module.norm_type,
+                           module.scale_grad_by_freq, module.sparse)
+    return F.layer_norm(x, module.normalized_shape, weight, tensors.get("bias", module.bias), module.eps)
+
+
+@dataclass
+class Member:
+    """One client in a room: its trainable tensors (full parameter names) and its place."""
+
+    index: int  # the order of its rows in a combined batch
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    left: bool = False
+
+
+@dataclass
+class _Request:
+    member: Member
+    batch: dict[str, torch.Tensor]
+    loss_fn: object
+    loss: float | None = None
+    error: BaseException | None = None
+
+
+class _Rows:
+    """What a client's loss function sees as the model: its own rows of the combined output."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def __call__(self, labels: torch.Tensor | None = None, **_) -> _Rows:
+        if labels is not None:
+            self.loss = F.cross_entropy(self.logits, labels)  # the classification models' own loss
+        return self
+
+
+class Room:
+    """The `members` clients of one round that train together. Each, from its own thread, binds
+    the model it trains (`bind`: the same for all), takes steps (`step`) and leaves when done
+    (`leave`), also on an error: a member that has left is no longer waited for."""
+
+    def __init__(self, members: int):
+        self.model: nn.Module | None = None
+        self.active = members
+        self.pending: dict[int, _Request] = {}
+        self.condition = threading.Condition()
+
+    # ---- a member's side ------------------------------------------------------------------
+    def bind(self, model: nn.Module, precision: str) -> None:
+        with self.condition:
+            if self.model is None:
+                if not dropout_free(model):
+                    raise ValueError("batched clients: the model has dropout, which they cannot draw as one "
+                                     "client alone would")
+                self.model, self.precision, self.owners = model, precision, segmented_modules(model)
+            elif model is not self.model or precision != self.precision:
+                raise ValueError("batched clients must all train the same model in the same precision")
+
+    def step(self, member: Member, batch: dict[str, torch.Tensor], loss_fn) -> float:
+        """Forward and backward `batch` with the others' batches: the member's parameters then
+        hold the gradients of its own loss; returns that loss."""
+        request = _Request(member, batch, loss_fn)
+        with self.condition:
+            self.pending[member.index] = request
+            self._run_if_complete()
+            while request.loss is None and request.error is None:
+                self.condition.wait()
+        if request.error is not None:
+            raise RuntimeError(f"the batched step failed: {request.error}") from request.error
+        return request.loss
+
+    def leave(self, member: Member) -> None:
+        with self.condition:
+            if not member.left:
+                member.left = True
+                self.active -= 1
+                self._run_if_complete()
+
+    # ---- the combined step (run by whichever member completes the set) --------------------
+    def _run_if_complete(self) -> None:
+        if self.pending and len(self.pending) >= self.active:
+            requests = [self.pending.pop(i) for i in sorted(self.pending)]
+            try:
+                for request, loss in zip(requests, self._combined_step(requests)):
+                    request.loss = loss
+            except Exception as error:  # every waiting member gets it
+                for request in requests:
+                    request.error = error
+            self.condition.notify_all()
+
+    def _combined_step(self, requests: list[_Request]) -> list[float]:
+        device = next(self.model.parameters()).device
+        batches = [to_device(r.batch, device) for r in requests]
+        sizes = [len(b["labels"]) for b in batches]
+        length = max(b["input_ids"].shape[1] for b in batches)
+        pad_id = self.model.config.pad_token_id or 0
+        combined = {
+            "input_ids": torch.cat([F.pad(b["input_ids"], (0, length - b["input_ids"].shape[1]), value=pad_id)
+                                    for b in batches]),
+            "attention_mask": torch.cat([F.pad(b["attention_mask"], (0, length - b["attention_mask"].shape[1]))
+                                         for b in batches]),
+        }
+        tensors = [r.member.params for r in requests]
+        with self._segmented(sizes, tensors), autocast(device, self.precision):
+            logits = self.model(**combined).logits
+            losses = [r.loss_fn(_Rows(rows), b) for r, rows, b in zip(requests, logits.split(sizes), batches)]
+        torch.stack(losses).sum().backward()
+        return [loss.item() for loss in losses]
+
+    def _segmented(self, sizes: list[int], tensors: list[dict[str, torch.Tensor]]):
+        """While active, every trainable module applies member k's tensors to member k's rows."""
+        room = self
+
+        class _Patch:
+            def __enter__(self):
+                for name, module in room.owners.items():
+                    own = [{local: t[f"{name}.{local}"] for local, _ in module.named_parameters(recurse=False)
+                            if f"{name}.{local}" in t} for t in tensors]
+
+                    def forward(x, module=module, own=own):
+                        if x.shape[0] != sum(sizes):
+                            raise ValueError(f"batched clients: a trainable module saw {x.shape[0]} rows, "
+                                             f"not the batch's {sum(sizes)}")
+                        return torch.cat([_apply(module, part, mine) for part, mine in zip(x.split(sizes), own)])
+
+                    module.forward = forward
+                return self
+
+            def __exit__(self, *exc):
+                for module in room.owners.values():
+                    del module.forward  # back to the class's own
+                return False
+
+        return _Patch()
+
+
+_local = threading.local()
+
+
+def current() -> tuple[Room, Member] | None:
+    """The room and member of this thread's client, if it trains batched."""
+    return getattr(_local, "seat", None)
+
+
+def seat(room: Room, member: Member | None) -> None:
+    """Place this thread's client in `room` (None: it trains alone)."""
+    _local.seat = (room, member) if member is not None else None

@@ -1,0 +1,141 @@
+"""Batched clients (`batched-clients`, fedtune.lockstep): a combined step gives each client the
+gradients of its own loss alone, and a federation trained in lockstep equals one trained one
+client at a time."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune import lockstep
+from fedtune.config import Settings
+from fedtune.models import add_lora, load_classifier, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
+
+
+def _batch(tokenizer, sentences, labels):
+    encoded = tokenizer(sentences, padding=True, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+            "labels": torch.tensor(labels)}
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_llama"])
+def test_a_combined_step_gives_each_client_the_gradients_of_its_own_loss(request, model_fixture):
+    """Two clients with different LoRA weights and batches of different lengths (the decoder pools
+    at the last non-pad token, so the extra padding of the combined batch must not move it)."""
+    path = request.getfixturevalue(model_fixture)
+    tokenizer = load_tokenizer(path)
+    model = add_lora(load_classifier(path, 2, seed=0, dropout=0.0), r=2, alpha=4.0)
+    torch.manual_seed(1)
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in trainable_state(model).items()} for _ in range(2)]
+    batches = [_batch(tokenizer, ["a short one", "the cat sat", "yes"], [0, 1, 1]),
+               _batch(tokenizer, ["a much longer sentence than the other client's rows are", "no"], [1, 0])]
+
+    expected = []  # each client alone, through the model's own forward and loss
+    model.train()
+    for state, batch in zip(states, batches):
+        load_trainable_state(model, state)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        expected.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+
+    room = lockstep.Room(2)
+    members = [lockstep.Member(k, {n: t.clone().requires_grad_() for n, t in s.items()}) for k, s in enumerate(states)]
+    losses = [None, None]
+
+    def client(k):
+        room.bind(model, "fp32")
+        losses[k] = room.step(members[k], batches[k], lambda m, b: m(**b).loss)
+        room.leave(members[k])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for member, loss, (want_loss, want_grads) in zip(members, losses, expected):
+        assert loss == pytest.approx(want_loss, abs=1e-6)
+        assert set(member.params) == set(want_grads)
+        for name, tensor in member.params.items():
+            torch.testing.assert_close(tensor.grad, want_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_member_that_leaves_is_not_waited_for(tiny_bert):
+    """One client leaves before its first step (it failed): the other's steps still run, alone."""
+    tokenizer = load_tokenizer(tiny_bert)
+    model = add_lora(load_classifier(tiny_bert, 2, seed=0, dropout=0.0), r=2, alpha=4.0)
+    room = lockstep.Room(2)
+    room.bind(model, "fp32")
+    gone, here = lockstep.Member(0), lockstep.Member(1, {n: t.clone().requires_grad_()
+                                                         for n, t in trainable_state(model).items()})
+    room.leave(gone)
+    loss = room.step(here, _batch(tokenizer, ["one row"], [1]), lambda m, b: m(**b).loss)
+    assert loss > 0 and all(t.grad is not None for t in here.params.values())
+
+
+@pytest.fixture(scope="module")
+def skewed(tiny_bert, glue_dir, tmp_path_factory):
+    """Three clients of unequal sizes (they leave the lockstep at different steps), no dropout."""
+    return Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=150,
+                    eval_limit=32, batch_size=8, max_length=32, local_epochs=0.5, lora_r=2, lora_lr=0.02,
+                    partition="dirichlet", dirichlet_alpha=0.5, model_dropout=0.0, engine="local",
+                    out_dir=str(tmp_path_factory.mktemp("lockstep")))
+
+
+_STEP = lockstep.Room._combined_step
+
+
+def _run(settings, monkeypatch):
+    """The finished run, and the clients in each combined step it took."""
+    combined = []
+    monkeypatch.setattr(lockstep.Room, "_combined_step", lambda room, requests: combined.append(len(requests))
+                        or _STEP(room, requests))
+    return run_federated(settings, quiet=True), combined
+
+
+@pytest.mark.parametrize("changes", [
+    {"algorithm": "fedlora"},
+    pytest.param({"algorithm": "fedlora", "client_loss": "fedlc"}, marks=pytest.mark.slow),
+    pytest.param({"algorithm": "ffa-lora"}, marks=pytest.mark.slow),
+    pytest.param({"algorithm": "fedkdlora", "teacher_epochs": 0.05}, marks=pytest.mark.slow),
+    pytest.param({"algorithm": "fedlora", "dropout": 0.4}, marks=pytest.mark.slow),  # clients fail before training
+], ids=["fedlora", "fedlc", "ffa-lora", "fedkdlora-server", "failing-clients"])
+def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
+    settings = skewed.replace(**changes)
+    alone, none = _run(settings.replace(batched_clients="off"), monkeypatch)
+    together, combined = _run(settings.replace(batched_clients="on"), monkeypatch)
+    assert none == [] and max(combined) > 1 and 1 in combined  # batched, and clients left at different steps
+    a, b = read_jsonl(alone / "rounds.jsonl"), read_jsonl(together / "rounds.jsonl")
+    assert [r.get("clients") for r in a] == [r.get("clients") for r in b]
+    for x, y in zip(a, b):
+        for key in ("train_loss", "dev_loss", "dev_accuracy", "dev_auc", "bytes_up", "bytes_down", "examples_seen"):
+            assert x.get(key) == pytest.approx(y.get(key), abs=1e-5), key
+    first, second = load_file(str(next((alone / "model").glob("*.safetensors")))), \
+        load_file(str(next((together / "model").glob("*.safetensors"))))
+    assert set(first) == set(second)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"algorithm": "fedprox"}, "fedprox clients cannot share a step"),
+    ({"model_dropout": -1.0}, "the model has dropout"),
+    ({"scaffold": 1}, "scaffold=1 corrects each client's gradients on its own"),
+    ({"algorithm": "fedavg"}, "fedavg clients cannot share a step"),
+])
+def test_batched_clients_on_refuses_what_would_not_be_exact(skewed, changes, reason):
+    with pytest.raises(ValueError, match=f"batched-clients=on, but .*{reason}"):
+        run_federated(skewed.replace(batched_clients="on", **changes), quiet=True)
+
+
+def test_auto_batches_only_where_exact(skewed):
+    from fedtune.client_app import algorithm_for
+    from fedtune.local import batched_clients
+
+    assert batched_clients(algorithm_for(skewed))  # fedlora, no dropout, local engine
+    assert not batched_clients(algorithm_for(skewed.replace(model_dropout=-1.0)))  # BERT's own 0.1
+    assert not batched_clients(algorithm_for(skewed.replace(engine="ray")))
+    assert not batched_clients(algorithm_for(skewed.replace(algorithm="hetlora")))  # a rank per client
