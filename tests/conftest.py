@@ -150,27 +150,63 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
+# The export evaluator: one long-lived Python process that never imports fedtune, running
+# scripts/evaluate_export.py once per request (a process start costs seconds; the check that
+# fedtune stayed out of sys.modules runs after every request).
+_EVALUATOR = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+for line in sys.stdin:
+    request = json.loads(line)
+    os.chdir(request["cwd"])
+    sys.argv, out = request["argv"], io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        assert not [m for m in sys.modules if m.split(".")[0] == "fedtune"], "fedtune was imported"
+        reply = {"stdout": out.getvalue()}
+    except BaseException:
+        reply = {"error": traceback.format_exc()}
+    sys.__stdout__.write(json.dumps(reply) + "\n")
+    sys.__stdout__.flush()
+"""
+
+
 @pytest.fixture(scope="session")
-def evaluate_export():
-    """Evaluate a run's model/ in a fresh Python process that never imports fedtune, with plain
-    transformers/peft (scripts/evaluate_export.py) and the hub offline; returns its metrics."""
+def evaluate_export(tmp_path_factory):
+    """Evaluate a run's model/ in a Python process that never imports fedtune, with plain
+    transformers/peft (scripts/evaluate_export.py) and the hub offline; returns its metrics.
+    With `extra_env`, in a fresh process of its own."""
     import json
     import subprocess
     import sys
 
     script = REPO / "scripts" / "evaluate_export.py"
+    worker = None
+    log = tmp_path_factory.mktemp("evaluator") / "stderr.log"
 
     def run(run_dir: Path, glue_dir: Path, extra_env: dict | None = None, base: str | None = None) -> dict:
+        nonlocal worker
         config = json.loads((run_dir / "config.json").read_text())
         argv = [str(script), str(run_dir / "model"), "--task", config["task"], "--glue-dir", str(glue_dir),
                 "--max-length", str(config["max-length"]), "--batch-size", str(config["eval-batch-size"]),
                 "--limit", str(config["eval-limit"])] + (["--base", base] if base else [])
-        code = (f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__'); "
-                "assert not [m for m in sys.modules if m.split('.')[0] == 'fedtune'], 'fedtune was imported'")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              cwd=run_dir.parent, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        request = json.dumps({"cwd": str(run_dir.parent), "argv": argv}) + "\n"
+        if extra_env:
+            done = subprocess.run([sys.executable, "-c", _EVALUATOR], input=request, capture_output=True, text=True,
+                                  env=env, timeout=300)
+            reply = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            if worker is None or worker.poll() is not None:
+                worker = subprocess.Popen([sys.executable, "-c", _EVALUATOR], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=log.open("a"), text=True, env=env)
+            worker.stdin.write(request)
+            worker.stdin.flush()
+            reply = json.loads(worker.stdout.readline() or '{"error": "the evaluator died; see %s"}' % log)
+        assert "error" not in reply, reply["error"][-3000:]
+        return json.loads(reply["stdout"].strip().splitlines()[-1])
 
-    return run
+    yield run
+    if worker is not None:
+        worker.stdin.close()
+        worker.wait(timeout=60)
