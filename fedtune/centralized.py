@@ -96,6 +96,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     with progress_bar(steps, f"{settings.method} {settings.task}", quiet) as update:
         result = train(model, batches, lr=lr, steps=steps, schedule=settings.lr_schedule,
                        weight_decay=settings.weight_decay, on_step=on_step, precision=precision,
+                       compile=bool(settings.compile),
                        **({"loss_fn": loss_fn} if loss_fn else {}))
     if settings.method == "kd":  # the student's own architecture, merged: see FedKDLoRA.save_model
         save_merged(model, run.path / "model")

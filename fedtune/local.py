@@ -93,6 +93,8 @@ def batched_clients(algorithm: Algorithm) -> bool:
                    f"whose base is frozen and train it with the default local training)")
     if settings.scaffold:
         why.append("scaffold=1 corrects each client's gradients on its own")
+    if settings.compile:
+        why.append("compile=1 traces one client's forward, and batched steps swap each client's tensors in")
     if compute(settings.device, settings.precision)[1] == "fp16":
         why.append("fp16 scales each client's loss on its own")
     model_dropout = settings.model_dropout if settings.model_dropout >= 0 else config_dropout(settings.input_model)

@@ -85,9 +85,11 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "constant",
           weight_decay: float = 0.0, loss_fn: LossFn = supervised_loss, extra_params=(),
-          on_step: Callable[[int, float, int], None] | None = None, precision: str = "fp32") -> TrainResult:
+          on_step: Callable[[int, float, int], None] | None = None, precision: str = "fp32",
+          compile: bool = False) -> TrainResult:
     """Run `steps` AdamW steps over `loader`, decaying lr by `schedule` over those steps, on the
-    model's device, in `precision` (fp32; bf16 or fp16 autocast, fp16 with a grad scaler).
+    model's device, in `precision` (fp32; bf16 or fp16 autocast, fp16 with a grad scaler); with
+    `compile`, the model's forward compiled first (once per model object: `nn.Module.compile`).
 
     `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation). On a
     CPU in bf16 the model's attention becomes the eager one (`devices.training_attention`).
@@ -96,6 +98,8 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     if attention := training_attention(device, precision):
         set_attention(model, attention)
     seated = lockstep.current()  # a batched client: its own tensors, steps taken together with the round's others
+    if compile and not seated and getattr(model, "_compiled_call_impl", None) is None:
+        model.compile(dynamic=True)
     if seated:
         room, member = seated
         room.bind(model, precision)
@@ -167,7 +171,8 @@ def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: 
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed)
     return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
-                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1])
+                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1],
+                 compile=bool(settings.compile))
 
 
 @dataclass

@@ -127,3 +127,19 @@ def test_bf16_training_on_cpu_switches_to_eager_attention_which_computes_the_sam
     train(bf16, loader, lr=1e-3, steps=1, precision="bf16")
     implementations = lambda m: {x.config._attn_implementation for x in m.modules() if isinstance(x, PreTrainedModel)}  # noqa: E731
     assert implementations(fp32) == {"sdpa"} and implementations(bf16) == {"eager"}
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_as_the_eager_one_and_keeps_its_parameter_names(tiny_bert):
+    """`compile`: nn.Module.compile keeps the parameter names the travelling state is keyed by, and
+    changes the numbers by rounding only (no dropout, so both see the same computation)."""
+    states = []
+    for compile in (False, True):
+        seed_everything(5)
+        model = load_classifier(tiny_bert, 2, seed=5, dropout=0.0)
+        train(model, _toy_loader(tiny_bert, seed=5), lr=1e-3, steps=5, compile=compile)
+        states.append(trainable_state(model))
+    assert list(states[0]) == list(states[1])
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], atol=1e-4, rtol=1e-3)
+    assert any(not torch.equal(states[1][n], load_classifier(tiny_bert, 2, seed=5).state_dict()[n]) for n in states[1])
