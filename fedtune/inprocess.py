@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,8 +32,11 @@ SERVER_NODE_ID = 1  # Flower's SuperLink node id
 class LocalGrid(Grid):
     """`num_nodes` nodes in this process, node i+1 holding partition i."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, batched: int = 0):
-        self.client_app, self.batched = client_app, batched  # batched: clients per lockstep room (0: none)
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, batched: int = 0,
+                 group: Callable[[int], Hashable] = lambda partition: 0):
+        # batched: clients per lockstep room (0: one at a time); group: which partitions may share a
+        # room (those that build the same model, e.g. the same LoRA rank)
+        self.client_app, self.batched, self.group = client_app, batched, group
         self.nodes = {1000 + i: i for i in range(num_nodes)}  # node id -> partition id
         self.contexts = {node: Context(run_id=run_id, node_id=node, state=RecordDict(), run_config={},
                                        node_config={"partition-id": p, "num-partitions": num_nodes})
@@ -67,8 +70,11 @@ class LocalGrid(Grid):
         messages = [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
         if self.batched and len(messages) > 1 and all(m.metadata.message_type == MessageType.TRAIN
                                                       for m in messages):
-            return [reply for start in range(0, len(messages), self.batched)
-                    for reply in self._deliver_together(messages[start:start + self.batched])]
+            groups: dict[Hashable, list[Message]] = {}
+            for message in messages:
+                groups.setdefault(self.group(self.nodes[message.metadata.dst_node_id]), []).append(message)
+            return [reply for members in groups.values() for start in range(0, len(members), self.batched)
+                    for reply in self._deliver_together(members[start:start + self.batched])]
         return [self._deliver(message) for message in messages]
 
     def _deliver_together(self, messages: list[Message]) -> list[Message]:
@@ -118,7 +124,9 @@ def run_local(settings, client_app: ClientApp, quiet: bool = False):
     previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
     try:
-        room = max(1, lockstep.ROOM_ROWS // settings.batch_size) if batched_clients(algorithm_for(settings)) else 0
-        return run_server(LocalGrid(client_app, settings.clients, batched=room), settings, quiet)
+        algorithm = algorithm_for(settings)
+        room = max(1, lockstep.ROOM_ROWS // settings.batch_size) if batched_clients(algorithm) else 0
+        return run_server(LocalGrid(client_app, settings.clients, batched=room, group=algorithm.client_settings),
+                          settings, quiet)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous

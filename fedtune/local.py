@@ -89,8 +89,8 @@ def batched_clients(algorithm: Algorithm) -> bool:
         return False
     why = []
     if not algorithm.batchable:
-        why.append(f"{settings.algorithm} clients cannot share a step (`batchable`: they must all build one model "
-                   f"whose base is frozen and train it with the default local training)")
+        why.append(f"{settings.algorithm} clients cannot share a step (`batchable`: they must build models whose "
+                   f"base is frozen and train them with the default local training)")
     if settings.scaffold:
         why.append("scaffold=1 corrects each client's gradients on its own")
     if settings.compile:

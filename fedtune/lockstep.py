@@ -204,6 +204,16 @@ def current() -> tuple[Room, Member] | None:
     return getattr(_local, "seat", None)
 
 
+def parameters_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s parameters by name, as this thread's client trains them: a batched client's own
+    trainable tensors in place of the shared model's (a loss term on the weights, e.g. FedProx's,
+    reads them here)."""
+    params = dict(model.named_parameters())
+    if seated := current():
+        params.update(seated[1].params)
+    return params
+
+
 def seat(room: Room, member: Member | None) -> None:
     """Place this thread's client in `room` (None: it trains alone)."""
     _local.seat = (room, member) if member is not None else None

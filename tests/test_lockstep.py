@@ -101,8 +101,10 @@ def _run(settings, monkeypatch):
     pytest.param({"algorithm": "fedlora", "client_loss": "fedlc"}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "ffa-lora"}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "fedkdlora", "teacher_epochs": 0.05}, marks=pytest.mark.slow),
+    pytest.param({"algorithm": "fedprox", "prox_mu": 1.0}, marks=pytest.mark.slow),
+    pytest.param({"algorithm": "flexlora", "client_ranks": "2,4,2"}, marks=pytest.mark.slow),  # a room per rank
     pytest.param({"algorithm": "fedlora", "dropout": 0.4}, marks=pytest.mark.slow),  # clients fail before training
-], ids=["fedlora", "fedlc", "ffa-lora", "fedkdlora-server", "failing-clients"])
+], ids=["fedlora", "fedlc", "ffa-lora", "fedkdlora-server", "fedprox", "flexlora-mixed-ranks", "failing-clients"])
 def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
     settings = skewed.replace(**changes)
     alone, none = _run(settings.replace(batched_clients="off"), monkeypatch)
@@ -121,7 +123,7 @@ def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
 
 
 @pytest.mark.parametrize("changes, reason", [
-    ({"algorithm": "fedprox"}, "fedprox clients cannot share a step"),
+    ({"algorithm": "hetlora"}, "hetlora clients cannot share a step"),
     ({"model_dropout": -1.0}, "the model has dropout"),
     ({"scaffold": 1}, "scaffold=1 corrects each client's gradients on its own"),
     ({"algorithm": "fedavg"}, "fedavg clients cannot share a step"),
@@ -138,4 +140,5 @@ def test_auto_batches_only_where_exact(skewed):
     assert batched_clients(algorithm_for(skewed))  # fedlora, no dropout, local engine
     assert not batched_clients(algorithm_for(skewed.replace(model_dropout=-1.0)))  # BERT's own 0.1
     assert not batched_clients(algorithm_for(skewed.replace(engine="ray")))
-    assert not batched_clients(algorithm_for(skewed.replace(algorithm="hetlora")))  # a rank per client
+    assert not batched_clients(algorithm_for(skewed.replace(algorithm="hetlora")))  # its own local training
+    assert batched_clients(algorithm_for(skewed.replace(algorithm="flexlora")))  # a room per rank

@@ -147,12 +147,12 @@ class Algorithm:
 
     @property
     def batchable(self) -> bool:
-        """Whether a round's clients may train in lockstep over one shared model (`batched-clients`,
-        `fedtune.lockstep`): true when they all build the same model and train it with the default
-        `local_train` and `client_loss` (whose loss reads only the model's logits). An algorithm
-        that overrides one of those and still qualifies says so by overriding this."""
-        own = [hook for hook in ("local_train", "client_loss") if getattr(type(self), hook) is not getattr(Algorithm, hook)]
-        return not own and len({self.client_settings(p) for p in range(self.settings.clients)}) == 1
+        """Whether a round's clients may train in lockstep over a shared frozen base (`batched-clients`,
+        `fedtune.lockstep`; clients with different `client_settings`, e.g. ranks, train in separate
+        groups): true when they train with the default `local_train` and `client_loss` (whose loss
+        reads only the model's logits). An algorithm that overrides one of those and still
+        qualifies says so by overriding this."""
+        return all(getattr(type(self), hook) is getattr(Algorithm, hook) for hook in ("local_train", "client_loss"))
 
     @property
     def uses_server_data(self) -> bool:

@@ -10,6 +10,7 @@ from torch import nn
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
+from fedtune.lockstep import parameters_of
 from fedtune.plugins import Option
 from fedtune.train import LossFn
 
@@ -31,8 +32,10 @@ class FedProx(FedLoRA):
             "down (server -> client)": "as fedlora", "aggregation exact": "no", "own rank per client": "no",
             "paper": "Li et al. 2020"}
 
+    batchable = True  # the proximal term reads the client's own tensors (`lockstep.parameters_of`)
+
     def client_loss(self, model: nn.Module, global_state: State, task: LossFn) -> LossFn:
-        params = dict(model.named_parameters())
+        params = parameters_of(model)
         pairs = [(params[name], anchor.detach().clone()) for name, anchor in global_state.items()]
         mu = self.settings.prox_mu
 
