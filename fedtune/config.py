@@ -98,9 +98,10 @@ class CoreSettings:
                        "process, no Ray: the same apps through an in-process Flower Grid)", ("ray", "local"))
     client_cpus: int = _fed(0, "simulation: CPU cores each simulated client reserves (0: all, one client at a time)")
     batched_clients: str = _fed("auto", "local engine: the round's clients train in lockstep, the shared frozen base run "
-                                "once over all their rows (`fedtune.lockstep`); auto: where that is exact (LoRA "
-                                "algorithms whose clients share a model, no dropout, no SCAFFOLD, not fp16), on: "
-                                "refuse a run where it is not, off: one client at a time", ("auto", "on", "off"))
+                                "once over all their rows (`fedtune.lockstep`); auto: on CUDA where that is exact (LoRA "
+                                "algorithms with the default local training, no dropout, no SCAFFOLD, no compile, "
+                                "not fp16; on a CPU it measured slower), on: wherever it is exact (refused "
+                                "elsewhere), off: one client at a time", ("auto", "on", "off"))
     # --- centralized
     method: str = _opt("lora", "centralized method", CENTRALIZED_METHODS, centralized=True)
     epochs: float = _opt(1.0, "centralized training epochs (fractions allowed)", centralized=True)

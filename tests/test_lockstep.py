@@ -133,12 +133,16 @@ def test_batched_clients_on_refuses_what_would_not_be_exact(skewed, changes, rea
         run_federated(skewed.replace(batched_clients="on", **changes), quiet=True)
 
 
-def test_auto_batches_only_where_exact(skewed):
+def test_auto_batches_on_cuda_where_exact_and_on_where_exact(skewed):
     from fedtune.client_app import algorithm_for
     from fedtune.local import batched_clients
 
-    assert batched_clients(algorithm_for(skewed))  # fedlora, no dropout, local engine
+    on = skewed.replace(batched_clients="on")
+    assert batched_clients(algorithm_for(on))  # fedlora, no dropout, local engine
+    assert batched_clients(algorithm_for(on.replace(algorithm="flexlora")))  # a room per rank
+    assert not batched_clients(algorithm_for(skewed))  # auto on a CPU: it measured slower there
     assert not batched_clients(algorithm_for(skewed.replace(model_dropout=-1.0)))  # BERT's own 0.1
     assert not batched_clients(algorithm_for(skewed.replace(engine="ray")))
+    with pytest.raises(ValueError, match="needs engine local"):
+        batched_clients(algorithm_for(on.replace(engine="ray")))
     assert not batched_clients(algorithm_for(skewed.replace(algorithm="hetlora")))  # its own local training
-    assert batched_clients(algorithm_for(skewed.replace(algorithm="flexlora")))  # a room per rank
