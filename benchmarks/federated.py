@@ -57,14 +57,14 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
 
 
 def clients_per_round(sizes: tuple[int, ...] = (1, 4, 16, 64), local_steps: int = 3,
-                      settings: Settings | None = None) -> dict:
+                      settings: Settings | None = None, batching: str = "by-length") -> dict:
     """Samples/s of one FedLoRA round at `sizes` clients per round, one client at a time vs batched
     (`batched-clients`, the clients training in lockstep over the shared base), on the local engine
     with model-dropout 0 (batching is exact only without dropout). Round 2 is timed (round 1 loads
     the model and tokenizes each client's rows); the server's evaluation is taken out."""
     settings = (settings or Settings(task="sst2")).replace(
         algorithm="fedlora", rounds=2, local_steps=local_steps, eval_limit=32, model_dropout=0.0, engine="local",
-        batching="by-length", out_dir=tempfile.mkdtemp(prefix="fedtune-bench-"))
+        batching=batching, out_dir=tempfile.mkdtemp(prefix="fedtune-bench-"))
     rows = []
     for clients in sizes:
         row = {"clients": clients}
@@ -76,7 +76,7 @@ def clients_per_round(sizes: tuple[int, ...] = (1, 4, 16, 64), local_steps: int 
         row["speedup"] = row["on_samples_per_s"] / row["off_samples_per_s"]
         rows.append(row)
         print(row, flush=True)
-    return {"local_steps": local_steps, "batch_size": settings.batch_size,
+    return {"local_steps": local_steps, "batch_size": settings.batch_size, "batching": batching,
             "precision": compute(settings.device, settings.precision)[1], "rows": rows}
 
 

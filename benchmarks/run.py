@@ -170,7 +170,7 @@ def render(results: dict) -> str:
                 f"({r['ratio_without_eval']:.2f}x without the evaluation)."]
     if c := results.get("clients"):
         out += ["", f"**Clients per round, one at a time vs batched** (`clients`, {on(c)}; FedLoRA on the local engine, "
-                f"each client {c['local_steps']} steps of {c['batch_size']} SST-2 rows, by-length batches, "
+                f"each client {c['local_steps']} steps of {c['batch_size']} SST-2 rows, {c.get('batching', 'by-length')} batches, "
                 f"model-dropout 0, {c['precision']}; round 2 timed, evaluation excluded; `batched-clients on` "
                 f"trains the round's clients in lockstep over the shared frozen base):", "",
                 table(["clients per round", "samples/s one at a time", "samples/s batched", "speed-up"],
