@@ -94,6 +94,8 @@ def batched_clients(algorithm: Algorithm) -> bool:
                    f"base is frozen and train them with the default local training)")
     if settings.scaffold:
         why.append("scaffold=1 corrects each client's gradients on its own")
+    if settings.secure_aggregation != "none":
+        why.append("SecAgg+ sends each round's messages in stages that are not delivered together")
     if settings.compile:
         why.append("compile=1 traces one client's forward, and batched steps swap each client's tensors in")
     if compute(settings.device, settings.precision)[1] == "fp16":

@@ -124,6 +124,7 @@ def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
 
 @pytest.mark.parametrize("changes, reason", [
     ({"algorithm": "hetlora"}, "hetlora clients cannot share a step"),
+    ({"secure_aggregation": "secagg+"}, "SecAgg\\+ sends each round's messages in stages"),
     ({"model_dropout": -1.0}, "the model has dropout"),
     ({"scaffold": 1}, "scaffold=1 corrects each client's gradients on its own"),
     ({"algorithm": "fedavg"}, "fedavg clients cannot share a step"),
