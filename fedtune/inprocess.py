@@ -94,6 +94,7 @@ class LocalGrid(Grid):
         threads = [threading.Thread(target=deliver, args=(k,), name=f"client-{k}") for k in range(len(messages))]
         for thread in threads:
             thread.start()
+        room.serve()  # the combined steps, here, until every client has left
         for thread in threads:
             thread.join()
         return replies

@@ -80,6 +80,7 @@ class _Request:
     member: Member
     batch: dict[str, torch.Tensor]
     loss_fn: object
+    optimizer: torch.optim.Optimizer | None
     loss: float | None = None
     error: BaseException | None = None
 
@@ -99,7 +100,8 @@ class _Rows:
 class Room:
     """The `members` clients of one round that train together. Each, from its own thread, binds
     the model it trains (`bind`: the same for all), takes steps (`step`) and leaves when done
-    (`leave`), also on an error: a member that has left is no longer waited for."""
+    (`leave`), also on an error: a member that has left is no longer waited for. One other thread
+    runs the combined steps (`serve`) until all have left."""
 
     def __init__(self, members: int):
         self.model: nn.Module | None = None
@@ -118,13 +120,15 @@ class Room:
             elif model is not self.model or precision != self.precision:
                 raise ValueError("batched clients must all train the same model in the same precision")
 
-    def step(self, member: Member, batch: dict[str, torch.Tensor], loss_fn) -> float:
-        """Forward and backward `batch` with the others' batches: the member's parameters then
-        hold the gradients of its own loss; returns that loss."""
-        request = _Request(member, batch, loss_fn)
+    def step(self, member: Member, batch: dict[str, torch.Tensor], loss_fn,
+             optimizer: torch.optim.Optimizer | None = None) -> float:
+        """Forward and backward `batch` with the others' batches, so the member's tensors hold the
+        gradients of its own loss, then `optimizer.step()` (if given) in the serving thread;
+        returns the member's loss."""
+        request = _Request(member, batch, loss_fn, optimizer)
         with self.condition:
             self.pending[member.index] = request
-            self._run_if_complete()
+            self.condition.notify_all()
             while request.loss is None and request.error is None:
                 self.condition.wait()
         if request.error is not None:
@@ -136,19 +140,30 @@ class Room:
             if not member.left:
                 member.left = True
                 self.active -= 1
-                self._run_if_complete()
+                self.condition.notify_all()
 
-    # ---- the combined step (run by whichever member completes the set) --------------------
-    def _run_if_complete(self) -> None:
-        if self.pending and len(self.pending) >= self.active:
-            requests = [self.pending.pop(i) for i in sorted(self.pending)]
+    # ---- the server's side ----------------------------------------------------------------
+    def serve(self) -> None:
+        """Run the combined steps until every member has left, in the calling thread: always the
+        same thread, so PyTorch's CPU thread pool is that thread's one (a pool per calling thread,
+        each spinning after its work, slowed batched steps on a CPU 2x when members took turns)."""
+        while True:
+            with self.condition:
+                while not (self.active == 0 or (self.pending and len(self.pending) >= self.active)):
+                    self.condition.wait()
+                if self.active == 0 and not self.pending:
+                    return
+                requests = [self.pending.pop(i) for i in sorted(self.pending)]
             try:
-                for request, loss in zip(requests, self._combined_step(requests)):
-                    request.loss = loss
+                losses = self._combined_step(requests)
             except Exception as error:  # every waiting member gets it
-                for request in requests:
-                    request.error = error
-            self.condition.notify_all()
+                losses, failure = [None] * len(requests), error
+            else:
+                failure = None
+            with self.condition:
+                for request, loss in zip(requests, losses):
+                    request.loss, request.error = loss, failure
+                self.condition.notify_all()
 
     def _combined_step(self, requests: list[_Request]) -> list[float]:
         device = next(self.model.parameters()).device
@@ -167,6 +182,9 @@ class Room:
             logits = self.model(**combined).logits
             losses = [r.loss_fn(_Rows(rows), b) for r, rows, b in zip(requests, logits.split(sizes), batches)]
         torch.stack(losses).sum().backward()
+        for request in requests:  # here, not in the members' threads: one CPU thread pool
+            if request.optimizer is not None:
+                request.optimizer.step()
         return [loss.item() for loss in losses]
 
     def _segmented(self, sizes: list[int], tensors: list[dict[str, torch.Tensor]]):

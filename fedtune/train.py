@@ -118,8 +118,7 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
             if seated:
                 optimizer.zero_grad(set_to_none=True)
                 batch = next(batches)
-                total_loss += room.step(member, batch, loss_fn)
-                optimizer.step()
+                total_loss += room.step(member, batch, loss_fn, optimizer)  # steps the optimizer too
             else:
                 batch = to_device(next(batches), device)
                 with autocast(device, precision):

@@ -54,6 +54,7 @@ def test_a_combined_step_gives_each_client_the_gradients_of_its_own_loss(request
     threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
     for thread in threads:
         thread.start()
+    room.serve()
     for thread in threads:
         thread.join(timeout=60)
     for member, loss, (want_loss, want_grads) in zip(members, losses, expected):
@@ -72,7 +73,12 @@ def test_a_member_that_leaves_is_not_waited_for(tiny_bert):
     gone, here = lockstep.Member(0), lockstep.Member(1, {n: t.clone().requires_grad_()
                                                          for n, t in trainable_state(model).items()})
     room.leave(gone)
+    server = threading.Thread(target=room.serve)
+    server.start()
     loss = room.step(here, _batch(tokenizer, ["one row"], [1]), lambda m, b: m(**b).loss)
+    room.leave(here)
+    server.join(timeout=60)
+    assert not server.is_alive()  # it stops when every member has left
     assert loss > 0 and all(t.grad is not None for t in here.params.values())
 
 
