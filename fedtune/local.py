@@ -106,8 +106,8 @@ def batched_clients(algorithm: Algorithm) -> bool:
                    "training): set model-dropout 0 and lora-dropout 0")
     if why and settings.batched_clients == "on":
         raise ValueError("batched-clients=on, but " + "; ".join(why) + " (batched-clients auto or off run it)")
-    # auto: on CUDA only. On a CPU it measured slower (benchmarks `clients`: 0.75x at 4 clients a
-    # round, 0.42x at 16): a CPU is not idle at one client's batch, and each step pads every
+    # auto: on CUDA only. On a CPU it measured no faster (benchmarks `clients`: 1.01x at 4 clients a
+    # round, 0.55x at 16): a CPU is not idle at one client's batch, and each step pads every
     # client's batch to the longest one's.
     return not why and (settings.batched_clients == "on" or compute(settings.device, settings.precision)[0].type == "cuda")
 
