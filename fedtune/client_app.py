@@ -9,14 +9,15 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedtune import scaffold
+from fedtune import calibration, scaffold
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.codecs import Codec
 from fedtune.config import Settings
 from fedtune.console import quiet_libraries
-from fedtune.local import client_update, simulated_failure
+from fedtune.local import cached_model, client_update, simulated_failure
 from fedtune.secure import secure_aggregation_mod
+from fedtune.tasks import task_spec
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -54,6 +55,19 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         partition_id, num_partitions = node_partition(context)
         metrics = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @app.query(calibration.ACTION)
+    def class_statistics(msg: Message, context: Context) -> Message:
+        """CCVR after the last round: this client's per-class feature statistics under the final model."""
+        quiet_libraries()
+        settings = settings_of(context)
+        partition_id, num_partitions = node_partition(context)
+        algorithm = algorithm_for(settings)
+        stats = calibration.client_statistics(cached_model(algorithm, algorithm.server_settings()),
+                                              msg.content["arrays"].to_torch_state_dict(), settings, partition_id,
+                                              num_partitions, task_spec(settings.task).num_labels)
+        return Message(RecordDict({"stats": ArrayRecord(stats),
+                                   "metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

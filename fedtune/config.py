@@ -116,6 +116,13 @@ class CoreSettings:
     server_finetune_steps: int = _fed(0, "after aggregating each round, the server trains the global model this "
                                       "many steps on the public slice (labelled data the server holds): the "
                                       "baseline for what server-side data alone does (0: off)")
+    classifier_calibration: str = _fed("none", "after the last round, retrain the classifier against label skew: none, "
+                                       "or ccvr (Luo et al. 2021: clients send per-class feature means and "
+                                       "covariances of the final model, the server retrains the classifier on "
+                                       "features drawn from them; refused with DP and SecAgg+)", ("none", "ccvr"))
+    ccvr_samples: int = _fed(2000, "ccvr: virtual features drawn per class")
+    ccvr_lr: float = _fed(0.01, "ccvr: AdamW learning rate of the classifier's retraining (5 epochs over the "
+                          "virtual features)")
     client_weighting: str = _fed("examples", "weights of the clients' states in the server's mean: examples (each "
                                  "client's number of rows, FedAvg's) or uniform (every client the same)",
                                  CLIENT_WEIGHTINGS)
@@ -167,6 +174,12 @@ class CoreSettings:
         nonneg = ("train_limit", "eval_limit", "local_steps", "epochs", "local_epochs", "min_partition_size",
                   "teacher_epochs", "weight_decay", "max_failed_rounds", "server_finetune_steps", "student_layers")
         problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if not getattr(self, n) >= 0]
+        if self.ccvr_samples < 1 or not self.ccvr_lr > 0:
+            problems.append(f"ccvr-samples={self.ccvr_samples} and ccvr-lr={self.ccvr_lr} (must be >= 1 and > 0)")
+        if self.classifier_calibration != "none" and (self.dp_noise > 0 or self.secure_aggregation != "none"):
+            problems.append(f"classifier-calibration={self.classifier_calibration} needs dp-noise=0 and "
+                            f"secure-aggregation=none: clients send their features' per-class means and covariances "
+                            f"in the clear, which the privacy guarantees would not cover")
         if self.compile not in (0, 1):
             problems.append(f"compile={self.compile} (must be 0 or 1)")
         if self.scaffold not in (0, 1):

@@ -9,9 +9,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune import calibration
 from fedtune import checkpoint as checkpoints
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
+from fedtune.comm import wire_bytes
 from fedtune.config import Settings
 from fedtune.console import print_table, progress_bar, quiet_libraries, say, warn
 from fedtune.devices import compute
@@ -95,7 +97,9 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
         state = recorder.resume(checkpoint, state)
         say(f"resuming {run.path} after round {strategy.offset}", quiet)
         if strategy.offset == settings.rounds:  # every round ran; writing the results failed last time
-            return finish_run(run, algorithm, state, recorder.records, partitions, ledger is not None, quiet)
+            state, calibrated = calibrate_classifier(grid, nodes, algorithm, state, quiet)
+            return finish_run(run, algorithm, state, recorder.records, partitions, ledger is not None, quiet,
+                              calibrated)
     say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
         f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
     with progress_bar(settings.rounds, "rounds", quiet) as update:
@@ -105,7 +109,46 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                               train_config=ConfigRecord({"run-name": run.final_path.name}),
                               evaluate_fn=recorder.evaluate)
     final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state
-    return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet)
+    final_state, calibrated = calibrate_classifier(grid, nodes, algorithm, final_state, quiet)
+    return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet, calibrated)
+
+
+def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
+                         quiet: bool) -> tuple[State, dict | None]:
+    """`classifier-calibration ccvr` after the last round (`fedtune.calibration`): every client
+    returns its per-class feature statistics under the final `state`, the server retrains the
+    classifier. (calibrated state, what it did and cost), or (`state`, None) when off."""
+    settings = algorithm.settings
+    if settings.classifier_calibration == "none":
+        return state, None
+    start = time.perf_counter()
+    content = RecordDict({"arrays": ArrayRecord(state)})
+    messages = [Message(content, message_type=f"{MessageType.QUERY}.{calibration.ACTION}", dst_node_id=node)
+                for node in nodes.values()]
+    model = cached_model(algorithm, algorithm.server_settings())
+    num_labels = task_spec(settings.task).num_labels
+    _, head = calibration.head_layer(model, num_labels)
+    stats, dropped, bytes_up = [], [], 0
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        if reply.has_error():
+            dropped.append(reply.error.reason[:300])
+            continue
+        bytes_up += wire_bytes(reply)
+        received = reply.content["stats"].to_torch_state_dict() if "stats" in reply.content.array_records else {}
+        if reason := calibration.check_statistics(received, num_labels, head.in_features):
+            dropped.append(reason)
+        else:
+            stats.append(received)
+    if not stats:
+        raise RuntimeError(f"classifier-calibration {settings.classifier_calibration}: no client sent usable class "
+                           f"statistics ({'; '.join(dropped) or 'no reply'}); the run is kept, resume it to retry")
+    calibrated, metrics = calibration.calibrate(model, state, stats, settings, num_labels)
+    dev = evaluate_state(algorithm, calibrated)
+    say(f"ccvr: classifier retrained on {settings.ccvr_samples} virtual features per class from "
+        f"{len(stats)} clients' statistics", quiet)
+    return calibrated, {"method": settings.classifier_calibration, "clients": len(stats), "dropped": dropped,
+                        "bytes_up": bytes_up, "bytes_down": sum(wire_bytes(m) for m in messages),
+                        "seconds": time.perf_counter() - start, **metrics, "dev": dev}
 
 
 def pretrained_teacher_metrics(algorithm: Algorithm, quiet: bool) -> dict[str, float]:
@@ -229,8 +272,11 @@ class RoundRecorder:
 
 
 def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[dict], partitions: list[dict],
-               private_run: bool, quiet: bool) -> Path:
-    """Save the final model, plots and summary.json; rename the run folder to its final name."""
+               private_run: bool, quiet: bool, calibrated: dict | None = None) -> Path:
+    """Save the final model, plots and summary.json; rename the run folder to its final name.
+    With `calibrated` (the classifier retrained after the last round), the summary's dev metrics
+    and total bytes are the calibrated model's and include the calibration's messages; the
+    last round's own metrics stay in rounds.jsonl and under `calibration.dev_before`."""
     settings = algorithm.settings
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, state)
@@ -252,6 +298,11 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "failed_rounds": len(failed_rounds(records)),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
         "seconds": final["elapsed"], "settings": settings.non_default()}
+    if calibrated:
+        summary["calibration"] = {**{k: v for k, v in calibrated.items() if k != "dev"}, "dev_before": summary["dev"]}
+        summary["dev"] = calibrated["dev"]
+        summary["total_bytes_up"] += calibrated["bytes_up"]
+        summary["total_bytes_down"] += calibrated["bytes_down"]
     summary["learned_nothing"] = learned_nothing(summary["dev"])
     try:
         algorithm.save_model(model, run.path / "model")
@@ -269,6 +320,9 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
     checkpoints.path_in(run.path).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
+    if calibrated:
+        say(f"after ccvr: {', '.join(f'{k} {v:.3f}' for k, v in calibrated['dev'].items())} "
+            f"({(calibrated['bytes_up'] + calibrated['bytes_down']) / 1e6:.2f} MB for the statistics)", quiet)
     if problem := summary["learned_nothing"]:
         warn(f"{settings.algorithm} on {settings.task}: {problem}")
     say(f"saved {path}", quiet)

@@ -1,0 +1,176 @@
+"""CCVR (`classifier-calibration ccvr`): the pooled statistics, the virtual features, the retrained
+classifier, and a whole federation that calibrates after its last round."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fedtune import calibration
+from fedtune.algorithms import get_algorithm
+from fedtune.config import Settings
+from fedtune.data import cached_task_data
+from fedtune.local import cached_model, initial_state
+from fedtune.partition import client_partitions
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
+
+
+def test_class_statistics_on_hand_made_features():
+    features = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    stats = calibration.class_statistics(features, labels, num_classes=3)
+    assert stats["counts"].tolist() == [3, 1, 0]
+    assert torch.allclose(stats["means"][0], torch.tensor([3.0, 4.0], dtype=torch.float64))
+    # unbiased covariance by hand: deviations (-2,-2), (0,-2), (2,4); sums of products / (3 - 1)
+    expected = torch.tensor([[8.0, 12.0], [12.0, 24.0]], dtype=torch.float64) / 2
+    assert torch.allclose(stats["covs"][0], expected)
+    assert torch.equal(stats["covs"][1], torch.zeros(2, 2, dtype=torch.float64))  # one row: no spread
+    assert torch.equal(stats["means"][2], torch.zeros(2, dtype=torch.float64))  # absent class
+
+
+def test_pooled_statistics_equal_those_of_all_rows_together():
+    torch.manual_seed(0)
+    features = torch.randn(60, 5, dtype=torch.float64) * 3 + 1
+    labels = torch.randint(0, 3, (60,))
+    labels[:2] = 2  # class 2: rows 0, 1 and whatever else
+    # uneven clients: one holds no row of class 1, one a single row of class 0
+    splits = [torch.arange(0, 25), torch.arange(25, 26), torch.arange(26, 60)]
+    splits[0] = splits[0][labels[splits[0]] != 1]
+    parts = [calibration.class_statistics(features[i], labels[i], 3) for i in splits]
+    used = torch.cat(splits)
+    pooled = calibration.pooled_statistics(parts)
+    for c in range(3):
+        rows = features[used][labels[used] == c]
+        assert pooled["counts"][c] == len(rows)
+        assert torch.allclose(pooled["means"][c], rows.mean(0))
+        assert torch.allclose(pooled["covs"][c], torch.cov(rows.T), atol=1e-10)
+
+
+def test_virtual_features_follow_the_pooled_gaussians_and_skip_absent_classes():
+    mean = torch.tensor([[2.0, -1.0], [0.0, 0.0], [-3.0, 4.0]], dtype=torch.float64)
+    cov = torch.stack([torch.tensor([[1.0, 0.6], [0.6, 2.0]]), torch.eye(2),
+                       torch.tensor([[1.0, 1.0], [1.0, 1.0]])]).double()  # class 2: singular (rank 1)
+    pooled = {"counts": torch.tensor([10.0, 0.0, 7.0], dtype=torch.float64), "means": mean, "covs": cov}
+    x, y = calibration.virtual_features(pooled, 20000, torch.Generator().manual_seed(1))
+    assert y.tolist().count(0) == 20000 and y.tolist().count(2) == 20000 and 1 not in y.tolist()
+    for c in (0, 2):
+        rows = x[y == c].double()
+        assert torch.allclose(rows.mean(0), mean[c], atol=0.05)
+        assert torch.allclose(torch.cov(rows.T), cov[c], atol=0.06)
+    again, _ = calibration.virtual_features(pooled, 20000, torch.Generator().manual_seed(1))
+    assert torch.equal(x, again)  # seeded
+
+
+def test_fit_head_removes_a_classifier_bias_toward_one_class():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(500, 4, generator=generator) + 2, torch.randn(500, 4, generator=generator) - 2])
+    y = torch.cat([torch.zeros(500, dtype=torch.long), torch.ones(500, dtype=torch.long)])
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 6.0]))  # every row predicted class 1
+    assert (head(x).argmax(-1) == 1).all()
+    loss = calibration.fit_head(head, x, y, lr=0.05, batch_size=32, generator=generator)
+    accuracy = (head(x).argmax(-1) == y).float().mean()
+    assert accuracy > 0.97 and loss < 0.2
+
+
+def test_head_layer_is_the_trainable_classifier(tiny_bert, glue_dir):
+    settings = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, train_limit=40, eval_limit=8, lora_r=2)
+    algorithm = get_algorithm("fedlora", settings)
+    model = cached_model(algorithm, settings)
+    name, layer = calibration.head_layer(model, 2)
+    assert name.endswith("classifier.modules_to_save.default") and layer.weight.requires_grad
+    full = cached_model(get_algorithm("fedavg", settings.replace(algorithm="fedavg")), settings.replace(algorithm="fedavg"))
+    assert calibration.head_layer(full, 2)[0] == "classifier"
+
+
+def test_client_features_are_what_the_classifier_reads(tiny_bert, glue_dir):
+    """The hooked features equal BERT's pooler output, computed without the hook."""
+    settings = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, train_limit=40, eval_limit=8, lora_r=2,
+                        algorithm="fedavg", max_length=32)
+    algorithm = get_algorithm("fedavg", settings)
+    model = cached_model(algorithm, settings)
+    rows = cached_task_data(settings).private.select(client_partitions(settings, 2)[0])
+    features, labels = calibration.features_of(model, rows, settings, 2)
+    assert sorted(labels.tolist()) == sorted(rows["label"])
+    from fedtune.data import eval_loader, tokenize
+    from fedtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.input_model)
+    batch = next(iter(eval_loader(tokenize(rows, tokenizer, 32), tokenizer, 1000)))
+    with torch.no_grad():
+        pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+    assert torch.allclose(features, pooled, atol=1e-5) and torch.equal(labels, batch["labels"])
+
+
+@pytest.fixture(scope="module")
+def base(tiny_bert, glue_dir, tmp_path_factory):
+    return Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=60,
+                    eval_limit=32, batch_size=8, max_length=32, local_steps=1, lora_r=2, engine="local",
+                    partition="dirichlet", dirichlet_alpha=0.1, out_dir=str(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.mark.slow
+def test_a_calibrated_run_retrains_only_the_classifier_from_the_clients_statistics(base, evaluate_export, glue_dir):
+    settings = base.replace(classifier_calibration="ccvr", ccvr_samples=200)
+    plain = run_federated(base, quiet=True)
+    path = run_federated(settings, quiet=True)
+    summary = json.loads((path / "summary.json").read_text())
+    rounds = read_jsonl(path / "rounds.jsonl")
+    # the rounds are those of the same run without calibration
+    assert [r["dev_accuracy"] for r in rounds] == [r["dev_accuracy"] for r in read_jsonl(plain / "rounds.jsonl")]
+    calibrated = summary["calibration"]
+    assert calibrated["method"] == "ccvr" and calibrated["clients"] == 3 and calibrated["dropped"] == []
+    assert calibrated["dev_before"]["accuracy"] == rounds[-1]["dev_accuracy"]
+    assert summary["total_bytes_up"] == rounds[-1]["cum_bytes_up"] + calibrated["bytes_up"]
+    assert summary["total_bytes_down"] == rounds[-1]["cum_bytes_down"] + calibrated["bytes_down"]
+    # 3 clients x (counts 2 + means 2 x 32 + covariances 2 x 32 x 32 floats) at least
+    assert calibrated["bytes_up"] > 3 * 4 * (2 + 64 + 2048)
+
+    # The saved model: the plain run's weights except the classifier, which is what `calibrate`
+    # fits on the clients' statistics under the plain run's final state; those statistics pooled
+    # equal the statistics of all clients' rows together.
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from fedtune.models import trainable_state
+
+    before, after = (load_file(run / "model" / "adapter_model.safetensors") for run in (plain, path))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("classifier" in k for k in changed)
+    model = cached_model(get_algorithm("fedlora", settings), settings)
+    set_peft_model_state_dict(model, before)
+    final = trainable_state(model)
+    stats = [calibration.client_statistics(model, final, settings, p, 3, 2) for p in range(3)]
+    expected, _ = calibration.calibrate(model, final, stats, settings, 2)
+    set_peft_model_state_dict(model, after)
+    assert all(torch.allclose(expected[k], v, atol=1e-6) for k, v in trainable_state(model).items())
+    used = sorted(i for part in client_partitions(settings, 3) for i in part)
+    set_peft_model_state_dict(model, before)
+    direct = calibration.class_statistics(*calibration.features_of(
+        model, cached_task_data(settings).private.select(used), settings, 2), 2)
+    pooled = calibration.pooled_statistics(stats)
+    assert torch.allclose(pooled["means"], direct["means"], atol=1e-5)
+    assert torch.allclose(pooled["covs"], direct["covs"], atol=1e-5)
+    # the exported, calibrated model gives the metrics the run reported, without fedtune
+    assert evaluate_export(path, glue_dir)["accuracy"] == pytest.approx(summary["dev"]["accuracy"], abs=1e-9)
+
+
+def test_calibration_is_refused_where_it_would_break_a_privacy_promise(base):
+    with pytest.raises(ValueError, match="classifier-calibration=ccvr needs dp-noise=0"):
+        base.replace(classifier_calibration="ccvr", dp_noise=0.5)
+    with pytest.raises(ValueError, match="classifier-calibration=ccvr needs dp-noise=0"):
+        base.replace(classifier_calibration="ccvr", secure_aggregation="secagg+")
+    with pytest.raises(ValueError, match="ccvr-samples=0"):
+        base.replace(ccvr_samples=0)
+
+
+def test_initial_state_has_a_classifier_to_calibrate_for_every_same_task_algorithm(base):
+    for name in ("fedlora", "ffa-lora", "flexlora", "hetlora", "fedavg"):
+        algorithm = get_algorithm(name, base.replace(algorithm=name))
+        model = cached_model(algorithm, algorithm.server_settings())
+        layer_name, _ = calibration.head_layer(model, 2)
+        assert any(k.startswith(layer_name) for k in initial_state(algorithm)), name
