@@ -126,20 +126,30 @@ def head_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
 # ---- a client's half ---------------------------------------------------------------------------
 @torch.inference_mode()
 def features_of(model: nn.Module, rows, settings: Settings, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features the classifier reads, labels) of `rows`, the model in eval mode, fp32."""
+    """(features the classifier reads, labels) of `rows`, the model in eval mode, fp32: the input
+    of `head_layer`; where the head reads every position (a decoder's `score`), the position whose
+    logits the model keeps, its last non-pad token (as transformers pools)."""
     _, layer = head_layer(model, num_labels)
     captured: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
     tokenizer = load_tokenizer(settings.input_model)
-    labels = []
+    features, labels = [], []
     model.eval()
     try:
         for batch in eval_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.eval_batch_size):
-            labels.append(batch["labels"])
+            captured.clear()
             model(**to_device({k: v for k, v in batch.items() if k != "labels"}, model_device(model)))
+            x = captured[-1]
+            if x.dim() == 3:
+                ids = batch["input_ids"]
+                positions = torch.arange(ids.shape[1])
+                last = ((ids != model.config.pad_token_id).long() * positions).argmax(-1)
+                x = x[torch.arange(len(x)), last]
+            features.append(x)
+            labels.append(batch["labels"])
     finally:
         hook.remove()
-    return torch.cat(captured), torch.cat(labels)
+    return torch.cat(features), torch.cat(labels)
 
 
 def client_statistics(model: nn.Module, state: State, settings: Settings, partition_id: int,

@@ -106,6 +106,27 @@ def test_client_features_are_what_the_classifier_reads(tiny_bert, glue_dir):
     assert torch.allclose(features, pooled, atol=1e-5) and torch.equal(labels, batch["labels"])
 
 
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
+def test_the_classifier_applied_to_the_features_gives_the_model_logits(model, request, glue_dir):
+    """For an encoder (pooler -> classifier) and a decoder (score on every position, pooled at the
+    last non-pad token), under extra padding: the features are exactly what the logits come from."""
+    settings = Settings(task="sst2", glue_dir=str(glue_dir), model=request.getfixturevalue(model), train_limit=40,
+                        eval_limit=8, lora_r=2, max_length=32, eval_batch_size=7)
+    trained = cached_model(get_algorithm("fedlora", settings), settings)
+    rows = cached_task_data(settings).private.select(range(20))
+    features, labels = calibration.features_of(trained, rows, settings, 2)
+    _, layer = calibration.head_layer(trained, 2)
+    from fedtune.data import eval_loader, tokenize
+    from fedtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.input_model)
+    logits = []
+    with torch.no_grad():
+        for batch in eval_loader(tokenize(rows, tokenizer, 32), tokenizer, 7):
+            logits.append(trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+        assert torch.allclose(layer(features), torch.cat(logits), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def base(tiny_bert, glue_dir, tmp_path_factory):
     return Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=3, rounds=2, train_limit=60,
