@@ -195,3 +195,26 @@ def test_initial_state_has_a_classifier_to_calibrate_for_every_same_task_algorit
         model = cached_model(algorithm, algorithm.server_settings())
         layer_name, _ = calibration.head_layer(model, 2)
         assert any(k.startswith(layer_name) for k in initial_state(algorithm)), name
+
+
+@pytest.mark.slow
+def test_calibration_over_rays_grid_equals_the_local_engines(base):
+    """The statistics query goes through Flower's simulation engine (Ray actors) as through the
+    in-process grid, with the same result."""
+    settings = base.replace(classifier_calibration="ccvr", ccvr_samples=200)
+    local = json.loads((run_federated(settings, quiet=True) / "summary.json").read_text())
+    ray = json.loads((run_federated(settings.replace(engine="ray"), quiet=True) / "summary.json").read_text())
+    assert ray["calibration"]["clients"] == 3
+    assert ray["dev"] == pytest.approx(local["dev"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_kd_student_is_calibrated_and_its_export_gives_the_reported_metric(base, evaluate_export, glue_dir):
+    """FedKDLoRA with teachers kept on the clients: the student (what travels and is exported) is
+    what the clients' statistics describe and what the server calibrates."""
+    settings = base.replace(algorithm="fedkdlora", kd_placement="client", teacher_epochs=0.05,
+                            classifier_calibration="ccvr", ccvr_samples=200)
+    path = run_federated(settings, quiet=True)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["calibration"]["clients"] == 3 and summary["calibration"]["ccvr_classes"] >= 1
+    assert evaluate_export(path, glue_dir)["accuracy"] == pytest.approx(summary["dev"]["accuracy"], abs=1e-9)
