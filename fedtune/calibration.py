@@ -10,7 +10,15 @@ finding); CCVR retrains it after the last round, with no data on the server:
    per class from N(mean_c, cov_c) and retrains the classifier on them (cross-entropy, AdamW,
    `ccvr-lr`, 5 epochs, from its current weights); every other weight stays as trained.
 
-The pure maths is `class_statistics`, `pooled_statistics`, `virtual_features` and `fit_head`; the
+`ccvr-lda` uses the same statistics but sets the classifier in closed form to the linear
+discriminant of the pooled Gaussians (`discriminant_head`: the class covariances' mean as the shared
+covariance, equal class priors, as CCVR's balanced virtual features): the classifier that CCVR's
+sampling and SGD approximate when the classes share a covariance, with no sampling noise and no
+learning rate (a diagnostic on Fed-LoRA at Dirichlet 0.1 found the SGD fit, not the features, to
+be what limited CCVR there: docs/label-skew.md).
+
+The pure maths is `class_statistics`, `pooled_statistics`, `virtual_features`, `fit_head` and
+`discriminant_head`; the
 client and server halves below wire them to fedtune's models and data. What a client sends
 (class means and covariances of its features) says more about its data than a model update, so
 the calibration is refused with DP and SecAgg+, whose guarantees it would bypass.
@@ -111,6 +119,24 @@ def fit_head(layer: nn.Linear, features: torch.Tensor, labels: torch.Tensor, *, 
     return last
 
 
+def discriminant_head(pooled: State, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,)) of the linear discriminant of the pooled class Gaussians with a
+    shared covariance S (the mean of the class covariances) and equal priors:
+    logit_c = mu_c^T S^-1 x - mu_c^T S^-1 mu_c / 2, so logit_a - logit_b is the log-ratio of the two
+    Gaussian densities. `ridge` times S's mean variance is added to its diagonal (S is singular when
+    a class has fewer rows than features)."""
+    counts, means, covs = pooled["counts"].double(), pooled["means"].double(), pooled["covs"].double()
+    if (counts < 1).any():
+        missing = [c for c in range(len(counts)) if counts[c] < 1]
+        raise ValueError(f"classifier-calibration=ccvr-lda: no client holds class(es) {missing}, so the "
+                         f"discriminant has nothing to place them by; use classifier-calibration=ccvr")
+    shared = covs.mean(0)
+    shared = shared + ridge * float(shared.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(shared), dtype=shared.dtype)
+    weight = torch.linalg.solve(shared, means.T).T  # row c: S^-1 mu_c
+    bias = -0.5 * (weight * means).sum(1)
+    return weight, bias
+
+
 def head_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
     """The classifier CCVR retrains: the last trainable `nn.Linear` with `num_labels` outputs
     (BERT's `classifier`, Llama's `score`, peft's trainable copy of either)."""
@@ -121,6 +147,15 @@ def head_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
         raise ValueError(f"classifier-calibration: the model has no trainable linear layer with {num_labels} outputs "
                          f"to calibrate; use classifier-calibration=none")
     return found[-1]
+
+
+def check_model(model: nn.Module, settings: Settings, num_labels: int) -> nn.Linear:
+    """The classifier the calibration will set, or one clear error (run before round 1)."""
+    _, layer = head_layer(model, num_labels)
+    if settings.classifier_calibration == "ccvr-lda" and layer.bias is None:
+        raise ValueError("classifier-calibration=ccvr-lda needs a classifier with a bias (this model's has none, "
+                         "e.g. a decoder's `score`); use classifier-calibration=ccvr")
+    return layer
 
 
 # ---- a client's half ---------------------------------------------------------------------------
@@ -169,9 +204,15 @@ def calibrate(model: nn.Module, state: State, stats: list[State], settings: Sett
     clients' pooled `stats`; every other tensor unchanged. Returns (state, metrics)."""
     load_trainable_state(model, state)
     pooled = pooled_statistics(stats)
+    layer = check_model(model, settings, num_labels)
+    if settings.classifier_calibration == "ccvr-lda":
+        weight, bias = discriminant_head(pooled)
+        with torch.no_grad():
+            layer.weight.copy_(weight.to(layer.weight))
+            layer.bias.copy_(bias.to(layer.bias))
+        return trainable_state(model), {"ccvr_classes": int((pooled["counts"] > 0).sum())}
     generator = torch.Generator().manual_seed(settings.seed)
     features, labels = virtual_features(pooled, settings.ccvr_samples, generator)
-    _, layer = head_layer(model, num_labels)
     loss = fit_head(layer, features, labels, lr=settings.ccvr_lr, batch_size=settings.batch_size, generator=generator)
     return trainable_state(model), {"ccvr_loss": loss, "ccvr_classes": int((pooled["counts"] > 0).sum())}
 

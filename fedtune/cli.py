@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--remedies", default="", help="comma-separated label-skew remedies to add after each "
                              "federated row: a client loss (fedlc, logit-adjust), equal-steps (every client the "
                              "mean client's local steps, uniform weights), scaffold, or server-finetune (the server "
-                             "trains on its public slice: the server-data baseline), or ccvr (the classifier retrained after "
-                             "the last round from the clients' feature statistics); results go to <grid>-remedies/")
+                             "trains on its public slice: the server-data baseline), ccvr (the classifier retrained after "
+                             "the last round from the clients' feature statistics) or ccvr-lda (set from them in "
+                             "closed form); results go to <grid>-remedies/")
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         for f in dataclasses.fields(Settings):

@@ -119,7 +119,9 @@ class CoreSettings:
     classifier_calibration: str = _fed("none", "after the last round, retrain the classifier against label skew: none, "
                                        "or ccvr (Luo et al. 2021: clients send per-class feature means and "
                                        "covariances of the final model, the server retrains the classifier on "
-                                       "features drawn from them; refused with DP and SecAgg+)", ("none", "ccvr"))
+                                       "features drawn from them; refused with DP and SecAgg+), or ccvr-lda (the "
+                                       "same statistics; the classifier set to the linear discriminant of the "
+                                       "pooled class Gaussians, in closed form)", ("none", "ccvr", "ccvr-lda"))
     ccvr_samples: int = _fed(2000, "ccvr: virtual features drawn per class")
     ccvr_lr: float = _fed(0.01, "ccvr: AdamW learning rate of the classifier's retraining (5 epochs over the "
                           "virtual features)")

@@ -82,6 +82,9 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     """Run the whole federation (or resume it, with `resume`); returns the finished run folder."""
     algorithm = get_algorithm(settings.algorithm, settings)
     teacher_dev = pretrained_teacher_metrics(algorithm, quiet)  # before the handshake: clients may need it
+    if settings.classifier_calibration != "none":  # refuse now what would fail after the last round
+        calibration.check_model(cached_model(algorithm, algorithm.server_settings()), settings,
+                                task_spec(settings.task).num_labels)
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run, checkpoint = open_run(settings)
     partitions = partition_report(settings, settings.clients)
@@ -115,7 +118,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
 
 def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
                          quiet: bool) -> tuple[State, dict | None]:
-    """`classifier-calibration ccvr` after the last round (`fedtune.calibration`): every client
+    """`classifier-calibration ccvr` (or `ccvr-lda`) after the last round (`fedtune.calibration`): every client
     returns its per-class feature statistics under the final `state`, the server retrains the
     classifier. (calibrated state, what it did and cost), or (`state`, None) when off."""
     settings = algorithm.settings
@@ -127,7 +130,7 @@ def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm
                 for node in nodes.values()]
     model = cached_model(algorithm, algorithm.server_settings())
     num_labels = task_spec(settings.task).num_labels
-    _, head = calibration.head_layer(model, num_labels)
+    head = calibration.check_model(model, settings, num_labels)
     stats, dropped, bytes_up = [], [], 0
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         if reply.has_error():
@@ -144,8 +147,7 @@ def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm
                            f"statistics ({'; '.join(dropped) or 'no reply'}); the run is kept, resume it to retry")
     calibrated, metrics = calibration.calibrate(model, state, stats, settings, num_labels)
     dev = evaluate_state(algorithm, calibrated)
-    say(f"ccvr: classifier retrained on {settings.ccvr_samples} virtual features per class from "
-        f"{len(stats)} clients' statistics", quiet)
+    say(f"{settings.classifier_calibration}: classifier recalibrated from {len(stats)} clients' statistics", quiet)
     return calibrated, {"method": settings.classifier_calibration, "clients": len(stats), "dropped": dropped,
                         "bytes_up": bytes_up, "bytes_down": sum(wire_bytes(m) for m in messages),
                         "seconds": time.perf_counter() - start, **metrics, "dev": dev}
@@ -321,7 +323,7 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
     if calibrated:
-        say(f"after ccvr: {', '.join(f'{k} {v:.3f}' for k, v in calibrated['dev'].items())} "
+        say(f"after {calibrated['method']}: {', '.join(f'{k} {v:.3f}' for k, v in calibrated['dev'].items())} "
             f"({(calibrated['bytes_up'] + calibrated['bytes_down']) / 1e6:.2f} MB for the statistics)", quiet)
     if problem := summary["learned_nothing"]:
         warn(f"{settings.algorithm} on {settings.task}: {problem}")

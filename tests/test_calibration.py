@@ -2,6 +2,7 @@
 classifier, and a whole federation that calibrates after its last round."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
 from fedtune.data import cached_task_data
 from fedtune.local import cached_model, initial_state
+from fedtune.models import trainable_state
 from fedtune.partition import client_partitions
 from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
@@ -75,6 +77,27 @@ def test_fit_head_removes_a_classifier_bias_toward_one_class():
     loss = calibration.fit_head(head, x, y, lr=0.05, batch_size=32, generator=generator)
     accuracy = (head(x).argmax(-1) == y).float().mean()
     assert accuracy > 0.97 and loss < 0.2
+
+
+def test_discriminant_logit_differences_are_gaussian_log_density_ratios():
+    """With a shared covariance the discriminant's logit_a - logit_b is log N(x; mu_a, S) - log N(x; mu_b, S)
+    (torch.distributions as the reference); S is the mean of the class covariances."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=torch.float64)
+    cov = torch.stack([a @ a.T + torch.eye(4, dtype=torch.float64), 2 * torch.eye(4, dtype=torch.float64),
+                       a @ a.T + 3 * torch.eye(4, dtype=torch.float64)])
+    means = torch.randn(3, 4, dtype=torch.float64)
+    pooled = {"counts": torch.tensor([5.0, 9.0, 2.0], dtype=torch.float64), "means": means, "covs": cov}
+    weight, bias = calibration.discriminant_head(pooled, ridge=0.0)
+    x = torch.randn(50, 4, dtype=torch.float64)
+    logits = x @ weight.T + bias
+    shared = cov.mean(0)
+    density = torch.stack([torch.distributions.MultivariateNormal(m, shared).log_prob(x) for m in means], 1)
+    for i, j in ((0, 1), (2, 1), (0, 2)):
+        assert torch.allclose(logits[:, i] - logits[:, j], density[:, i] - density[:, j], atol=1e-9)
+    pooled["counts"][1] = 0
+    with pytest.raises(ValueError, match=r"no client holds class\(es\) \[1\]"):
+        calibration.discriminant_head(pooled)
 
 
 def test_head_layer_is_the_trainable_classifier(tiny_bert, glue_dir):
@@ -178,6 +201,29 @@ def test_a_calibrated_run_retrains_only_the_classifier_from_the_clients_statisti
     assert torch.allclose(pooled["covs"], direct["covs"], atol=1e-5)
     # the exported, calibrated model gives the metrics the run reported, without fedtune
     assert evaluate_export(path, glue_dir)["accuracy"] == pytest.approx(summary["dev"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_ccvr_lda_sets_the_classifier_to_the_discriminant_of_the_clients_statistics(base, tiny_llama):
+    settings = base.replace(classifier_calibration="ccvr-lda")
+    path = run_federated(settings, quiet=True)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["calibration"]["method"] == "ccvr-lda" and summary["calibration"]["clients"] == 3
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = cached_model(get_algorithm("fedlora", settings), settings)
+    set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
+    stats = [calibration.client_statistics(model, trainable_state(model), settings, p, 3, 2) for p in range(3)]
+    weight, bias = calibration.discriminant_head(calibration.pooled_statistics(stats))
+    _, layer = calibration.head_layer(model, 2)
+    assert torch.allclose(layer.weight, weight.float(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(layer.bias, bias.float(), rtol=1e-4, atol=1e-5)
+    # a head without a bias (a decoder's score) is refused before any round, leaving no run folder
+    out = Path(settings.out_dir) / "llama"
+    with pytest.raises(ValueError, match="ccvr-lda needs a classifier with a bias"):
+        run_federated(settings.replace(model=tiny_llama, out_dir=str(out)), quiet=True)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_calibration_is_refused_where_it_would_break_a_privacy_promise(base):
