@@ -122,8 +122,8 @@ def fit_head(layer: nn.Linear, features: torch.Tensor, labels: torch.Tensor, *, 
 def discriminant_head(pooled: State, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) of the linear discriminant of the pooled class Gaussians with a
     shared covariance S (the mean of the class covariances) and equal priors:
-    logit_c = mu_c^T S^-1 x - mu_c^T S^-1 mu_c / 2, so logit_a - logit_b is the log-ratio of the two
-    Gaussian densities. `ridge` times S's mean variance is added to its diagonal (S is singular when
+    logit_c = mu_c^T S^-1 x - mu_c^T S^-1 mu_c / 2 (less the mean over classes), so logit_a - logit_b
+    is the log-ratio of the two Gaussian densities. `ridge` times S's mean variance is added to its diagonal (S is singular when
     a class has fewer rows than features)."""
     counts, means, covs = pooled["counts"].double(), pooled["means"].double(), pooled["covs"].double()
     if (counts < 1).any():
@@ -134,7 +134,10 @@ def discriminant_head(pooled: State, ridge: float = 1e-6) -> tuple[torch.Tensor,
     shared = shared + ridge * float(shared.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(shared), dtype=shared.dtype)
     weight = torch.linalg.solve(shared, means.T).T  # row c: S^-1 mu_c
     bias = -0.5 * (weight * means).sum(1)
-    return weight, bias
+    # The softmax ignores what all logits share: removing the rows' mean keeps every logit difference
+    # and drops the large common part (S^-1 times the classes' shared mean, large along S's small
+    # eigenvalues), which in a float32 head would cancel catastrophically.
+    return weight - weight.mean(0), bias - bias.mean()
 
 
 def head_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:

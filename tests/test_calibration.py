@@ -100,6 +100,28 @@ def test_discriminant_logit_differences_are_gaussian_log_density_ratios():
         calibration.discriminant_head(pooled)
 
 
+def test_the_discriminant_survives_a_float32_head_under_an_ill_conditioned_covariance():
+    """Features like a trained model's: a large mean shared by the classes, covariance eigenvalues from
+    1e-9 to 1e-2, the classes apart along the large ones. The head computes in float32; its logit
+    difference must still be the float64 log-density ratio (the uncentered discriminant, ~3e8 per
+    weight, gets half the decisions wrong here)."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    cov = q @ torch.diag(torch.logspace(-9, -2, 64, dtype=torch.float64)) @ q.T
+    common, apart = torch.rand(64, dtype=torch.float64) * 2 - 1, q[:, -8:] @ torch.randn(8, dtype=torch.float64) * 0.05
+    means = torch.stack([common - apart / 2, common + apart / 2])
+    weight, bias = calibration.discriminant_head(
+        {"counts": torch.tensor([10.0, 10.0]), "means": means, "covs": torch.stack([cov, cov])}, ridge=0.0)
+    gaussians = [torch.distributions.MultivariateNormal(m, cov) for m in means]
+    x = torch.cat([g.sample((500,)) for g in gaussians])
+    head = nn.Linear(64, 2).requires_grad_(False)
+    head.weight.copy_(weight)
+    head.bias.copy_(bias)
+    logits = head(x.float()).double()
+    expected = gaussians[1].log_prob(x) - gaussians[0].log_prob(x)
+    assert torch.allclose(logits[:, 1] - logits[:, 0], expected, atol=1e-3)
+
+
 def test_head_layer_is_the_trainable_classifier(tiny_bert, glue_dir):
     settings = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, train_limit=40, eval_limit=8, lora_r=2)
     algorithm = get_algorithm("fedlora", settings)

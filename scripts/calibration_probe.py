@@ -1,0 +1,85 @@
+"""What limits classifier calibration on a finished grid cell: the features, or the classifier fit?
+
+    python scripts/calibration_probe.py <out-dir>/compare/cells/<key>.json
+
+The cell's run folder (kept beside the cell by `fedtune compare`) must be there. Reads its
+exported model, computes every client's per-class feature statistics as the clients of a
+`classifier-calibration` run do, and scores on the cell's evaluation rows (for a tuning trial the
+holdout of the private rows, never GLUE dev): the exported head; the closed-form discriminant
+(`ccvr-lda`); CCVR's sampled-features fit with more samples, epochs, or from a zero head; and, as
+an upper bound no federation has, a logistic regression fitted on every client's real features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from fedtune import calibration
+from fedtune.algorithms import get_algorithm
+from fedtune.config import Settings
+from fedtune.data import cached_task_data
+from fedtune.local import cached_model
+from fedtune.partition import client_partitions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("cell", help="a cached cell (<out-dir>/compare/cells/<key>.json) of a LoRA row")
+    cell = json.load(open(parser.parse_args().cell))
+    settings = Settings.from_dict(cell["settings"])
+    model = cached_model(get_algorithm(settings.algorithm, settings), settings)
+    set_peft_model_state_dict(model, load_file(f"{cell['run']}/model/adapter_model.safetensors"))
+    data = cached_task_data(settings)
+    stats, features, labels = [], [], []
+    for rows in client_partitions(settings, settings.clients):
+        f, y = calibration.features_of(model, data.private.select(rows), settings, 2)
+        stats.append(calibration.class_statistics(f, y, 2))
+        features.append(f)
+        labels.append(y)
+    eval_x, eval_y = (t.numpy() for t in calibration.features_of(model, data.validation, settings, 2))
+    _, head = calibration.head_layer(model, 2)
+
+    def report(name: str, scores: np.ndarray) -> None:
+        predicted = (scores > 0).astype(int)
+        print(f"| {name} | {np.mean(predicted == eval_y):.4f} | {balanced_accuracy_score(eval_y, predicted):.4f} | "
+              f"{roc_auc_score(eval_y, scores):.4f} | {predicted.mean():.3f} |", flush=True)
+
+    print(f"{cell['label']} ({settings.partition} {settings.dirichlet_alpha}, lora-lr {settings.lora_lr}), "
+          f"{len(eval_y)} evaluation rows\n\n| classifier | accuracy | balanced | AUC | predicted positive |\n"
+          "|---|---:|---:|---:|---:|")
+    with torch.no_grad():
+        logits = head(torch.from_numpy(eval_x)).numpy()
+    report(f"the run's exported head ({settings.classifier_calibration})", logits[:, 1] - logits[:, 0])
+    pooled = calibration.pooled_statistics(stats)
+    weight, bias = calibration.discriminant_head(pooled)
+    lda = eval_x @ weight.numpy().T + bias.numpy()
+    report("ccvr-lda: discriminant of the pooled statistics", lda[:, 1] - lda[:, 0])
+    for samples, epochs, zero in ((2000, 5, False), (20000, 5, False), (20000, 20, True)):
+        generator = torch.Generator().manual_seed(0)
+        x, y = calibration.virtual_features(pooled, samples, generator)
+        layer = torch.nn.Linear(eval_x.shape[1], 2)
+        layer.load_state_dict(head.state_dict())
+        if zero:
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+        loss = calibration.fit_head(layer, x, y, lr=settings.ccvr_lr, batch_size=settings.batch_size,
+                                    generator=generator, epochs=epochs)
+        with torch.no_grad():
+            out = layer(torch.from_numpy(eval_x)).numpy()
+        report(f"ccvr fit: {samples} per class, {epochs} epochs, from {'zero' if zero else 'the trained head'} "
+               f"(loss {loss:.3f})", out[:, 1] - out[:, 0])
+    oracle = LogisticRegression(max_iter=2000, class_weight="balanced")
+    oracle.fit(torch.cat(features).numpy(), torch.cat(labels).numpy())
+    report("upper bound: logistic regression on every client's real features", oracle.decision_function(eval_x))
+
+
+if __name__ == "__main__":
+    main()
