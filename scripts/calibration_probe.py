@@ -6,7 +6,8 @@ The cell's run folder (kept beside the cell by `fedtune compare`) must be there.
 exported model, computes every client's per-class feature statistics as the clients of a
 `classifier-calibration` run do, and scores on the cell's evaluation rows (for a tuning trial the
 holdout of the private rows, never GLUE dev): the exported head; the closed-form discriminant
-(`ccvr-lda`); CCVR's sampled-features fit with more samples, epochs, or from a zero head; and, as
+(`ccvr-lda`); CCVR's sampled-features fit again, from the exported head (for a `ccvr` run the
+already calibrated one) with more samples, or from a zero head with more epochs; and, as
 an upper bound no federation has, a logistic regression fitted on every client's real features.
 """
 
@@ -74,7 +75,7 @@ def main() -> None:
                                     generator=generator, epochs=epochs)
         with torch.no_grad():
             out = layer(torch.from_numpy(eval_x)).numpy()
-        report(f"ccvr fit: {samples} per class, {epochs} epochs, from {'zero' if zero else 'the trained head'} "
+        report(f"ccvr fit: {samples} per class, {epochs} epochs, from {'zero' if zero else 'the exported head'} "
                f"(loss {loss:.3f})", out[:, 1] - out[:, 0])
     oracle = LogisticRegression(max_iter=2000, class_weight="balanced")
     oracle.fit(torch.cat(features).numpy(), torch.cat(labels).numpy())
