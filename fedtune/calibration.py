@@ -123,11 +123,10 @@ def discriminant_head(pooled: State, ridge: float = 1e-6) -> tuple[torch.Tensor,
     """(weight (C, D), bias (C,)) of the linear discriminant of the pooled class Gaussians with a
     shared covariance S (the mean of the class covariances) and equal priors:
     logit_c = mu_c^T S^-1 x - mu_c^T S^-1 mu_c / 2 (less the mean over classes), so logit_a - logit_b
-    is the log-ratio of the two Gaussian densities. `ridge` times S's mean variance is added to its diagonal (S is singular when
-    a class has fewer rows than features)."""
+    is the log-ratio of the two Gaussian densities. `ridge` times S's mean variance is added to its
+    diagonal (S is singular when a class has fewer rows than features)."""
     counts, means, covs = pooled["counts"].double(), pooled["means"].double(), pooled["covs"].double()
-    if (counts < 1).any():
-        missing = [c for c in range(len(counts)) if counts[c] < 1]
+    if missing := [c for c in range(len(counts)) if counts[c] < 1]:
         raise ValueError(f"classifier-calibration=ccvr-lda: no client holds class(es) {missing}, so the "
                          f"discriminant has nothing to place them by; use classifier-calibration=ccvr")
     shared = covs.mean(0)
