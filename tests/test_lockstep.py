@@ -119,8 +119,10 @@ def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
     a, b = read_jsonl(alone / "rounds.jsonl"), read_jsonl(together / "rounds.jsonl")
     assert [r.get("clients") for r in a] == [r.get("clients") for r in b]
     for x, y in zip(a, b):
-        for key in ("train_loss", "dev_loss", "dev_accuracy", "dev_auc", "bytes_up", "bytes_down", "examples_seen"):
+        for key in ("train_loss", "dev_loss", "dev_accuracy", "dev_auc", "examples_seen"):
             assert x.get(key) == pytest.approx(y.get(key), abs=1e-5), key
+        for key in ("bytes_up", "bytes_down"):  # a few bytes per message: Flower's random ids are varints
+            assert abs(x[key] - y[key]) <= 8 * max(1, len(x["clients"] or [])), key
     first, second = load_file(str(next((alone / "model").glob("*.safetensors")))), \
         load_file(str(next((together / "model").glob("*.safetensors"))))
     assert set(first) == set(second)
