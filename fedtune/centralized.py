@@ -119,8 +119,21 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     describe(run.path / "model", settings.to_dict(), summary, task_spec(settings.task).labels,
              HUB_IDS.get(reader, reader))
     path = run.finish()
-    print_table(f"{settings.method} on {settings.task}", history, quiet)
+    print_table(f"{settings.method} on {settings.task}", [_row(r) for r in history], quiet)
     if problem := summary["learned_nothing"]:
         warn(f"centralized {settings.method} on {settings.task}: {problem}")
     say(f"saved {path}", quiet)
     return path
+
+
+_CONSOLE = {"dev_loss": "loss", "dev_accuracy": "acc", "dev_mcc": "mcc", "dev_balanced_accuracy": "bal",
+            "dev_worst_class_recall": "worst", "dev_auc": "auc"}
+
+
+def _row(record: dict) -> dict:
+    """A compact console row (an 80-column terminal shows it whole; epochs.jsonl keeps everything)."""
+    row = {"epoch": f"{record['epoch']:g}", "step": str(record["step"]), "train": f"{record['train_loss']:.3f}"}
+    row.update({short: f"{record[key]:.3f}" for key, short in _CONSOLE.items() if key in record})
+    row["samples"] = str(record["samples"])
+    row["s"] = f"{record['seconds']:.0f}"
+    return row

@@ -69,3 +69,26 @@ def test_the_round_table_fits_an_80_column_terminal():
     text = out.getvalue()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert "-0.123" in text and "0.501" in text and "12.4" in text  # mcc, balanced accuracy, MB in all
+
+
+def test_the_centralized_epoch_table_fits_an_80_column_terminal():
+    """A CoLA record (MCC and every skew metric) of a long run prints whole: no cell cut to '…'."""
+    import io
+
+    from rich.console import Console
+
+    import fedtune.console
+    from fedtune.centralized import _row
+
+    record = {"epoch": 0.25, "step": 421, "train_loss": 0.41003, "dev_loss": 0.31301, "dev_accuracy": 0.86238,
+              "dev_mcc": -0.12345, "dev_balanced_accuracy": 0.86229, "dev_worst_class_recall": 0.85747,
+              "dev_auc": 0.94206, "samples": 1_347_200, "seconds": 12721.26}
+    out = io.StringIO()
+    console, fedtune.console.console = fedtune.console.console, Console(file=out, width=80)
+    try:
+        fedtune.console.print_table("lora on cola", [_row(record)])
+    finally:
+        fedtune.console.console = console
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert all(v in text for v in ("-0.123", "0.862", "0.857", "0.942", "1347200", "12721", "0.25"))
