@@ -47,48 +47,43 @@ def test_inconsistent_partitions_are_refused(partitions):
         handshake(FakeGrid(partitions), expected=2, timeout=1)
 
 
-def test_the_round_table_fits_an_80_column_terminal():
-    """A CoLA FedKDLoRA record (the widest: MCC, balanced accuracy, teacher metrics) prints whole."""
+def _printed_at_80_columns(title: str, row: dict) -> str:
+    """What fedtune's table printer writes for `row` on an 80-column terminal."""
     import io
 
     from rich.console import Console
 
     import fedtune.console
+
+    out = io.StringIO()
+    console, fedtune.console.console = fedtune.console.console, Console(file=out, width=80)
+    try:
+        fedtune.console.print_table(title, [row])
+    finally:
+        fedtune.console.console = console
+    return out.getvalue()
+
+
+def test_the_round_table_fits_an_80_column_terminal():
+    """A CoLA FedKDLoRA record (the widest: MCC, balanced accuracy, teacher metrics) prints whole."""
     from fedtune.server_app import _row
 
     record = {"round": 10, "dev_loss": 0.6123, "dev_accuracy": 0.6912, "dev_mcc": -0.1234, "dev_auc": 0.55,
               "dev_balanced_accuracy": 0.5012, "dev_worst_class_recall": 0.0, "teacher_dev_accuracy": 0.7,
               "teacher_dev_mcc": 0.14, "teacher_dev_loss": 0.6, "train_loss": 0.5987, "bytes_up": 634_000,
               "bytes_down": 608_000, "cum_bytes_up": 6_340_000, "cum_bytes_down": 6_080_000, "seconds": 123.4}
-    out = io.StringIO()
-    console, fedtune.console.console = fedtune.console.console, Console(file=out, width=80)
-    try:
-        fedtune.console.print_table("fedkdlora on cola", [_row(record)])
-    finally:
-        fedtune.console.console = console
-    text = out.getvalue()
+    text = _printed_at_80_columns("fedkdlora on cola", _row(record))
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert "-0.123" in text and "0.501" in text and "12.4" in text  # mcc, balanced accuracy, MB in all
 
 
 def test_the_centralized_epoch_table_fits_an_80_column_terminal():
     """A CoLA record (MCC and every skew metric) of a long run prints whole: no cell cut to '…'."""
-    import io
-
-    from rich.console import Console
-
-    import fedtune.console
     from fedtune.centralized import _row
 
     record = {"epoch": 0.25, "step": 421, "train_loss": 0.41003, "dev_loss": 0.31301, "dev_accuracy": 0.86238,
               "dev_mcc": -0.12345, "dev_balanced_accuracy": 0.86229, "dev_worst_class_recall": 0.85747,
               "dev_auc": 0.94206, "samples": 1_347_200, "seconds": 12721.26}
-    out = io.StringIO()
-    console, fedtune.console.console = fedtune.console.console, Console(file=out, width=80)
-    try:
-        fedtune.console.print_table("lora on cola", [_row(record)])
-    finally:
-        fedtune.console.console = console
-    text = out.getvalue()
+    text = _printed_at_80_columns("lora on cola", _row(record))
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert all(v in text for v in ("-0.123", "0.862", "0.857", "0.942", "1347200", "12721", "0.25"))
