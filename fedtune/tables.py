@@ -139,7 +139,10 @@ def model_dropout_table(folder: Path = RESULTS) -> str:
 # The skew curve: SST-2 grids of the same budget at decreasing Dirichlet alpha (IID = no skew).
 SKEW_GRIDS = {"IID": ("sst2-iid-standard.json",),
               "Dir 0.5": ("sst2-dirichlet0.5-standard.json", "sst2-dirichlet0.5-standard-remedies.json"),
-              "Dir 0.1": ("sst2-dirichlet-standard.json", "sst2-dirichlet-standard-remedies.json")}
+              "Dir 0.1": ("sst2-dirichlet-standard.json", "sst2-dirichlet-standard-remedies.json",
+                          "sst2-dirichlet-standard-seeds.json")}
+# A later file of a column replaces the rows it shares with an earlier one (rows re-run with more
+# seeds); the column's header names the seeds of its first grid, and a row with other seeds says so.
 
 
 def skew_curve(folder: Path = RESULTS) -> str:
@@ -154,13 +157,15 @@ def skew_curve(folder: Path = RESULTS) -> str:
             grid = json.loads(path.read_text())
             server_data |= {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"]
                             and uses_server_data(c["settings"])}
-            seeds[column] = grid["seeds"]
+            seeds.setdefault(column, grid["seeds"])
             for row in grid["table"]:
                 if row["MB up / round"] in ("-", None):  # centralized rows have no skew
                     continue
                 text = _mean(row["accuracy"])
                 if (balanced := stat_mean(row.get("balanced acc"))) is not None:
                     text += f" ({balanced:.3f})"
+                if row.get("seeds", grid["seeds"]) != seeds[column]:
+                    text += f", {_seeds(row.get('seeds', grid['seeds']))}"
                 cells.setdefault(row["method"], {})[column] = text
     skewed = [m for m in cells if set(cells[m]) - {"IID"}]
     if not skewed:

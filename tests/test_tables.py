@@ -98,11 +98,17 @@ def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp
              "sst2-dirichlet0.5-standard.json": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy=stat(0.811),
                                                                     **{"balanced acc": stat(0.809)})], seeds=1),
              "sst2-dirichlet-standard-remedies.json": _grid("sst2", [
-                 _row("Fed-LoRA + scaffold", "2.496", accuracy=stat(0.509), **{"balanced acc": stat(0.5)})], seeds=1)}
+                 _row("Fed-LoRA + scaffold", "2.496", accuracy=stat(0.509), **{"balanced acc": stat(0.5)}),
+                 _row("Fed-LoRA + ccvr-lda", "1.723", accuracy=stat(0.773), seeds=1)], seeds=1),
+             # the same row run again with two seeds replaces the one-seed cell and says so
+             "sst2-dirichlet-standard-seeds.json": _grid("sst2", [
+                 _row("Fed-LoRA + ccvr-lda", "1.723", accuracy={"mean": 0.775, "std": 0.002, "values": [0.773, 0.777]},
+                      seeds=2)], seeds=2)}
     assert skew_curve(tmp_path) == "_No skewed grid has finished yet._"
     for name, grid in files.items():
         (tmp_path / name).write_text(json.dumps(grid))
     lines = skew_curve(tmp_path).splitlines()
     assert lines[0] == "| method | IID (2 seeds) | Dir 0.5 (1 seed) | Dir 0.1 (1 seed) |"
     # Centralized rows have no skew; a remedied row follows its method's row.
-    assert lines[2:4] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + scaffold | - | - | 0.509 (0.500) |"]
+    assert lines[2:5] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + ccvr-lda | - | - | 0.775, 2 seeds |",
+                          "| Fed-LoRA + scaffold | - | - | 0.509 (0.500) |"]
