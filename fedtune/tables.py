@@ -164,8 +164,8 @@ def skew_curve(folder: Path = RESULTS) -> str:
                 text = _mean(row["accuracy"])
                 if (balanced := stat_mean(row.get("balanced acc"))) is not None:
                     text += f" ({balanced:.3f})"
-                if row.get("seeds", grid["seeds"]) != seeds[column]:
-                    text += f", {_seeds(row.get('seeds', grid['seeds']))}"
+                if (row_seeds := row.get("seeds", grid["seeds"])) != seeds[column]:
+                    text += f", {_seeds(row_seeds)}"
                 cells.setdefault(row["method"], {})[column] = text
     skewed = [m for m in cells if set(cells[m]) - {"IID"}]
     if not skewed:
