@@ -1,4 +1,5 @@
-"""Mutual distillation (FedKD, Wu et al. 2022): a teacher and a student learn from each other."""
+"""Mutual distillation (FedKD, Wu et al. 2022): a teacher and a student learn from each other; or,
+with the teacher frozen, classic one-way distillation (Hinton et al. 2015) into the student."""
 
 from __future__ import annotations
 
@@ -42,11 +43,19 @@ class MutualDistillation(nn.Module):
 
     The trainable parameters are the teacher's and the student's (their LoRA adapters and
     heads) and the projection's, so `fedtune.train.train` can optimise all of them at once.
+
+    With `frozen_teacher`, only the student learns: the teacher's parameters stop taking
+    gradients, it runs in eval mode without autograd, and `loss` is the student's loss alone
+    (the same formula, so the two modes differ only in whether the teacher moves).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0):
+    def __init__(self, teacher: nn.Module, student: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
+                 frozen_teacher: bool = False):
         super().__init__()
         self.teacher, self.student = teacher, student
+        self.frozen_teacher = frozen_teacher
+        if frozen_teacher:
+            teacher.requires_grad_(False)
         self.temperature, self.hidden_weight = temperature, hidden_weight
         t_config, s_config = teacher.config, student.config
         self.layers = layer_map(t_config.num_hidden_layers, s_config.num_hidden_layers)
@@ -61,7 +70,12 @@ class MutualDistillation(nn.Module):
         if hidden and teacher_batch is not batch:
             raise ValueError("kd-hidden-weight compares hidden states token by token, which needs a student that "
                              "reads the teacher's token ids: set kd-hidden-weight 0 with a student of another tokenizer")
-        teacher_out = self.teacher(**teacher_batch, output_hidden_states=hidden)
+        if self.frozen_teacher:
+            self.teacher.eval()  # no dropout in the targets; `train()` on the wrapper sets it back
+            with torch.no_grad():
+                teacher_out = self.teacher(**teacher_batch, output_hidden_states=hidden)
+        else:
+            teacher_out = self.teacher(**teacher_batch, output_hidden_states=hidden)
         student_out = self.student(**batch, output_hidden_states=hidden)
         teacher_loss, student_loss = distillation_losses(teacher_out.logits, student_out.logits, batch["labels"],
                                                          self.temperature)
@@ -88,7 +102,7 @@ class MutualDistillation(nn.Module):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         teacher_loss, student_loss = self.losses(batch)
-        return teacher_loss + student_loss
+        return student_loss if self.frozen_teacher else teacher_loss + student_loss
 
     def kept_state(self) -> dict[str, torch.Tensor]:
         """Trainable tensors that stay where they are (the teacher's and the projection's)."""

@@ -136,3 +136,30 @@ def test_hidden_state_distillation_across_tokenizers_is_refused(tiny_smollm, tin
     mutual = MutualDistillation(load_classifier(tiny_smollm, 2), load_classifier(tiny_bert, 2), hidden_weight=1.0)
     with pytest.raises(ValueError, match="kd-hidden-weight"):
         mutual.losses(batch)
+
+
+def test_a_frozen_teacher_does_not_learn_and_the_student_loss_is_the_formula(batch):
+    teacher = tiny()
+    student = add_lora(tiny(layers=2, seed=3), r=2, alpha=4, targets="query,value")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distiller = MutualDistillation(teacher, student, temperature=2.0, frozen_teacher=True)
+    distiller.train()  # as `fedtune.train.train` leaves it: the teacher must still run without dropout
+    student.eval()  # the student's dropout off, so the loss below is deterministic
+    loss = distiller.loss(batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        t_logits = teacher.eval()(**inputs).logits
+        s_logits = student(**inputs).logits
+    ce_t, ce_s = F.cross_entropy(t_logits, batch["labels"]), F.cross_entropy(s_logits, batch["labels"])
+    p_t, log_p_s = F.softmax(t_logits / 2, -1), F.log_softmax(s_logits / 2, -1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()  # KL(teacher || student)
+    assert torch.allclose(loss, ce_s + 4 * kl / (ce_t + ce_s), atol=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert distiller.kept_state() == {}  # nothing of the teacher's to keep between rounds
+
+    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1.0)
+    distiller.train()
+    distiller.loss(batch).backward()
+    optimizer.step()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "lora_B" in n)

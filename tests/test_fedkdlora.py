@@ -79,3 +79,27 @@ def test_client_state_keeps_the_two_newest_rounds(tmp_path):
     assert load_kept(tmp_path, 1, server_round=9) is None
     with pytest.raises(ValueError, match="run name"):
         state_folder(str(tmp_path), "../escape")
+
+
+def test_a_frozen_client_teacher_keeps_nothing_and_reports_its_pretrained_metrics(settings):
+    from fedtune.teacher import teacher_metrics
+
+    frozen = settings.replace(kd_mode="frozen-teacher", out_dir=settings.out_dir)
+    app = make_client_app(frozen)
+    context = Context(run_id=1, node_id=8, node_config={"partition-id": 1, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    algorithm = get_algorithm("fedkdlora", frozen)
+    start = initial_state(algorithm)
+    message = Message(RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(
+        {"server-round": 1, "lr": 1e-2, "run-name": "frozen-run"})}), dst_node_id=8, message_type="train")
+    reply = app(message, context)
+    metrics = reply.content["metrics"]
+    expected = teacher_metrics(require_teacher(frozen))
+    assert metrics["teacher-dev-accuracy"] == expected["accuracy"] and metrics["teacher-dev-mcc"] == expected["mcc"]
+    assert load_kept(state_folder(frozen.out_dir, "frozen-run"), 1, server_round=2) is None
+    student = reply.content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(student[k], start[k]) for k in start)  # the student learned
+    # the reply is the update computed from the pre-trained teacher alone (no kept state)
+    again = client_update(algorithm, 1, 2, start, 1, 1e-2, kept_state=None)
+    for name, tensor in student.items():
+        torch.testing.assert_close(tensor, again.state[name])

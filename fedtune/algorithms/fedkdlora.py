@@ -7,6 +7,10 @@ Two placements (`kd-placement`):
 - `client` (FedKD, Wu et al. 2022): every client keeps its own teacher across rounds and
   trains it together with the student on its private rows; only the student goes up.
 The teacher is the model pre-trained on the public slice (`fedtune teacher`, cached).
+
+`kd-mode` says who learns from whom: `mutual` (FedKD: the teacher, with its own LoRA, also learns
+from the student) or `frozen-teacher` (classic distillation, Hinton et al. 2015: the pre-trained
+teacher stays as it is and only the student learns, with the same student loss).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
 from fedtune.plugins import Option
 from fedtune.models import same_tokenizer
-from fedtune.teacher import build_student, load_teacher, require_teacher, teacher_tokenizer
+from fedtune.teacher import build_student, load_teacher, require_teacher, teacher_metrics, teacher_tokenizer
 from fedtune.train import LocalWork, TrainResult, dev_loader, evaluate, local_steps, round_seed, seed_everything, train
 
 
@@ -41,6 +45,9 @@ class FedKDLoRA(FedLoRA):
                                ("server", "client")),
         "kd_hidden_weight": Option(0.0, "weight of the hidden-state MSE term (teacher layer 2i+1 -> student layer i; "
                                    "needs a student that reads the teacher's tokens); 0: off", interval="[0, inf)"),
+        "kd_mode": Option("mutual", "who learns from whom: 'mutual' (FedKD: the teacher, with its own LoRA, also "
+                          "learns from the student) or 'frozen-teacher' (the pre-trained teacher stays fixed; only "
+                          "the student distils from it)", ("mutual", "frozen-teacher")),
         "kd_server_steps": Option(0, "server-side distillation steps per round (0: as many as an average client's "
                                   "local steps)", interval="[0, inf)"),
     }
@@ -94,7 +101,8 @@ class FedKDLoRA(FedLoRA):
             return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
                                        extras=extras)
         result, teacher, metrics = distil(self, model, rows, kept_state, seed, lr, steps)
-        return LocalWork(result, teacher, {f"teacher-dev-{k}": v for k, v in metrics.items()})
+        # A frozen teacher leaves nothing to keep (unless a hidden-state projection learns).
+        return LocalWork(result, teacher or None, {f"teacher-dev-{k}": v for k, v in metrics.items()})
 
     def server_update(self, model: nn.Module, state: State, server_round: int,
                       previous: State) -> tuple[State, dict[str, float]]:
@@ -133,8 +141,10 @@ def _distillation(settings: Settings, student: nn.Module) -> tuple[MutualDistill
     of a process); and the teacher's initial state."""
     teacher = load_teacher(require_teacher(settings))
     seed_everything(settings.seed)  # same teacher LoRA init on every process
-    teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
-    distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight)
+    frozen = settings.kd_mode == "frozen-teacher"
+    if not frozen:  # a frozen teacher needs no adapter
+        teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
+    distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight, frozen)
     distiller.to(compute(settings.device, settings.precision)[0])  # the student is there already
     return distiller, distiller.kept_state()
 
@@ -143,7 +153,8 @@ def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State 
            steps: int) -> tuple[TrainResult, State, dict[str, float]]:
     """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and
     `student` (its state already loaded) on `rows`: (train result, new teacher state, teacher dev
-    metrics)."""
+    metrics). A frozen teacher (`kd-mode frozen-teacher`) is not evaluated again: its metrics are
+    the pre-trained teacher's, as in round 0."""
     settings = algorithm.settings
     distiller, initial = _distillation(settings, student)
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
@@ -153,6 +164,8 @@ def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State 
     device, precision = compute(settings.device, settings.precision)
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                    loss_fn=lambda model, batch: model.loss(batch), precision=precision)
+    if distiller.frozen_teacher:
+        return result, distiller.kept_state(), teacher_metrics(require_teacher(settings))
     metrics = evaluate(distiller.teacher, dev_loader(settings, settings.model), settings.task,
                        evaluation_precision(device, precision))
     return result, distiller.kept_state(), metrics
