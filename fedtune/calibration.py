@@ -161,6 +161,17 @@ def check_model(model: nn.Module, settings: Settings, num_labels: int) -> nn.Lin
 
 
 # ---- a client's half ---------------------------------------------------------------------------
+def pooled(head_input: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """The classifier's input of each row (B, D): `head_input` itself when the head reads one vector
+    a row (BERT's pooled output), else (a decoder's `score`, (B, T, D)) the position whose logits
+    the model keeps, the last non-pad token (as transformers pools)."""
+    if head_input.dim() == 2:
+        return head_input
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = ((input_ids != pad_token_id).long() * positions).argmax(-1)
+    return head_input[torch.arange(len(head_input), device=head_input.device), last]
+
+
 @torch.inference_mode()
 def features_of(model: nn.Module, rows, settings: Settings, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(features the classifier reads, labels) of `rows`, the model in eval mode, fp32: the input
@@ -176,13 +187,7 @@ def features_of(model: nn.Module, rows, settings: Settings, num_labels: int) -> 
         for batch in eval_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, settings.eval_batch_size):
             captured.clear()
             model(**to_device({k: v for k, v in batch.items() if k != "labels"}, model_device(model)))
-            x = captured[-1]
-            if x.dim() == 3:
-                ids = batch["input_ids"]
-                positions = torch.arange(ids.shape[1])
-                last = ((ids != model.config.pad_token_id).long() * positions).argmax(-1)
-                x = x[torch.arange(len(x)), last]
-            features.append(x)
+            features.append(pooled(captured[-1], batch["input_ids"], model.config.pad_token_id))
             labels.append(batch["labels"])
     finally:
         hook.remove()

@@ -48,12 +48,23 @@ def remedies() -> dict[str, dict]:
             "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"}}
 
 
+def remedy_settings(name: str) -> dict:
+    """The settings changes of remedy `name`; `a+b` combines remedies that change different
+    settings (e.g. `feddecorr+ccvr-lda`: a client loss, then the calibration after the last round)."""
+    known, changes = remedies(), {}
+    for part in name.split("+"):
+        if part not in known:
+            raise ValueError(f"unknown remedy {part!r} (known: {', '.join(known)}; join two with '+')")
+        if clash := set(changes) & set(known[part]):
+            raise ValueError(f"remedy {name!r}: {part!r} sets {', '.join(sorted(clash))} again; combine remedies "
+                             f"that change different settings")
+        changes.update(known[part])
+    return changes
+
+
 def remedy_changes(name: str, settings: Settings) -> dict:
     """The settings changes of remedy `name` for a row with `settings`."""
-    known = remedies()
-    if name not in known:
-        raise ValueError(f"unknown remedy {name!r} (known: {', '.join(known)})")
-    return {k: mean_client_steps(settings) if v == "mean client" else v for k, v in known[name].items()}
+    return {k: mean_client_steps(settings) if v == "mean client" else v for k, v in remedy_settings(name).items()}
 
 
 def mean_client_steps(settings: Settings) -> int:

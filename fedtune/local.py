@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedtune import lockstep, scaffold
+from fedtune.client_losses import client_loss_reads_features
 from fedtune.config import Settings
 from fedtune.data import cached_task_data
 from fedtune.devices import compute, evaluation_precision, model_device
@@ -94,6 +95,9 @@ def batched_clients(algorithm: Algorithm) -> bool:
                    f"base is frozen and train them with the default local training)")
     if settings.scaffold:
         why.append("scaffold=1 corrects each client's gradients on its own")
+    if client_loss_reads_features(settings):
+        why.append(f"client-loss {settings.client_loss} reads each client's features, which a shared step does not "
+                   f"hand to each client's loss")
     if settings.secure_aggregation != "none":
         why.append("SecAgg+ sends each round's messages in stages that are not delivered together")
     if settings.compile:

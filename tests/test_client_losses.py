@@ -1,5 +1,5 @@
-"""Client losses against label skew: FedLC and the logit-adjusted loss against the papers' formulas
-on hand-made logits and counts, a client that lacks a class, and the plug-in wiring."""
+"""Client losses against label skew: FedLC, the logit-adjusted loss and FedDecorr against the papers'
+formulas on hand-made logits, counts and features, a client that lacks a class, and the plug-in wiring."""
 
 import math
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedtune.client_losses import label_counts, registered, task_loss
+from fedtune.client_losses.feddecorr import decorrelation_loss
 from fedtune.client_losses.fedlc import calibrated_logits, fedlc_loss
 from fedtune.client_losses.logit_adjustment import adjusted_logits, logit_adjusted_loss
 from fedtune.config import Settings
@@ -68,11 +69,11 @@ def test_task_loss_is_the_chosen_plug_in_on_the_clients_own_label_counts():
     expected = logit_adjusted_loss(model.logits, batch["labels"], torch.tensor([3.0, 1.0]), 2.0)
     assert task_loss(Settings(client_loss="logit-adjust", la_tau=2.0), rows, 2)(model, batch).item() == \
         pytest.approx(expected.item())
-    assert set(registered()) == {"none", "fedlc", "logit-adjust"}
+    assert set(registered()) == {"none", "fedlc", "logit-adjust", "feddecorr"}
 
 
 def test_client_losses_are_settings_with_their_own_checked_options():
-    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust\)"):
+    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust, feddecorr\)"):
         Settings(client_loss="focal")
     with pytest.raises(ValueError, match=r"fedlc-tau=0.0 \(must be in \(0, inf\)\)"):
         Settings.from_dict({"fedlc-tau": 0})
@@ -80,3 +81,39 @@ def test_client_losses_are_settings_with_their_own_checked_options():
         from fedtune.algorithms import get_algorithm
 
         get_algorithm("fedkdlora", Settings(algorithm="fedkdlora", kd_placement="client", client_loss="fedlc"))
+
+
+def test_feddecorr_is_the_mean_squared_off_diagonal_correlation_over_the_batch_size():
+    # Columns: z-normalised (unbiased variance) they are [-1, 0, 1], [-1, 0, 1], [1, 0, -1], so every
+    # off-diagonal entry of Z^T Z is +-2: mean of squares 4, over N = 3 rows.
+    features = torch.tensor([[1.0, 2.0, -1.0], [2.0, 4.0, -2.0], [3.0, 6.0, -3.0]])
+    assert decorrelation_loss(features).item() == pytest.approx(4 / 3, rel=1e-6)
+    uncorrelated = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert decorrelation_loss(uncorrelated).item() == pytest.approx(0.0, abs=1e-12)
+    # a one-row batch adds nothing; a feature constant over the batch stays finite
+    one = torch.randn(1, 4, requires_grad=True)
+    decorrelation_loss(one).backward()
+    assert (one.grad == 0).all()
+    constant = torch.tensor([[1.0, 0.0], [1.0, 2.0], [1.0, 5.0]], requires_grad=True)
+    loss = decorrelation_loss(constant)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(constant.grad).all()
+
+
+def test_feddecorr_task_loss_reads_the_classifiers_input_features():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=16, num_labels=2)).eval()
+    batch = {"input_ids": torch.randint(1, 50, (6, 8)), "attention_mask": torch.ones(6, 8, dtype=torch.long),
+             "labels": torch.tensor([1, 1, 1, 1, 1, 1])}  # a one-class client
+    settings = Settings(client_loss="feddecorr", feddecorr_beta=0.5)
+    loss = task_loss(settings, {"label": [1] * 6}, 2)(model, batch)
+    with torch.no_grad():
+        features = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        expected = F.cross_entropy(model.classifier(features), batch["labels"]) + 0.5 * decorrelation_loss(features)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()  # the decorrelation term reaches the body
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0

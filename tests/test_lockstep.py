@@ -136,6 +136,7 @@ def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
     ({"model_dropout": -1.0}, "the model has dropout"),
     ({"scaffold": 1}, "scaffold=1 corrects each client's gradients on its own"),
     ({"algorithm": "fedavg"}, "fedavg clients cannot share a step"),
+    ({"client_loss": "feddecorr"}, "client-loss feddecorr reads each client's features"),
 ])
 def test_batched_clients_on_refuses_what_would_not_be_exact(skewed, changes, reason):
     with pytest.raises(ValueError, match=f"batched-clients=on, but .*{reason}"):

@@ -87,3 +87,13 @@ def test_grid_rows_come_from_the_registry_and_remedies_add_rows(glue_dir):
     picked = make_grid(base, seeds=1, methods=["Fed-LoRA", "Fed-LoRA + equal-steps", "FedProx + fedlc"],
                        remedy_names=["fedlc", "equal-steps"])
     assert [c.label for c in picked] == ["Fed-LoRA", "Fed-LoRA + equal-steps", "FedProx + fedlc"]
+
+
+def test_two_remedies_joined_by_a_plus_change_both_settings_and_a_clash_is_refused():
+    from fedtune.grid import remedy_settings
+
+    assert remedy_settings("feddecorr+ccvr-lda") == {"client_loss": "feddecorr", "classifier_calibration": "ccvr-lda"}
+    with pytest.raises(ValueError, match="'logit-adjust' sets client_loss again"):
+        remedy_settings("fedlc+logit-adjust")
+    with pytest.raises(ValueError, match="unknown remedy 'nope'"):
+        remedy_settings("fedlc+nope")

@@ -1,6 +1,7 @@
 """Client losses against label skew, one module each, found by name (`--client-loss`)."""
 
-from fedtune.client_losses.base import ClientLoss, label_counts, register, registered, task_loss
-from fedtune.client_losses import fedlc, logit_adjustment  # noqa: F401, I001  (importing registers them)
+from fedtune.client_losses.base import (ClientLoss, client_loss_reads_features, label_counts, register, registered,
+                                        task_loss)
+from fedtune.client_losses import fedlc, logit_adjustment, feddecorr  # noqa: F401, I001  (importing registers them)
 
-__all__ = ["ClientLoss", "label_counts", "register", "registered", "task_loss"]
+__all__ = ["ClientLoss", "client_loss_reads_features", "label_counts", "register", "registered", "task_loss"]

@@ -25,17 +25,21 @@ class ClientLoss:
         One line for `fedtune algorithms`.
     options : dict[str, Option]
         The settings it reads (see `fedtune.plugins`).
+    reads_features : bool
+        Whether `__call__` also takes `features`, the classifier's input of each row (B, D).
     """
 
     name: str = ""
     summary: str = ""
     options: dict[str, Option] = {}
+    reads_features: bool = False
 
     def __init__(self, settings, counts: torch.Tensor):
         self.settings = settings
         self.counts = counts  # rows of each class on this client, shape (num_labels,)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 features: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
@@ -66,6 +70,11 @@ def registered() -> dict[str, type[ClientLoss]]:
     return {"none": _NoLoss, **_REGISTRY}
 
 
+def client_loss_reads_features(settings) -> bool:
+    """Whether `settings.client_loss` reads the classifier's input besides the logits."""
+    return registered().get(settings.client_loss, _NoLoss).reads_features
+
+
 def label_counts(labels, num_labels: int) -> torch.Tensor:
     """Rows of each class among `labels` (float, shape (num_labels,))."""
     return torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_labels).float()
@@ -81,7 +90,25 @@ def task_loss(settings, rows, num_labels: int) -> LossFn:
 
     def on_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        return loss(logits.float(), batch["labels"])
+        if not loss.reads_features:
+            return loss(model(**inputs).logits.float(), batch["labels"])
+        logits, features = logits_and_features(model, inputs, num_labels)
+        return loss(logits.float(), batch["labels"], features.float())
 
     return on_logits
+
+
+def logits_and_features(model: nn.Module, inputs: dict[str, torch.Tensor],
+                        num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the classifier's input of each row) in one forward pass, with autograd: the
+    input of `calibration.head_layer`, at the position the model pools (`calibration.pooled`)."""
+    from fedtune.calibration import head_layer, pooled
+
+    _, layer = head_layer(model, num_labels)
+    captured: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    try:
+        logits = model(**inputs).logits
+    finally:
+        hook.remove()
+    return logits, pooled(captured[-1], inputs["input_ids"], model.config.pad_token_id)
