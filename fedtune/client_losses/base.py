@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedtune.calibration import head_layer, pooled
 from fedtune.plugins import Option
 from fedtune.train import LossFn, supervised_loss
 
@@ -102,8 +103,6 @@ def logits_and_features(model: nn.Module, inputs: dict[str, torch.Tensor],
                         num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the classifier's input of each row) in one forward pass, with autograd: the
     input of `calibration.head_layer`, at the position the model pools (`calibration.pooled`)."""
-    from fedtune.calibration import head_layer, pooled
-
     _, layer = head_layer(model, num_labels)
     captured: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda module, args, output: captured.append(args[0]))
