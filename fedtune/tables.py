@@ -81,13 +81,21 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
     return markdown(rows) + note
 
 
+def _with_server_data(grid: dict) -> list[dict]:
+    """The grid's table with its "server data" column read again from the cells' settings (what
+    counts as server data is the algorithms' current `uses_server_data`, not the one stored)."""
+    server = {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"] and uses_server_data(c["settings"])}
+    return [{**row, "server data": "yes" if row["method"] in server else "-"} if "server data" in row else row
+            for row in grid["table"]]
+
+
 def grid_tables(grids: dict[tuple[str, str], dict]) -> str:
     """Each grid's own table (mean ± std over seeds, bytes, seconds) and its tuning trials."""
     parts = []
     for (task, partition), grid in grids.items():
         name = f"{task}-{partition}-{grid['preset']}"
         parts.append(f"**{TASK_NAMES[task]}, {PARTITION_NAMES[partition]}** ({_seeds(grid['seeds'])}; "
-                     f"`docs/results/{name}.json`)\n\n{markdown(grid['table'])}")
+                     f"`docs/results/{name}.json`)\n\n{markdown(_with_server_data(grid))}")
         if grid.get("tuning"):
             parts.append(f"Learning rates tried for {TASK_NAMES[task]} {PARTITION_NAMES[partition]} "
                          f"(scored on {grid['tuning'][0]['scored_on']}, {grid['tuning'][0]['rounds']} rounds "

@@ -38,7 +38,8 @@ def test_a_run_with_server_data_says_so(base):
     rounds = read_jsonl(path / "rounds.jsonl")
     assert all(r["server_finetune_loss"] > 0 for r in rounds[1:])
     assert json.loads((path / "summary.json").read_text())["server_data"] is True
-    assert get_algorithm("fedkdlora", base.replace(algorithm="fedkdlora")).uses_server_data  # the server teacher
+    for placement in ("server", "client"):  # the teacher is fine-tuned on the public slice by the server
+        assert get_algorithm("fedkdlora", base.replace(algorithm="fedkdlora", kd_placement=placement)).uses_server_data
     assert not get_algorithm("fedlora", base).uses_server_data
     with pytest.raises(ValueError, match="server-finetune-steps=0"):
         get_algorithm("fedex-lora", base.replace(algorithm="fedex-lora", server_finetune_steps=1))

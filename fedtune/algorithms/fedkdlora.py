@@ -64,7 +64,9 @@ class FedKDLoRA(FedLoRA):
 
     @property
     def uses_server_data(self) -> bool:
-        return self.settings.kd_placement == "server" or super().uses_server_data
+        """Always: the server fine-tunes the teacher on its labelled public slice before round 1 (client
+        teachers start from it too); with `kd-placement server` it also distils there every round."""
+        return True
 
     def check_settings(self) -> None:
         super().check_settings()
