@@ -58,7 +58,7 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
         return "_No grid of this preset has finished yet._"
     columns, cells, traffic, server_data = [], {}, {}, set()
     for (task, partition), grid in grids.items():
-        server_data |= {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"] and uses_server_data(c["settings"])}
+        server_data |= server_data_rows(grid)
         metrics = (["MCC"] if "mcc" in task_spec(task).metrics else []) + ["accuracy"]
         for metric in metrics:
             column = f"{TASK_NAMES[task]} {PARTITION_NAMES[partition]} {'acc' if metric == 'accuracy' else metric}"
@@ -81,10 +81,15 @@ def headline(grids: dict[tuple[str, str], dict]) -> str:
     return markdown(rows) + note
 
 
+def server_data_rows(grid: dict) -> set[str]:
+    """Labels of the grid's federated rows whose server trains on labelled data of its own, by the
+    algorithms' current `uses_server_data` (read from each cell's settings, not from the stored table)."""
+    return {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"] and uses_server_data(c["settings"])}
+
+
 def _with_server_data(grid: dict) -> list[dict]:
-    """The grid's table with its "server data" column read again from the cells' settings (what
-    counts as server data is the algorithms' current `uses_server_data`, not the one stored)."""
-    server = {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"] and uses_server_data(c["settings"])}
+    """The grid's table with its "server data" column read again (`server_data_rows`)."""
+    server = server_data_rows(grid)
     return [{**row, "server data": "yes" if row["method"] in server else "-"} if "server data" in row else row
             for row in grid["table"]]
 
@@ -163,8 +168,7 @@ def skew_curve(folder: Path = RESULTS) -> str:
             if not path.is_file():
                 continue
             grid = json.loads(path.read_text())
-            server_data |= {c["label"] for c in grid.get("cells", []) if "rounds" in c["summary"]
-                            and uses_server_data(c["settings"])}
+            server_data |= server_data_rows(grid)
             seeds.setdefault(column, grid["seeds"])
             for row in grid["table"]:
                 if row["MB up / round"] in ("-", None):  # centralized rows have no skew
