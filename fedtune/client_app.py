@@ -11,6 +11,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedtune import calibration, scaffold
 from fedtune.algorithms import Algorithm, get_algorithm
+from fedtune.client_losses import client_loss_reads_references
 from fedtune.client_state import load_kept, save_kept, state_folder
 from fedtune.codecs import Codec
 from fedtune.config import Settings
@@ -18,6 +19,9 @@ from fedtune.console import quiet_libraries
 from fedtune.local import cached_model, client_update, simulated_failure
 from fedtune.secure import secure_aggregation_mod
 from fedtune.tasks import task_spec
+
+
+PREVIOUS = "previous"  # the client's folder of the state it trained last round (client-loss moon)
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -88,11 +92,16 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
             c_global = msg.content[scaffold.RECORD].to_torch_state_dict()
             c_local = load_kept(kept_folder / scaffold.RECORD, partition_id, server_round) or scaffold.zeros_like(c_global)
             correction = (c_local, c_global)
+        # MOON: the state this client trained last round, from its own disk (None before its first)
+        contrastive = client_loss_reads_references(settings)
+        previous = load_kept(kept_folder / PREVIOUS, partition_id, server_round) if contrastive else None
         result = client_update(algorithm_for(settings), partition_id, num_partitions, received, server_round=server_round,
                                lr=lr, kept_state=load_kept(kept_folder, partition_id, server_round), extras=extras,
-                               correction=correction)
+                               correction=correction, previous_state=previous)
         if result.kept_state is not None:
             save_kept(kept_folder, partition_id, server_round, result.kept_state)
+        if contrastive:
+            save_kept(kept_folder / PREVIOUS, partition_id, server_round, result.state)
         records = {}
         if correction:
             c_new = scaffold.client_control(*correction, received, result.state, result.steps, lr)

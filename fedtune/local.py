@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedtune import lockstep, scaffold
-from fedtune.client_losses import client_loss_reads_features
+from fedtune.client_losses import client_loss_reads_features, reference_states
 from fedtune.config import Settings
 from fedtune.data import cached_task_data
 from fedtune.devices import compute, evaluation_precision, model_device
@@ -137,13 +137,16 @@ class ClientResult:
 
 def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, global_state: State,
                   server_round: int, lr: float, kept_state: State | None = None,
-                  extras: State | None = None, correction: tuple[State, State] | None = None) -> ClientResult:
+                  extras: State | None = None, correction: tuple[State, State] | None = None,
+                  previous_state: State | None = None) -> ClientResult:
     """Load the global state, train on this client's partition, return the new trainable state.
 
     `kept_state` is what this client kept from its previous round (FedKDLoRA's client teacher;
     None the first time); the result carries the updated one, which the caller stores locally
     and never sends. `extras` are the arrays the algorithm sent besides the state. `correction`
     = (c_i, c): SCAFFOLD's control variates, applied to every gradient while it trains.
+    `previous_state`: the state this client trained in its last round, for a client loss that
+    `reads_references` (MOON), which also sees `global_state`.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
@@ -161,7 +164,8 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
     else:
         load_trainable_state(model, global_state)
     rows = cached_task_data(settings).private.select(client_partitions(settings, num_partitions)[partition_id])
-    with scaffold.corrected(model, *correction) if correction else contextlib.nullcontext():
+    with (scaffold.corrected(model, *correction) if correction else contextlib.nullcontext(),
+          reference_states(global_state, previous_state)):
         work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
                                      lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state,
                                      extras=extras or {})

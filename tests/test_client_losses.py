@@ -1,6 +1,9 @@
-"""Client losses against label skew: FedLC, the logit-adjusted loss and FedDecorr against the papers'
-formulas on hand-made logits, counts and features, a client that lacks a class, and the plug-in wiring."""
+"""Client losses against label skew: FedLC, the logit-adjusted loss, FedDecorr and MOON against the
+papers' formulas on hand-made logits, counts and features, a client that lacks a class, and the
+plug-in wiring."""
 
+import copy
+import json
 import math
 
 import pytest
@@ -8,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.client_losses import label_counts, registered, task_loss
+from fedtune.client_losses import label_counts, reference_states, registered, task_loss
 from fedtune.client_losses.feddecorr import decorrelation_loss
 from fedtune.client_losses.fedlc import calibrated_logits, fedlc_loss
 from fedtune.client_losses.logit_adjustment import adjusted_logits, logit_adjusted_loss
+from fedtune.client_losses.moon import model_contrastive_loss
 from fedtune.config import Settings
 
 
@@ -69,11 +73,11 @@ def test_task_loss_is_the_chosen_plug_in_on_the_clients_own_label_counts():
     expected = logit_adjusted_loss(model.logits, batch["labels"], torch.tensor([3.0, 1.0]), 2.0)
     assert task_loss(Settings(client_loss="logit-adjust", la_tau=2.0), rows, 2)(model, batch).item() == \
         pytest.approx(expected.item())
-    assert set(registered()) == {"none", "fedlc", "logit-adjust", "feddecorr"}
+    assert set(registered()) == {"none", "fedlc", "logit-adjust", "feddecorr", "moon"}
 
 
 def test_client_losses_are_settings_with_their_own_checked_options():
-    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust, feddecorr\)"):
+    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust, feddecorr, moon\)"):
         Settings(client_loss="focal")
     with pytest.raises(ValueError, match=r"fedlc-tau=0.0 \(must be in \(0, inf\)\)"):
         Settings.from_dict({"fedlc-tau": 0})
@@ -117,3 +121,95 @@ def test_feddecorr_task_loss_reads_the_classifiers_input_features():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()  # the decorrelation term reaches the body
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_moon_contrast_is_the_papers_softmax_over_the_two_cosines():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    z_global = torch.tensor([[3.0, 0.0], [1.0, 1.0]])  # cosines with z: 1, 1/sqrt(2)
+    z_previous = torch.tensor([[0.0, 1.0], [0.0, 5.0]])  # cosines with z: 0, 1
+    row_0 = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + math.exp(0)))
+    row_1 = -math.log(math.exp(2 ** -0.5 / 0.5) / (math.exp(2 ** -0.5 / 0.5) + math.exp(1 / 0.5)))
+    assert model_contrastive_loss(z, z_global, z_previous, 0.5).item() == pytest.approx((row_0 + row_1) / 2, rel=1e-6)
+    assert model_contrastive_loss(z, z_global, z_global, 0.5).item() == pytest.approx(math.log(2), rel=1e-6)
+    first_round = model_contrastive_loss(z, z_global, None, 0.5)  # no previous model: one logit, loss 0
+    first_round.backward()
+    assert first_round.item() == 0.0 and (z.grad == 0).all()
+
+
+def _tiny_bert(seed):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0, max_position_embeddings=16,
+                                                    num_labels=2))
+
+
+def test_moon_task_loss_contrasts_with_the_received_and_the_previous_model():
+    model = _tiny_bert(0).train()
+    batch = {"input_ids": torch.randint(1, 50, (6, 8)), "attention_mask": torch.ones(6, 8, dtype=torch.long),
+             "labels": torch.tensor([1, 1, 1, 1, 1, 1])}  # a one-class client
+    names = ("bert.pooler.dense.weight", "classifier.weight", "classifier.bias")
+    received = {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in model.named_parameters() if k in names}
+    previous = {k: v.detach() - 0.3 * torch.randn_like(v) for k, v in model.named_parameters() if k in names}
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    settings = Settings(client_loss="moon", moon_mu=2.0, moon_tau=0.5)
+    with reference_states(received, previous):
+        loss = task_loss(settings, {"label": [1] * 6}, 2)(model, batch)
+
+    def pooled_under(state):  # a second model holding `state`: the paper's global / previous network
+        other = copy.deepcopy(model).eval()
+        other.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            return other.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+
+    with torch.no_grad():
+        z = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        expected = F.cross_entropy(model.classifier(z), batch["labels"]) + 2.0 * model_contrastive_loss(
+            z, pooled_under(received), pooled_under(previous), 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.training  # the reference passes ran in eval mode and left the model as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # ... and unchanged
+    loss.backward()  # the contrast reaches the body through z
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    with reference_states(received, None):  # a client's first round: the plain cross-entropy
+        first = task_loss(settings, {"label": [1] * 6}, 2)(model, batch)
+    assert first.item() == pytest.approx(F.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"})
+                                                         .logits, batch["labels"]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="compares each row's features with the model the client received"):
+        task_loss(settings, {"label": [1] * 6}, 2)  # built outside a client's round: one clear error
+
+
+def test_moon_clients_keep_the_state_they_sent_and_start_as_plain_training(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Each client keeps, on its own disk, exactly the state it trained (with FedLoRA's example-weighted
+    mean the server's state after round 2 is the mean of the two kept files); round 1 has no previous
+    model, so it equals plain training; round 2 contrasts with it, so it does not."""
+    from safetensors.torch import load_file
+
+    import fedtune.checkpoint as checkpoints
+    from fedtune.runs import read_jsonl
+    from fedtune.simulation import run_federated
+
+    base = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
+                    eval_limit=16, batch_size=8, max_length=32, local_steps=2, lora_r=2, engine="local",
+                    precision="fp32", model_dropout=0.0, lora_dropout=0.0, client_loss="moon", moon_mu=5.0,
+                    out_dir=str(tmp_path))
+    saved = {}
+    real_save = checkpoints.save
+
+    def keep(folder, state, *args):
+        saved[args[1][-1]["round"]] = {k: v.clone() for k, v in state.items()}
+        real_save(folder, state, *args)
+
+    monkeypatch.setattr(checkpoints, "save", keep)
+    path = run_federated(base, quiet=True)
+    sizes = [p["size"] for p in json.loads((path / "partitions.json").read_text())]
+    kept = [load_file(f"{tmp_path}/client-state/{path.name}/previous/client-{p}-round-2.safetensors") for p in (0, 1)]
+    for k, v in saved[2].items():
+        assert torch.allclose(v, (sizes[0] * kept[0][k] + sizes[1] * kept[1][k]) / sum(sizes), atol=1e-6), k
+    plain = read_jsonl(run_federated(base.replace(client_loss="none", out_dir=str(tmp_path / "plain")), quiet=True)
+                       / "rounds.jsonl")
+    moon = read_jsonl(path / "rounds.jsonl")
+    assert moon[1]["train_loss"] == pytest.approx(plain[1]["train_loss"], rel=1e-6)
+    assert moon[2]["train_loss"] != pytest.approx(plain[2]["train_loss"], rel=1e-6)

@@ -7,8 +7,13 @@ own label counts, which never leave it; evaluation always uses the model's plain
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from fedtune.calibration import head_layer, pooled
 from fedtune.plugins import Option
@@ -28,12 +33,17 @@ class ClientLoss:
         The settings it reads (see `fedtune.plugins`).
     reads_features : bool
         Whether `__call__` also takes `features`, the classifier's input of each row (B, D).
+    reads_references : bool
+        Whether `__call__` also takes `references`: the same rows' features (no gradient, eval
+        mode) under the state the client received this round and under the state it trained in
+        its last round (None before its first); the client keeps the latter on its own disk.
     """
 
     name: str = ""
     summary: str = ""
     options: dict[str, Option] = {}
     reads_features: bool = False
+    reads_references: bool = False
 
     def __init__(self, settings, counts: torch.Tensor):
         self.settings = settings
@@ -76,6 +86,26 @@ def client_loss_reads_features(settings) -> bool:
     return registered().get(settings.client_loss, _NoLoss).reads_features
 
 
+def client_loss_reads_references(settings) -> bool:
+    """Whether `settings.client_loss` reads features under the received and the previous state."""
+    return registered().get(settings.client_loss, _NoLoss).reads_references
+
+
+State = dict[str, torch.Tensor]
+_REFERENCES: ContextVar[tuple[State, State | None] | None] = ContextVar("client_loss_references", default=None)
+
+
+@contextlib.contextmanager
+def reference_states(received: State, previous: State | None) -> Iterator[None]:
+    """While inside, a client loss that `reads_references` is built against these trainable
+    states (the one the client received, the one it trained last round or None)."""
+    token = _REFERENCES.set((received, previous))
+    try:
+        yield
+    finally:
+        _REFERENCES.reset(token)
+
+
 def label_counts(labels, num_labels: int) -> torch.Tensor:
     """Rows of each class among `labels` (float, shape (num_labels,))."""
     return torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_labels).float()
@@ -88,26 +118,56 @@ def task_loss(settings, rows, num_labels: int) -> LossFn:
     if settings.client_loss not in _REGISTRY:
         raise ValueError(f"unknown client-loss {settings.client_loss!r} (known: none, {', '.join(_REGISTRY)})")
     loss = _REGISTRY[settings.client_loss](settings, label_counts(rows["label"], num_labels))
+    references = _REFERENCES.get()
+    if loss.reads_references and references is None:
+        raise ValueError(f"client-loss {settings.client_loss} compares each row's features with the model the client "
+                         f"received and its last round's; algorithm {settings.algorithm} trains its clients without "
+                         f"handing them over: use another client-loss")
 
     def on_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if not loss.reads_features:
             return loss(model(**inputs).logits.float(), batch["labels"])
         logits, features = logits_and_features(model, inputs, num_labels)
-        return loss(logits.float(), batch["labels"], features.float())
+        if not loss.reads_references:
+            return loss(logits.float(), batch["labels"], features.float())
+        received, previous = references
+        under = [None if state is None else reference_features(model, inputs, num_labels, state).float()
+                 for state in (received, previous)]
+        return loss(logits.float(), batch["labels"], features.float(), references=tuple(under))
 
     return on_logits
 
 
-def logits_and_features(model: nn.Module, inputs: dict[str, torch.Tensor],
-                        num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_and_features(model: nn.Module, inputs: dict[str, torch.Tensor], num_labels: int,
+                        state: State | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the classifier's input of each row) in one forward pass, with autograd: the
-    input of `calibration.head_layer`, at the position the model pools (`calibration.pooled`)."""
+    input of `calibration.head_layer`, at the position the model pools (`calibration.pooled`).
+    With `state`, the model runs with those tensors in place of its parameters of the same names
+    (`torch.func.functional_call`; the model itself is not changed)."""
     _, layer = head_layer(model, num_labels)
     captured: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda module, args, output: captured.append(args[0]))
     try:
-        logits = model(**inputs).logits
+        logits = (model(**inputs) if state is None else functional_call(model, state, args=(), kwargs=inputs,
+                                                                          strict=False)).logits
     finally:
         hook.remove()
     return logits, pooled(captured[-1], inputs["input_ids"], model.config.pad_token_id)
+
+
+def reference_features(model: nn.Module, inputs: dict[str, torch.Tensor], num_labels: int,
+                       state: State) -> torch.Tensor:
+    """The classifier's input of each row under `state`, in eval mode (no dropout), without autograd."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            missing = sorted(set(state) - set(params))
+            if missing:
+                raise ValueError(f"the reference state names parameters the model does not have: {missing[:3]}")
+            state = {k: v.to(device=params[k].device, dtype=params[k].dtype) for k, v in state.items()}
+            return logits_and_features(model, inputs, num_labels, state)[1]
+    finally:
+        model.train(training)
