@@ -137,6 +137,7 @@ def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
     ({"scaffold": 1}, "scaffold=1 corrects each client's gradients on its own"),
     ({"algorithm": "fedavg"}, "fedavg clients cannot share a step"),
     ({"client_loss": "feddecorr"}, "client-loss feddecorr reads each client's features"),
+    ({"client_loss": "moon"}, "client-loss moon reads each client's features"),
 ])
 def test_batched_clients_on_refuses_what_would_not_be_exact(skewed, changes, reason):
     with pytest.raises(ValueError, match=f"batched-clients=on, but .*{reason}"):
