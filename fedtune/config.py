@@ -62,8 +62,11 @@ class CoreSettings:
                                 "SmolLM2-135M-Instruct), a hub id, or a local folder")
     student: str = _opt("", "student model for KD ('minilm', 'smollm2', a hub id or a folder; its own tokenizer may "
                             "differ from the teacher's `model`); empty: a subset of the teacher's blocks")
-    student_layers: int = _opt(0, "KD student made from the teacher (student empty): how many of its blocks it keeps, "
-                               "evenly spaced, the last kept (0: half)")
+    student_layers: int = _opt(0, "KD student made from the teacher (student empty): how many of its blocks it keeps "
+                               "(0: half)")
+    student_blocks: str = _opt("even", "which teacher blocks that student keeps: 'even' (evenly spaced, the last kept: "
+                               "DistilBERT's and FedKD's map) or 'first' (the first student-layers - 1 and the last: "
+                               "a contiguous run of deep blocks dropped, Gromov et al. 2024)", choices=("even", "first"))
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (update scale is alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")

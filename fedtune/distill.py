@@ -13,13 +13,13 @@ from fedtune.train import distillation_losses
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask")
 
 
-def layer_map(teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
-    """(student block, teacher block) pairs: block i of the student to block (i+1)*T/S - 1, the
-    block a student made from the teacher keeps (`models.kept_blocks`).
+def layer_map(teacher_layers: int, student_layers: int, blocks: str = "even") -> list[tuple[int, int]]:
+    """(student block, teacher block) pairs: block i of the student to the teacher block a student
+    made from the teacher keeps in its place (`models.kept_blocks`; `even`: (i+1)*T/S - 1).
 
     With a student that keeps every other teacher block this is i -> 2i+1, FedKD's map.
     """
-    return list(enumerate(kept_blocks(teacher_layers, student_layers)))
+    return list(enumerate(kept_blocks(teacher_layers, student_layers, blocks)))
 
 
 def split_inputs(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -50,7 +50,7 @@ class MutualDistillation(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
-                 frozen_teacher: bool = False):
+                 frozen_teacher: bool = False, blocks: str = "even"):
         super().__init__()
         self.teacher, self.student = teacher, student
         self.frozen_teacher = frozen_teacher
@@ -58,7 +58,7 @@ class MutualDistillation(nn.Module):
             teacher.requires_grad_(False)
         self.temperature, self.hidden_weight = temperature, hidden_weight
         t_config, s_config = teacher.config, student.config
-        self.layers = layer_map(t_config.num_hidden_layers, s_config.num_hidden_layers)
+        self.layers = layer_map(t_config.num_hidden_layers, s_config.num_hidden_layers, blocks)
         widths_differ = t_config.hidden_size != s_config.hidden_size
         self.projection = (nn.Linear(s_config.hidden_size, t_config.hidden_size, bias=False)
                            if hidden_weight > 0 and widths_differ else nn.Identity())

@@ -143,16 +143,26 @@ def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     return model.get_submodule(parent_name), attr, stack
 
 
-def kept_blocks(teacher_layers: int, student_layers: int) -> list[int]:
-    """The teacher blocks a student of `student_layers` blocks keeps: evenly spaced, the last one
-    kept, block i -> (i + 1) * T // S - 1 (for S = T / 2: 2i + 1, DistilBERT's and FedKD's map)."""
+def kept_blocks(teacher_layers: int, student_layers: int, blocks: str = "even") -> list[int]:
+    """The teacher blocks a student of `student_layers` (S) blocks keeps, of the teacher's T.
+
+    `even`: evenly spaced, the last one kept, block i -> (i + 1) * T // S - 1 (for S = T / 2:
+    2i + 1, DistilBERT's and FedKD's map). `first`: blocks 0 .. S-2 and the last, i.e. a contiguous
+    run of deep blocks before the last is dropped, where pruning a decoder costs it least (Gromov
+    et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"); a decoder's first blocks,
+    which `even` drops, are the ones it can least do without.
+    """
+    if blocks == "first":
+        return list(range(student_layers - 1)) + [teacher_layers - 1]
+    if blocks != "even":
+        raise ValueError(f"student-blocks={blocks!r} (choose from: even, first)")
     return [(i + 1) * teacher_layers // student_layers - 1 for i in range(student_layers)]
 
 
-def make_student(teacher: PreTrainedModel, layers: int = 0) -> PreTrainedModel:
-    """The teacher with `layers` of its blocks kept (0: half), as `kept_blocks` picks them.
+def make_student(teacher: PreTrainedModel, layers: int = 0, blocks: str = "even") -> PreTrainedModel:
+    """The teacher with `layers` of its blocks kept (0: half), as `kept_blocks(..., blocks)` picks them.
 
-    This is how DistilBERT was initialised from BERT, and it matches the hidden-state
+    With `even`, this is how DistilBERT was initialised from BERT, and it matches the hidden-state
     map of FedKD (teacher layer 2i+1 -> student layer i).
     """
     student = copy.deepcopy(teacher)
@@ -162,7 +172,7 @@ def make_student(teacher: PreTrainedModel, layers: int = 0) -> PreTrainedModel:
         raise ValueError(f"student-layers={layers}: a student made from the teacher keeps between 1 and "
                          f"{len(stack) - 1} of its {len(stack)} blocks" if len(stack) > 1 else
                          "the teacher has a single block; give a student model explicitly")
-    indices = kept_blocks(len(stack), layers)
+    indices = kept_blocks(len(stack), layers, blocks)
     kept = nn.ModuleList(stack[i] for i in indices)
     setattr(parent, attr, kept)
     for new_index, block in enumerate(kept):

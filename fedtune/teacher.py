@@ -111,6 +111,6 @@ def teacher_tokenizer(settings: Settings):
 def build_student(settings: Settings, teacher: PreTrainedModel) -> PreTrainedModel:
     """The given `student` model (any tokenizer), or the teacher with `student-layers` of its blocks."""
     if not settings.student:
-        return make_student(teacher, settings.student_layers)
+        return make_student(teacher, settings.student_layers, settings.student_blocks)
     return load_classifier(settings.student, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout,
                            task_spec(settings.task).labels)

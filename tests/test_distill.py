@@ -33,6 +33,22 @@ def test_layer_map_is_fedkds_2i_plus_1():
     assert layer_map(12, 4) == [(0, 2), (1, 5), (2, 8), (3, 11)]
 
 
+def test_layer_map_of_a_student_that_keeps_the_first_blocks():
+    assert layer_map(30, 10, "first") == [(i, i) for i in range(9)] + [(9, 29)]
+    assert layer_map(4, 2, "first") == [(0, 0), (1, 3)]
+
+
+def test_hidden_mse_pairs_the_blocks_a_first_student_kept(batch):
+    teacher, student = tiny(), tiny(layers=2, seed=5)
+    distiller = MutualDistillation(teacher, student, hidden_weight=1.0, blocks="first").eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    t = teacher(**inputs, output_hidden_states=True).hidden_states
+    s = student(**inputs, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].bool()  # student block 0 -> teacher block 0, block 1 -> the last (3)
+    expected = (((s[1] - t[1])[mask] ** 2).mean() + ((s[2] - t[4])[mask] ** 2).mean()) / 2
+    assert distiller.hidden_mse(t, s, batch["attention_mask"]).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_identical_models_leave_only_the_task_losses(batch):
     teacher = tiny()
     distiller = MutualDistillation(teacher, copy.deepcopy(teacher), temperature=2.0, hidden_weight=1.0)

@@ -23,14 +23,16 @@ def test_student_keeps_every_other_block(model_dir):
     assert student(**batch).logits.shape == (1, 2)
 
 
-@pytest.mark.parametrize("layers, kept", [(1, [3]), (2, [1, 3]), (3, [0, 1, 3]), (4, None)])
-def test_student_layers_keeps_evenly_spaced_blocks_ending_with_the_last(tiny_llama, layers, kept):
+@pytest.mark.parametrize("blocks, layers, kept", [
+    ("even", 1, [3]), ("even", 2, [1, 3]), ("even", 3, [0, 1, 3]), ("even", 4, None),
+    ("first", 1, [3]), ("first", 2, [0, 3]), ("first", 3, [0, 1, 3]), ("first", 4, None)])
+def test_student_layers_keeps_the_chosen_blocks_ending_with_the_last(tiny_llama, blocks, layers, kept):
     teacher = load_classifier(tiny_llama, num_labels=2, seed=0)
     if kept is None:  # as many blocks as the teacher: not a student
         with pytest.raises(ValueError, match="student-layers=4"):
-            make_student(teacher, layers)
+            make_student(teacher, layers, blocks)
         return
-    student = make_student(teacher, layers)
+    student = make_student(teacher, layers, blocks)
     _, _, teacher_blocks = find_layer_stack(teacher)
     _, _, student_blocks = find_layer_stack(student)
     assert student.config.num_hidden_layers == len(student_blocks) == len(kept)
@@ -125,3 +127,41 @@ def test_a_half_precision_checkpoint_trains_in_fp32(tiny_bert, tmp_path):
     full = load_classifier(tiny_bert, 2, seed=0)
     weight = "bert.encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(model.state_dict()[weight], full.state_dict()[weight].half().float())
+
+
+def test_the_kd_student_follows_student_blocks(tiny_llama):
+    from fedtune.config import Settings
+    from fedtune.teacher import build_student
+
+    teacher = load_classifier(tiny_llama, num_labels=2, seed=0)
+    _, _, teacher_blocks = find_layer_stack(teacher)
+    for blocks, kept in (("even", [1, 3]), ("first", [0, 3])):
+        settings = Settings(task="sst2", model=str(tiny_llama), student_layers=2, student_blocks=blocks)
+        _, _, student_blocks = find_layer_stack(build_student(settings, teacher))
+        assert [next(i for i, t in enumerate(teacher_blocks) if torch.equal(b.mlp.up_proj.weight, t.mlp.up_proj.weight))
+                for b in student_blocks] == kept
+    with pytest.raises(ValueError, match="student-blocks='last'"):
+        Settings(task="sst2", student_blocks="last")
+
+
+def test_student_probe_lm_loss_is_the_token_weighted_mean_of_each_sentences_own_loss(tiny_llama):
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(__file__).parents[1] / "scripts" / "student_probe.py"
+    spec = importlib.util.spec_from_file_location("student_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = load_tokenizer(tiny_llama)
+    sentences = ["the cat sat on the mat", "a dog", "colourless green ideas sleep furiously"]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for sentence in sentences:  # one at a time, no padding: transformers' own shifted loss
+            ids = tokenizer(sentence, return_tensors="pt")["input_ids"]
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+        assert probe.lm_loss(model, tokenizer, sentences, batch_size=2) == pytest.approx(total / tokens, rel=1e-5)

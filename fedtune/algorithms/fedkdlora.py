@@ -146,7 +146,8 @@ def _distillation(settings: Settings, student: nn.Module) -> tuple[MutualDistill
     frozen = settings.kd_mode == "frozen-teacher"
     if not frozen:  # a frozen teacher needs no adapter
         teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
-    distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight, frozen)
+    distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight, frozen,
+                                    settings.student_blocks)
     distiller.to(compute(settings.device, settings.precision)[0])  # the student is there already
     return distiller, distiller.kept_state()
 
