@@ -157,6 +157,9 @@ def check_model(model: nn.Module, settings: Settings, num_labels: int) -> nn.Lin
     if settings.classifier_calibration == "ccvr-lda" and layer.bias is None:
         raise ValueError("classifier-calibration=ccvr-lda needs a classifier with a bias (this model's has none, "
                          "e.g. a decoder's `score`); use classifier-calibration=ccvr")
+    if settings.classifier_init == "lda" and layer.bias is None:
+        raise ValueError("classifier-init=lda needs a classifier with a bias (this model's has none, e.g. a "
+                         "decoder's `score`); use classifier-init=none")
     return layer
 
 
@@ -206,13 +209,15 @@ def client_statistics(model: nn.Module, state: State, settings: Settings, partit
 
 # ---- the server's half ---------------------------------------------------------------------------
 def calibrate(model: nn.Module, state: State, stats: list[State], settings: Settings,
-              num_labels: int) -> tuple[State, dict[str, float]]:
+              num_labels: int, method: str = "") -> tuple[State, dict[str, float]]:
     """The global `state` with its classifier retrained on virtual features drawn from the
-    clients' pooled `stats`; every other tensor unchanged. Returns (state, metrics)."""
+    clients' pooled `stats` (`method` ccvr), or set to their discriminant (ccvr-lda); every other
+    tensor unchanged. `method` defaults to `classifier-calibration`. Returns (state, metrics)."""
+    method = method or settings.classifier_calibration
     load_trainable_state(model, state)
     pooled = pooled_statistics(stats)
     layer = check_model(model, settings, num_labels)
-    if settings.classifier_calibration == "ccvr-lda":
+    if method == "ccvr-lda":
         weight, bias = discriminant_head(pooled)
         with torch.no_grad():
             layer.weight.copy_(weight.to(layer.weight))

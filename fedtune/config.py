@@ -125,6 +125,10 @@ class CoreSettings:
                                        "features drawn from them; refused with DP and SecAgg+), or ccvr-lda (the "
                                        "same statistics; the classifier set to the linear discriminant of the "
                                        "pooled class Gaussians, in closed form)", ("none", "ccvr", "ccvr-lda"))
+    classifier_init: str = _fed("none", "before round 1, set the classifier from the clients' per-class feature "
+                                "statistics under the initial model (the head FedNCM initialises, Legate et al. "
+                                "2023): none, or lda (the linear discriminant of the pooled class Gaussians, as "
+                                "ccvr-lda); refused with DP and SecAgg+", ("none", "lda"))
     ccvr_samples: int = _fed(2000, "ccvr: virtual features drawn per class")
     ccvr_lr: float = _fed(0.01, "ccvr: AdamW learning rate of the classifier's retraining (5 epochs over the "
                           "virtual features)")
@@ -181,8 +185,10 @@ class CoreSettings:
         problems += [f"{key_of(n)}={getattr(self, n)} (must be >= 0)" for n in nonneg if not getattr(self, n) >= 0]
         if self.ccvr_samples < 1 or not self.ccvr_lr > 0:
             problems.append(f"ccvr-samples={self.ccvr_samples} and ccvr-lr={self.ccvr_lr} (must be >= 1 and > 0)")
-        if self.classifier_calibration != "none" and (self.dp_noise > 0 or self.secure_aggregation != "none"):
-            problems.append(f"classifier-calibration={self.classifier_calibration} needs dp-noise=0 and "
+        statistics = [f"classifier-{name}={value}" for name, value in (("calibration", self.classifier_calibration),
+                                                                        ("init", self.classifier_init)) if value != "none"]
+        if statistics and (self.dp_noise > 0 or self.secure_aggregation != "none"):
+            problems.append(f"{' and '.join(statistics)} needs dp-noise=0 and "
                             f"secure-aggregation=none: clients send their features' per-class means and covariances "
                             f"in the clear, which the privacy guarantees would not cover")
         if self.compile not in (0, 1):

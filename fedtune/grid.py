@@ -38,14 +38,16 @@ def remedies() -> dict[str, dict]:
     `scaffold`: SCAFFOLD's control variates; `server-finetune`: the server trains the global model
     on the public slice after every round, as many steps as the mean client (the server-data baseline);
     `ccvr`: the classifier retrained after the last round from the clients' feature statistics;
-    `ccvr-lda`: set from them in closed form."""
+    `ccvr-lda`: set from them in closed form; `lda-init`: the classifier set that way before round 1,
+    from the initial model's features."""
     from fedtune.client_losses import registered
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
             "equal-steps": {"client_weighting": "uniform", "local_steps": "mean client"},
             "scaffold": {"scaffold": 1},
             "server-finetune": {"server_finetune_steps": "mean client"},
-            "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"}}
+            "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"},
+            "lda-init": {"classifier_init": "lda"}}
 
 
 def remedy_settings(name: str) -> dict:

@@ -82,7 +82,7 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     """Run the whole federation (or resume it, with `resume`); returns the finished run folder."""
     algorithm = get_algorithm(settings.algorithm, settings)
     teacher_dev = pretrained_teacher_metrics(algorithm, quiet)  # before the handshake: clients may need it
-    if settings.classifier_calibration != "none":  # refuse now what would fail after the last round
+    if settings.classifier_calibration != "none" or settings.classifier_init != "none":  # refuse before round 1
         calibration.check_model(cached_model(algorithm, algorithm.server_settings()), settings,
                                 task_spec(settings.task).num_labels)
     nodes = handshake(grid, settings.clients, settings.round_timeout)
@@ -95,6 +95,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     model = cached_model(algorithm, algorithm.server_settings())  # the server's model, for server-side hooks
     strategy, runner, ledger = build_runner(algorithm, nodes, partitions, model)
     state = initial_state(algorithm)
+    if not checkpoint:  # a resumed run's checkpoint holds the initialised classifier already
+        state = initialize_classifier(grid, nodes, algorithm, state, run, quiet)
     recorder = RoundRecorder(run, algorithm, strategy, ledger, teacher_dev, sum(t.numel() for t in state.values()))
     if checkpoint:
         state = recorder.resume(checkpoint, state)
@@ -116,21 +118,17 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet, calibrated)
 
 
-def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
-                         quiet: bool) -> tuple[State, dict | None]:
-    """`classifier-calibration ccvr` (or `ccvr-lda`) after the last round (`fedtune.calibration`): every client
-    returns its per-class feature statistics under the final `state`, the server retrains the
-    classifier. (calibrated state, what it did and cost), or (`state`, None) when off."""
+def gather_class_statistics(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
+                            what: str) -> tuple[list[State], dict]:
+    """Every client's per-class feature statistics under `state` (`fedtune.calibration`), checked;
+    (the usable ones, {"clients", "dropped", "bytes_up", "bytes_down"}). `what` names the step in
+    the error raised when no client sent usable ones."""
     settings = algorithm.settings
-    if settings.classifier_calibration == "none":
-        return state, None
-    start = time.perf_counter()
     content = RecordDict({"arrays": ArrayRecord(state)})
     messages = [Message(content, message_type=f"{MessageType.QUERY}.{calibration.ACTION}", dst_node_id=node)
                 for node in nodes.values()]
-    model = cached_model(algorithm, algorithm.server_settings())
     num_labels = task_spec(settings.task).num_labels
-    head = calibration.check_model(model, settings, num_labels)
+    head = calibration.check_model(cached_model(algorithm, algorithm.server_settings()), settings, num_labels)
     stats, dropped, bytes_up = [], [], 0
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         if reply.has_error():
@@ -143,13 +141,51 @@ def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm
         else:
             stats.append(received)
     if not stats:
-        raise RuntimeError(f"classifier-calibration {settings.classifier_calibration}: no client sent usable class "
-                           f"statistics ({'; '.join(dropped) or 'no reply'}); the run is kept, resume it to retry")
-    calibrated, metrics = calibration.calibrate(model, state, stats, settings, num_labels)
+        raise RuntimeError(f"{what}: no client sent usable class statistics ({'; '.join(dropped) or 'no reply'}); "
+                           f"the run is kept, resume it to retry")
+    return stats, {"clients": len(stats), "dropped": dropped, "bytes_up": bytes_up,
+                   "bytes_down": sum(wire_bytes(m) for m in messages)}
+
+
+CLASSIFIER_INIT = "classifier-init.json"  # in the run folder: what `classifier-init` did and cost
+
+
+def initialize_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State, run: RunDir,
+                          quiet: bool) -> State:
+    """`classifier-init lda` before round 1: every client returns its per-class feature statistics
+    under the initial `state`, and the server sets the classifier to the discriminant of the pooled
+    class Gaussians (as `ccvr-lda` does after the last round), so that no round starts from a
+    random head. What it cost is kept in the run folder for the summary; `state` when off."""
+    settings = algorithm.settings
+    if settings.classifier_init == "none":
+        return state
+    start = time.perf_counter()
+    stats, record = gather_class_statistics(grid, nodes, algorithm, state, "classifier-init lda")
+    model = cached_model(algorithm, algorithm.server_settings())
+    initialized, _ = calibration.calibrate(model, state, stats, settings, task_spec(settings.task).num_labels,
+                                           method="ccvr-lda")
+    run.write_json(CLASSIFIER_INIT, {"method": settings.classifier_init, **record,
+                                     "seconds": time.perf_counter() - start})
+    say(f"classifier-init {settings.classifier_init}: classifier set from {len(stats)} clients' statistics", quiet)
+    return initialized
+
+
+def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
+                         quiet: bool) -> tuple[State, dict | None]:
+    """`classifier-calibration ccvr` (or `ccvr-lda`) after the last round (`fedtune.calibration`): every client
+    returns its per-class feature statistics under the final `state`, the server retrains the
+    classifier. (calibrated state, what it did and cost), or (`state`, None) when off."""
+    settings = algorithm.settings
+    if settings.classifier_calibration == "none":
+        return state, None
+    start = time.perf_counter()
+    stats, record = gather_class_statistics(grid, nodes, algorithm, state,
+                                            f"classifier-calibration {settings.classifier_calibration}")
+    model = cached_model(algorithm, algorithm.server_settings())
+    calibrated, metrics = calibration.calibrate(model, state, stats, settings, task_spec(settings.task).num_labels)
     dev = evaluate_state(algorithm, calibrated)
     say(f"{settings.classifier_calibration}: classifier recalibrated from {len(stats)} clients' statistics", quiet)
-    return calibrated, {"method": settings.classifier_calibration, "clients": len(stats), "dropped": dropped,
-                        "bytes_up": bytes_up, "bytes_down": sum(wire_bytes(m) for m in messages),
+    return calibrated, {"method": settings.classifier_calibration, **record,
                         "seconds": time.perf_counter() - start, **metrics, "dev": dev}
 
 
@@ -300,6 +336,10 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "failed_rounds": len(failed_rounds(records)),
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
         "seconds": final["elapsed"], "settings": settings.non_default()}
+    if (run.path / CLASSIFIER_INIT).is_file():  # the statistics sent before round 1
+        summary["classifier_init"] = read_config(run.path / CLASSIFIER_INIT)
+        summary["total_bytes_up"] += summary["classifier_init"]["bytes_up"]
+        summary["total_bytes_down"] += summary["classifier_init"]["bytes_down"]
     if calibrated:
         summary["calibration"] = {**{k: v for k, v in calibrated.items() if k != "dev"}, "dev_before": summary["dev"]}
         summary["dev"] = calibrated["dev"]

@@ -286,3 +286,58 @@ def test_a_kd_student_is_calibrated_and_its_export_gives_the_reported_metric(bas
     summary = json.loads((path / "summary.json").read_text())
     assert summary["calibration"]["clients"] == 3 and summary["calibration"]["ccvr_classes"] >= 1
     assert evaluate_export(path, glue_dir)["accuracy"] == pytest.approx(summary["dev"]["accuracy"], abs=1e-9)
+
+
+def test_classifier_init_is_refused_where_it_would_break_a_privacy_promise(base):
+    with pytest.raises(ValueError, match="classifier-init=lda needs dp-noise=0 and secure-aggregation=none"):
+        base.replace(classifier_init="lda", dp_noise=0.5, dp_clip=1.0)
+
+
+@pytest.mark.slow
+def test_classifier_init_sets_the_discriminant_of_the_initial_models_statistics_before_round_1(base, monkeypatch):
+    import fedtune.checkpoint as checkpoints
+    from fedtune.local import evaluate_state
+
+    settings = base.replace(classifier_init="lda", out_dir=base.out_dir + "/init")
+    plain = read_jsonl(run_federated(base.replace(out_dir=base.out_dir + "/plain"), quiet=True) / "rounds.jsonl")
+    path = run_federated(settings, quiet=True)
+    rounds, summary = read_jsonl(path / "rounds.jsonl"), json.loads((path / "summary.json").read_text())
+    # round 0 evaluates what round 1 is sent: the initial state with the discriminant of every
+    # client's per-class statistics under that state as its classifier, by hand here
+    algorithm = get_algorithm("fedlora", settings)
+    model = cached_model(algorithm, settings)
+    start = initial_state(algorithm)
+    stats = [calibration.client_statistics(model, start, settings, p, 3, 2) for p in range(3)]
+    weight, bias = calibration.discriminant_head(calibration.pooled_statistics(stats))
+    name, _ = calibration.head_layer(model, 2)
+    expected = {k: v.clone() for k, v in start.items()}
+    [w_key] = [k for k in expected if name.split("base_model.model.")[-1] in k and k.endswith("weight")]
+    [b_key] = [k for k in expected if name.split("base_model.model.")[-1] in k and k.endswith("bias")]
+    expected[w_key], expected[b_key] = weight.float(), bias.float()
+    assert sorted(k for k in start if not torch.equal(start[k], expected[k])) == sorted([w_key, b_key])
+    dev = evaluate_state(algorithm, expected)
+    assert rounds[0]["round"] == 0 and rounds[0]["dev_loss"] == pytest.approx(dev["loss"], rel=1e-5)
+    assert rounds[0]["dev_loss"] != pytest.approx(plain[0]["dev_loss"], rel=1e-3)  # the init changed something
+    init = summary["classifier_init"]
+    assert init["method"] == "lda" and init["clients"] == 3 and init["dropped"] == []
+    assert init["bytes_up"] > 3 * 4 * (2 + 64 + 2048)  # counts, means, covariances of 32 features
+    assert summary["total_bytes_up"] == rounds[-1]["cum_bytes_up"] + init["bytes_up"]
+    assert summary["total_bytes_down"] == rounds[-1]["cum_bytes_down"] + init["bytes_down"]
+
+    # interrupted after round 1 and resumed: the same rounds, and the init (not redone) still counted
+    real_save = checkpoints.save
+
+    def save_then_die(folder, state, algorithm_state, records, *args):
+        real_save(folder, state, algorithm_state, records, *args)
+        if records[-1]["round"] == 1:
+            raise KeyboardInterrupt
+
+    resumed_settings = settings.replace(out_dir=base.out_dir + "/init-resumed")
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(resumed_settings, quiet=True)
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    [interrupted] = Path(resumed_settings.out_dir).glob("*.incomplete")
+    resumed = run_federated(resumed_settings.replace(resume=str(interrupted)), quiet=True)
+    assert [r["dev_loss"] for r in read_jsonl(resumed / "rounds.jsonl")] == [r["dev_loss"] for r in rounds]
+    assert json.loads((resumed / "summary.json").read_text())["classifier_init"]["bytes_up"] == init["bytes_up"]
