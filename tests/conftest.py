@@ -210,3 +210,23 @@ def evaluate_export(tmp_path_factory):
     if worker is not None:
         worker.stdin.close()
         worker.wait(timeout=60)
+
+
+@pytest.fixture
+def interrupt_after_round(monkeypatch):
+    """`interrupt_after_round(n)`: the next run stops as Ctrl-C would, right after its round-n
+    checkpoint is written (later runs save normally)."""
+    import fedtune.checkpoint as checkpoints
+
+    real_save = checkpoints.save
+
+    def arm(round_: int = 1) -> None:
+        def save_then_die(folder, state, algorithm_state, records, *args):
+            real_save(folder, state, algorithm_state, records, *args)
+            if records[-1]["round"] == round_:
+                monkeypatch.setattr(checkpoints, "save", real_save)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(checkpoints, "save", save_then_die)
+
+    return arm

@@ -294,8 +294,8 @@ def test_classifier_init_is_refused_where_it_would_break_a_privacy_promise(base)
 
 
 @pytest.mark.slow
-def test_classifier_init_sets_the_discriminant_of_the_initial_models_statistics_before_round_1(base, monkeypatch):
-    import fedtune.checkpoint as checkpoints
+def test_classifier_init_sets_the_discriminant_of_the_initial_models_statistics_before_round_1(
+        base, interrupt_after_round):
     from fedtune.local import evaluate_state
 
     settings = base.replace(classifier_init="lda", out_dir=base.out_dir + "/init")
@@ -325,18 +325,10 @@ def test_classifier_init_sets_the_discriminant_of_the_initial_models_statistics_
     assert summary["total_bytes_down"] == rounds[-1]["cum_bytes_down"] + init["bytes_down"]
 
     # interrupted after round 1 and resumed: the same rounds, and the init (not redone) still counted
-    real_save = checkpoints.save
-
-    def save_then_die(folder, state, algorithm_state, records, *args):
-        real_save(folder, state, algorithm_state, records, *args)
-        if records[-1]["round"] == 1:
-            raise KeyboardInterrupt
-
     resumed_settings = settings.replace(out_dir=base.out_dir + "/init-resumed")
-    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    interrupt_after_round(1)
     with pytest.raises(KeyboardInterrupt):
         run_federated(resumed_settings, quiet=True)
-    monkeypatch.setattr(checkpoints, "save", real_save)
     [interrupted] = Path(resumed_settings.out_dir).glob("*.incomplete")
     resumed = run_federated(resumed_settings.replace(resume=str(interrupted)), quiet=True)
     assert [r["dev_loss"] for r in read_jsonl(resumed / "rounds.jsonl")] == [r["dev_loss"] for r in rounds]

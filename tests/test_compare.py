@@ -199,28 +199,19 @@ def test_line_styles_of_a_fourteen_row_grid_are_all_distinct():
         assert len({tuple(c) for c, _ in styles}) == lines  # distinct colours, not only markers
 
 
-def test_a_cell_interrupted_inside_a_round_is_resumed_not_recomputed(base, monkeypatch):
+def test_a_cell_interrupted_inside_a_round_is_resumed_not_recomputed(base, interrupt_after_round):
     """Ctrl-C inside a federated cell leaves `<cell>.incomplete` with a checkpoint: the next
     `compare` continues it (the Ctrl-C message and the grid agree) and gets the uninterrupted
     result; an interrupted folder without a checkpoint is cleaned up."""
-    import fedtune.checkpoint as checkpoints
     from fedtune.grid import Cell, run_cell
     from fedtune.runs import read_jsonl
 
     settings = base.replace(algorithm="fedlora", out_dir=str(Path(base.out_dir) / "interrupted"), engine="local")
     cells_dir = Path(settings.out_dir)
-    real_save = checkpoints.save
-
-    def save_then_die(folder, state, algorithm_state, records, *args):
-        real_save(folder, state, algorithm_state, records, *args)
-        if records[-1]["round"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    interrupt_after_round(1)
     cell = Cell("Fed-LoRA", settings, centralized=False)
     with pytest.raises(KeyboardInterrupt):
         run_cell(cell, cells_dir, quiet=True)
-    monkeypatch.setattr(checkpoints, "save", real_save)
     [interrupted] = cells_dir.glob("fedlora-cola-*.incomplete")
     stale = cells_dir / "fedlora-cola-20000101-000000.incomplete"  # stopped before round 0 finished
     stale.mkdir()

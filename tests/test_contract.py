@@ -58,24 +58,15 @@ def _model_files(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_a_resume_after_round_1_gives_the_uninterrupted_result(finished, base, name, monkeypatch):
+def test_a_resume_after_round_1_gives_the_uninterrupted_result(finished, base, name, interrupt_after_round):
     """Killed right after round 1's checkpoint, then resumed: the same rounds and model (server
     state such as FedAdam's moments is in the checkpoint; client state on the clients' disk)."""
-    import fedtune.checkpoint as checkpoints
 
     reference = finished(name)
-    real_save = checkpoints.save
-
-    def save_then_die(folder, state, algorithm_state, records, *args):
-        real_save(folder, state, algorithm_state, records, *args)
-        if records[-1]["round"] == 1:
-            raise KeyboardInterrupt
-
     settings = base.replace(algorithm=name, out_dir=str(reference.parent / f"resume-{name}"))
-    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    interrupt_after_round(1)
     with pytest.raises(KeyboardInterrupt):
         run_federated(settings, quiet=True)
-    monkeypatch.setattr(checkpoints, "save", real_save)
     [interrupted] = (reference.parent / f"resume-{name}").glob(f"{name}-cola-*.incomplete")
     resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
     ignored = ("seconds", "elapsed", "bytes")

@@ -92,22 +92,13 @@ def test_two_rounds_follow_algorithm_1_and_count_the_variates(base, monkeypatch)
 
 
 @pytest.mark.slow
-def test_a_resumed_scaffold_run_equals_the_uninterrupted_one(base, monkeypatch):
-    import fedtune.checkpoint as checkpoints
+def test_a_resumed_scaffold_run_equals_the_uninterrupted_one(base, interrupt_after_round):
 
     reference = run_federated(base.replace(out_dir=base.out_dir + "/reference"), quiet=True)
-    real_save = checkpoints.save
-
-    def save_then_die(folder, state, algorithm_state, records, *args):
-        real_save(folder, state, algorithm_state, records, *args)
-        if records[-1]["round"] == 1:
-            raise KeyboardInterrupt
-
     settings = base.replace(out_dir=base.out_dir + "/resumed")
-    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    interrupt_after_round(1)
     with pytest.raises(KeyboardInterrupt):
         run_federated(settings, quiet=True)
-    monkeypatch.setattr(checkpoints, "save", real_save)
     [interrupted] = (reference.parent.parent / "resumed").glob("fedlora-cola-*.incomplete")
     resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed"  # noqa: E731
