@@ -170,6 +170,15 @@ def initialize_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorith
     return initialized
 
 
+def read_classifier_init(path: Path) -> dict:
+    """What `initialize_classifier` recorded, read back as data; one clear error if it is damaged."""
+    record = read_config(path)
+    if not all(isinstance(record.get(k), int) and record[k] >= 0 for k in ("bytes_up", "bytes_down")):
+        raise ValueError(f"{path} has no byte counts (bytes_up, bytes_down as whole numbers); it is damaged: "
+                         f"start the run anew")
+    return record
+
+
 def calibrate_classifier(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
                          quiet: bool) -> tuple[State, dict | None]:
     """`classifier-calibration ccvr` (or `ccvr-lda`) after the last round (`fedtune.calibration`): every client
@@ -337,7 +346,7 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "dp_epsilon": final.get("dp_epsilon"), "dp_delta": settings.dp_delta if private_run else None,
         "seconds": final["elapsed"], "settings": settings.non_default()}
     if (run.path / CLASSIFIER_INIT).is_file():  # the statistics sent before round 1
-        summary["classifier_init"] = read_config(run.path / CLASSIFIER_INIT)
+        summary["classifier_init"] = read_classifier_init(run.path / CLASSIFIER_INIT)
         summary["total_bytes_up"] += summary["classifier_init"]["bytes_up"]
         summary["total_bytes_down"] += summary["classifier_init"]["bytes_down"]
     if calibrated:

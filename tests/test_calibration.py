@@ -333,3 +333,15 @@ def test_classifier_init_sets_the_discriminant_of_the_initial_models_statistics_
     resumed = run_federated(resumed_settings.replace(resume=str(interrupted)), quiet=True)
     assert [r["dev_loss"] for r in read_jsonl(resumed / "rounds.jsonl")] == [r["dev_loss"] for r in rounds]
     assert json.loads((resumed / "summary.json").read_text())["classifier_init"]["bytes_up"] == init["bytes_up"]
+
+
+@pytest.mark.parametrize("text", ['{"bytes_up": "4e6", "bytes_down": 1}', '{"method": "lda"}', "[1, 2]", "{not json"])
+def test_a_damaged_classifier_init_record_is_one_clear_error(tmp_path, text):
+    from fedtune.server_app import read_classifier_init
+
+    path = tmp_path / "classifier-init.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="classifier-init.json"):
+        read_classifier_init(path)
+    path.write_text('{"method": "lda", "bytes_up": 10, "bytes_down": 3}')
+    assert read_classifier_init(path)["bytes_up"] == 10
