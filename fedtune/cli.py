@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--tune", action="store_true",
                              help="first choose each method's learning rate on a holdout of the private train rows "
                              "(never GLUE dev) at 30%% of the budget; trials are cached and recorded in results.json")
+            sub.add_argument("--tune-share", type=float, default=None, metavar="FLOAT",
+                             help="with --tune: the share of each row's rounds (and centralized epochs) a trial "
+                             "runs (default 0.3; 1 tunes at the whole budget, for rows whose best rate over a short "
+                             "trial overshoots over the whole run)")
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all; "
@@ -180,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             run_federated(settings.replace(resume=args.folder), args.quiet)
             return 0
         settings = settings_from_args(args)
+        if args.command == "compare" and args.tune_share is not None:
+            from fedtune.tune import check_share
+
+            if not args.tune:
+                raise ValueError("--tune-share sets the length of tuning trials: give it with --tune")
+            check_share(args.tune_share)
         from fedtune.inputs import check_inputs
 
         check_inputs(settings)  # files and folders, before torch, transformers or Flower are imported
@@ -198,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             run_federated(settings, quiet=args.quiet)
         elif args.command == "compare":
             from fedtune.compare import run_compare
+            from fedtune.tune import TUNE_ROUND_SHARE
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
             remedy_names = [r.strip() for r in args.remedies.split(",") if r.strip()] or None
             run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet, tune=args.tune,
-                        remedy_names=remedy_names)
+                        remedy_names=remedy_names,
+                        tune_share=TUNE_ROUND_SHARE if args.tune_share is None else args.tune_share)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

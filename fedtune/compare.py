@@ -17,7 +17,7 @@ from fedtune.grid import grid_rows, make_grid, run_cell
 from fedtune.metrics import primary_metric
 from fedtune.tasks import task_spec
 from fedtune.runs import write_json
-from fedtune.tune import chosen_values, lr_setting, tune_methods
+from fedtune.tune import TUNE_ROUND_SHARE, check_share, chosen_values, lr_setting, tune_methods
 
 # Budgets. `small` is the quick smoke grid (one task, one seed in well under an hour on a 2-core
 # CPU; at it most methods have not left the majority class). `standard` is sized so that every
@@ -157,7 +157,7 @@ def preset_settings(preset: str, given: dict | None = None) -> Settings:
 
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
                 methods: list[str] | None = None, quiet: bool = False, tune: bool = False,
-                remedy_names: list[str] | None = None) -> Path:
+                remedy_names: list[str] | None = None, tune_share: float = TUNE_ROUND_SHARE) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
     table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
     (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`; `...-remedies/` with
@@ -165,9 +165,10 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     method x task table of every finished task as `<out-dir>/compare/<partition>-<preset>.md`.
 
     With `tune`, each row first has its learning rate chosen on a holdout of the private rows
-    (`fedtune.tune`); results.json records every trial."""
+    (`fedtune.tune`), each trial at `tune_share` of the row's budget; results.json records every trial."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
+    check_share(tune_share)
     from fedtune.grid import remedy_settings
 
     known = [label for label, _ in grid_rows()]
@@ -182,7 +183,7 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     cells_dir.mkdir(parents=True, exist_ok=True)
     tuning = []
     if tune:
-        tuning = tune_methods(base, methods, cells_dir, quiet, remedy_names)
+        tuning = tune_methods(base, methods, cells_dir, quiet, remedy_names, tune_share)
     tuned = chosen_values(tuning)
     results = [run_cell(cell, cells_dir, quiet)
                for cell in make_grid(base, seeds, rank_sweep, methods, tuned, remedy_names)]
@@ -196,7 +197,7 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     (folder / "table.md").write_text(markdown(rows) + "\n")
     write_json(folder / "results.json", {"task": base.task, "partition": base.partition, "preset": preset,
                                          "seeds": seeds, "settings": base.to_dict(), "table": rows,
-                                         "tuning": tuning, "cells": results})
+                                         "tune_share": tune_share if tune else None, "tuning": tuning, "cells": results})
     plot_compare(results, base.task, folder)
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)

@@ -4,7 +4,7 @@ private train rows, never on GLUE dev (dev is the test set every table reports).
 For every row of the grid, one trial per value of the method's learning-rate grid (then of its
 algorithm's own `tunables`, at the chosen learning rate) runs at a
 reduced budget (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized
-epochs; a best value at an edge of the grid gets one more trial a step past it), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
+epochs, or the share `--tune-share` gives; a best value at an edge of the grid gets one more trial a step past it), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
 best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the higher held-out ROC-AUC (a tied
 trial stored before AUC was recorded runs again). Trials
 are ordinary cached cells, so tuning again reuses them and reaches the same choice; every
@@ -27,6 +27,17 @@ LR_GRID: dict[str, tuple[float, ...]] = {"full_lr": (5e-5, 1e-4, 2e-4), "lora_lr
 # ~1,080), CoLA ~6,800 (10% is ~680).
 HOLDOUT_FRACTION: dict[str, float] = {"sst2": 0.02, "cola": 0.1}
 TUNE_ROUND_SHARE = 0.3  # trials run 3 of 10 rounds
+# Short trials favour the rate that learns fastest, which over the whole budget can overshoot
+# (SmolLM2 CoLA: 3e-3 won the 0.3 trials and reached dev MCC .118 over two epochs; 5e-4 .339).
+# `--tune-share 1` runs each trial at the row's whole budget, at three or four times the cost.
+
+
+def check_share(share: float) -> float:
+    """A share of the row's budget for each tuning trial: in (0, 1]."""
+    if not 0 < share <= 1:
+        raise ValueError(f"tune-share={share:g}: a tuning trial runs this share of the row's rounds "
+                         "(and centralized epochs); give a number in (0, 1], e.g. 0.3 (the default) or 1")
+    return share
 
 
 def _row_algorithm(settings: Settings):
@@ -49,9 +60,10 @@ def search_space(settings: Settings, centralized: bool) -> dict[str, tuple[float
     return {name: LR_GRID[name], **({} if centralized else _row_algorithm(settings).tunables)}
 
 
-def trial_settings(settings: Settings, centralized: bool, name: str, value: float) -> Settings:
-    """A tuning trial of the row `settings`: `name`=`value`, the reduced budget, scored on the holdout."""
-    rounds = max(1, math.floor(TUNE_ROUND_SHARE * settings.rounds + 0.5))
+def trial_settings(settings: Settings, centralized: bool, name: str, value: float,
+                   share: float = TUNE_ROUND_SHARE) -> Settings:
+    """A tuning trial of the row `settings`: `name`=`value`, `share` of its budget, scored on the holdout."""
+    rounds = max(1, math.floor(share * settings.rounds + 0.5))
     changes = {name: value, "rounds": rounds, "holdout_fraction": HOLDOUT_FRACTION[settings.task]}
     if centralized:
         changes["epochs"] = settings.epochs * rounds / settings.rounds
@@ -59,12 +71,12 @@ def trial_settings(settings: Settings, centralized: bool, name: str, value: floa
 
 
 def tune_setting(label: str, settings: Settings, centralized: bool, name: str, grid: tuple[float, ...],
-                 cells_dir, quiet: bool = False) -> dict:
+                 cells_dir, quiet: bool = False, share: float = TUNE_ROUND_SHARE) -> dict:
     """Try every value of `grid` for the field `name`; the record of the trials and the chosen value."""
     metric = primary_metric(settings.task)
 
     def run_trial(value: float, refresh: bool = False) -> dict:
-        trial = trial_settings(settings, centralized, name, value)
+        trial = trial_settings(settings, centralized, name, value, share)
         cell = Cell(f"{label} [tune {key_of(name)}={value:g}]", trial, centralized)
         if refresh:  # stored before evaluation recorded ROC-AUC: run it again to have it
             (Path(cells_dir) / f"{cell.key}.json").unlink(missing_ok=True)
@@ -96,7 +108,7 @@ def tune_setting(label: str, settings: Settings, centralized: bool, name: str, g
         trials.append(run_trial(float(f"{best['value'] * step:.1g}")))  # 1e-2 * 10/3 -> 3e-2
         trials.sort(key=lambda t: t["value"])
         best = pick(trials)
-    trial = trial_settings(settings, centralized, name, best["value"])
+    trial = trial_settings(settings, centralized, name, best["value"], share)
     say(f"{label}: {key_of(name)}={best['value']:g} (holdout {metric} {best[metric]:.4f})", quiet)
     return {"method": label, "setting": key_of(name), "chosen": best["value"], "metric": metric,
             "scored_on": f"holdout-fraction={trial.holdout_fraction} of the private train rows (not GLUE dev)",
@@ -104,22 +116,24 @@ def tune_setting(label: str, settings: Settings, centralized: bool, name: str, g
             "trials": trials}
 
 
-def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet: bool = False) -> list[dict]:
+def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet: bool = False,
+             share: float = TUNE_ROUND_SHARE) -> list[dict]:
     """Tune the row's settings one after another (coordinate search): the learning rate first,
     then each of its algorithm's own settings at the chosen learning rate. One record each."""
     records = []
     for name, grid in search_space(settings, centralized).items():
-        records.append(tune_setting(label, settings, centralized, name, grid, cells_dir, quiet))
+        records.append(tune_setting(label, settings, centralized, name, grid, cells_dir, quiet, share))
         settings = settings.replace(**{name: records[-1]["chosen"]})
     return records
 
 
 def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False,
-                 remedy_names: list[str] | None = None) -> list[dict]:
-    """Tune every row of the grid (or the rows in `methods`, with `remedy_names`) on `base`'s first seed."""
+                 remedy_names: list[str] | None = None, share: float = TUNE_ROUND_SHARE) -> list[dict]:
+    """Tune every row of the grid (or the rows in `methods`, with `remedy_names`) on `base`'s first
+    seed, each trial at `share` of the row's budget."""
     tuned = []
     for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names):
-        tuned += tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet)
+        tuned += tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet, share)
     return tuned
 
 

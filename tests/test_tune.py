@@ -156,3 +156,27 @@ def test_a_tie_without_auc_after_a_rerun_goes_to_the_lower_loss(tmp_path, monkey
     monkeypatch.setattr(fedtune.tune, "run_cell", fake_run_cell)
     record = _tune_on_stored_trials(tmp_path, monkeypatch, scores)
     assert sorted(runs) == [1e-3, 3e-3] and record["chosen"] == 3e-3
+
+
+def test_tune_share_sets_the_trial_length():
+    cells = {c.label: c for c in make_grid(preset_settings("standard", {"task": "cola"}), seeds=1)}
+    lora, fed = cells["LoRA"].settings, cells["Fed-LoRA"].settings
+    # share 1: the whole budget (10 rounds; the centralized row's 10 x 0.5 epochs), still on the holdout
+    whole = trial_settings(lora, True, "lora_lr", 1e-3, share=1.0)
+    assert (whole.epochs, whole.rounds, whole.holdout_fraction) == (lora.epochs, 10, 0.1) == (5.0, 10, 0.1)
+    assert trial_settings(fed, False, "lora_lr", 1e-3, share=0.5).rounds == 5
+    assert trial_settings(fed, False, "lora_lr", 1e-3, share=0.01).rounds == 1  # never no rounds
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tune-share", "1"], "give it with --tune"),
+    (["--tune", "--tune-share", "0"], "tune-share=0"),
+    (["--tune", "--tune-share", "1.5"], "tune-share=1.5"),
+])
+def test_a_bad_tune_share_is_one_clear_error_before_anything_runs(argv, says, tmp_path, capsys, monkeypatch):
+    from fedtune.cli import main
+
+    monkeypatch.setattr(fedtune.tune, "run_cell", lambda *a, **k: pytest.fail("a trial ran"))
+    assert main(["compare", "--task", "cola", "--out-dir", str(tmp_path / "out"), *argv]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
