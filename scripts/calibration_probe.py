@@ -1,14 +1,18 @@
 """What limits classifier calibration on a finished grid cell: the features, or the classifier fit?
 
-    python scripts/calibration_probe.py <out-dir>/compare/cells/<key>.json
+    python scripts/calibration_probe.py <out-dir>/compare/cells/<key>.json [--pretrained]
 
 The cell's run folder (kept beside the cell by `fedtune compare`) must be there. Reads its
 exported model, computes every client's per-class feature statistics as the clients of a
 `classifier-calibration` run do, and scores on the cell's evaluation rows (for a tuning trial the
 holdout of the private rows, never GLUE dev): the exported head; the closed-form discriminant
 (`ccvr-lda`); CCVR's sampled-features fit again, from the exported head (for a `ccvr` run the
-already calibrated one) with more samples, or from a zero head with more epochs; and, as
-an upper bound no federation has, a logistic regression fitted on every client's real features.
+already calibrated one) with more samples, or from a zero head with more epochs; the
+discriminant with its shared covariance shrunk toward a multiple of the identity (by OAS's
+estimate, Chen et al. 2010, and fixed shares); FedNCM's head (Legate et al. 2023: the cosine to
+each class's normalised mean feature); and, as an upper bound no federation has, a logistic
+regression fitted on every client's real features. With `--pretrained` the cell's adapter is not
+loaded: the same heads on the pre-trained model's features (what `classifier-init lda` starts from).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from fedtune.partition import client_partitions
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cell", help="a cached cell (<out-dir>/compare/cells/<key>.json) of a LoRA row")
-    cell = json.load(open(parser.parse_args().cell))
+    parser.add_argument("--pretrained", action="store_true", help="the pre-trained model's features, not the run's")
+    args = parser.parse_args()
+    cell = json.load(open(args.cell))
     settings = Settings.from_dict(cell["settings"])
     model = cached_model(get_algorithm(settings.algorithm, settings), settings)
-    set_peft_model_state_dict(model, load_file(f"{cell['run']}/model/adapter_model.safetensors"))
+    if not args.pretrained:
+        set_peft_model_state_dict(model, load_file(f"{cell['run']}/model/adapter_model.safetensors"))
     data = cached_task_data(settings)
     stats, features, labels = [], [], []
     for rows in client_partitions(settings, settings.clients):
@@ -53,16 +60,32 @@ def main() -> None:
         print(f"| {name} | {np.mean(predicted == eval_y):.4f} | {balanced_accuracy_score(eval_y, predicted):.4f} | "
               f"{roc_auc_score(eval_y, scores):.4f} | {predicted.mean():.3f} |", flush=True)
 
-    print(f"{cell['label']} ({settings.partition} {settings.dirichlet_alpha}, lora-lr {settings.lora_lr}), "
+    print(f"{'pre-trained model, ' if args.pretrained else ''}{cell['label']} ({settings.partition} {settings.dirichlet_alpha}, lora-lr {settings.lora_lr}), "
           f"{len(eval_y)} evaluation rows\n\n| classifier | accuracy | balanced | AUC | predicted positive |\n"
           "|---|---:|---:|---:|---:|")
     with torch.no_grad():
         logits = head(torch.from_numpy(eval_x)).numpy()
-    report(f"the run's exported head ({settings.classifier_calibration})", logits[:, 1] - logits[:, 0])
+    report("the initial head (random)" if args.pretrained else f"the run's exported head ({settings.classifier_calibration})",
+           logits[:, 1] - logits[:, 0])
     pooled = calibration.pooled_statistics(stats)
     weight, bias = calibration.discriminant_head(pooled)
     lda = eval_x @ weight.numpy().T + bias.numpy()
     report("ccvr-lda: discriminant of the pooled statistics", lda[:, 1] - lda[:, 0])
+    shared = pooled["covs"].mean(0)
+    n, dim = float(pooled["counts"].sum()), shared.shape[0]
+    mean_variance = float(shared.diagonal().mean())
+    # OAS (Chen, Wiesel, Eldar and Hero 2010), as sklearn.covariance.oas computes it from a covariance
+    alpha = float((shared ** 2).mean())
+    oas = min(1.0, (alpha + mean_variance ** 2) / ((n + 1) * (alpha - mean_variance ** 2 / dim)))
+    for share in (oas, 0.01, 0.1, 0.5):
+        shrunk = (1 - share) * shared + share * mean_variance * torch.eye(dim, dtype=shared.dtype)
+        w, b = calibration.discriminant_head({**pooled, "covs": shrunk.expand_as(pooled["covs"])}, ridge=0.0)
+        out = eval_x @ w.numpy().T + b.numpy()
+        report(f"discriminant, covariance shrunk {share:.2g} toward the identity{' (OAS)' if share == oas else ''}",
+               out[:, 1] - out[:, 0])
+    means = torch.nn.functional.normalize(pooled["means"].float(), dim=1).numpy()
+    cosine = (eval_x / np.linalg.norm(eval_x, axis=1, keepdims=True)) @ means.T
+    report("FedNCM: cosine to the normalised class means", cosine[:, 1] - cosine[:, 0])
     for samples, epochs, zero in ((2000, 5, False), (20000, 5, False), (20000, 20, True)):
         generator = torch.Generator().manual_seed(0)
         x, y = calibration.virtual_features(pooled, samples, generator)
