@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ def main() -> None:
     settings = Settings.from_dict(cell["settings"])
     model = cached_model(get_algorithm(settings.algorithm, settings), settings)
     if not args.pretrained:
+        if not Path(f"{cell['run']}/model/adapter_model.safetensors").is_file():
+            raise SystemExit(f"calibration_probe: {cell['run']}/model is not here (the cell's run folder is kept only "
+                             "where the cell ran): run the cell again, or give --pretrained")
         set_peft_model_state_dict(model, load_file(f"{cell['run']}/model/adapter_model.safetensors"))
     data = cached_task_data(settings)
     stats, features, labels = [], [], []
