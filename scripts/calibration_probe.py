@@ -42,12 +42,12 @@ def main() -> None:
     parser.add_argument("--pretrained", action="store_true", help="the pre-trained model's features, not the run's")
     args = parser.parse_args()
     cell = json.load(open(args.cell))
+    if not args.pretrained and not Path(f"{cell['run']}/model/adapter_model.safetensors").is_file():
+        raise SystemExit(f"calibration_probe: {cell['run']}/model is not here (the cell's run folder is kept only "
+                         "where the cell ran): run the cell again, or give --pretrained")
     settings = Settings.from_dict(cell["settings"])
     model = cached_model(get_algorithm(settings.algorithm, settings), settings)
     if not args.pretrained:
-        if not Path(f"{cell['run']}/model/adapter_model.safetensors").is_file():
-            raise SystemExit(f"calibration_probe: {cell['run']}/model is not here (the cell's run folder is kept only "
-                             "where the cell ran): run the cell again, or give --pretrained")
         set_peft_model_state_dict(model, load_file(f"{cell['run']}/model/adapter_model.safetensors"))
     data = cached_task_data(settings)
     stats, features, labels = [], [], []
