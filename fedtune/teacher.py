@@ -28,7 +28,12 @@ def teacher_settings(settings: Settings) -> dict:
     # Keys added later count only when not at their default, so older teachers stay valid. The
     # holdout does not change the teacher's weights, but its recorded metrics are on the holdout.
     keys = TEACHER_KEYS + tuple(k for k in ("batching", "holdout-fraction", "model-dropout") if resolved[k] != Settings().to_dict()[k])
-    return {k: resolved[k] for k in keys}
+    chosen = {k: resolved[k] for k in keys}
+    # The precision it trains in, as resolved here (`auto` is bf16 on some CPUs), as the grid's cells
+    # are keyed: a bf16 teacher is not an fp32 one. fp32 adds nothing, so fp32 teachers keep their folders.
+    if (precision := compute(settings.device, settings.precision)[1]) != "fp32":
+        chosen["precision"] = precision
+    return chosen
 
 
 def teacher_dir(settings: Settings) -> Path:

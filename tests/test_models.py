@@ -115,6 +115,16 @@ def test_model_dropout_is_checked_and_changes_the_teacher_only_when_set(tmp_path
     assert teacher_dir(Settings(model_dropout=0.0)) != teacher_dir(Settings())
 
 
+def test_a_teacher_trained_in_bf16_is_not_reused_in_fp32():
+    from fedtune.config import Settings
+    from fedtune.teacher import teacher_dir, teacher_settings
+
+    fp32, bf16 = Settings(precision="fp32"), Settings(precision="bf16")
+    assert teacher_dir(fp32) != teacher_dir(bf16)
+    assert teacher_settings(bf16)["precision"] == "bf16"
+    assert "precision" not in teacher_settings(fp32)  # fp32 teachers keep the folders they had
+
+
 def test_a_half_precision_checkpoint_trains_in_fp32(tiny_bert, tmp_path):
     """The GPU check carries the model in fp16 (half the bytes); training needs fp32 weights (autocast
     computes in bf16/fp16 where asked, the optimizer updates fp32)."""
