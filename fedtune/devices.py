@@ -87,7 +87,7 @@ PROBE_SHAPE = (640, 384, 1536)  # an FFN matmul of all-MiniLM-L6-v2 at batch 32 
 
 def cpu_bf16_pays() -> bool:
     """Whether bf16 matmuls run at least `BF16_MARGIN` times fp32's on this CPU. Measured once per
-    machine (one thread, `PROBE_SHAPE`) and kept in `<cache>/cpu-precision.json`, keyed by the CPU
+    machine (one thread, `PROBE_SHAPE`, the two dtypes in alternation: `matmul_speeds`) and kept in `<cache>/cpu-precision.json`, keyed by the CPU
     model and torch version, so every process of a run (the server, Ray's actors) and every later run
     resolves `auto` the same way; the cache is `$FEDTUNE_CACHE` or ~/.cache/fedtune."""
     return _probe()["bf16_gflops"] >= BF16_MARGIN * _probe()["fp32_gflops"]
@@ -95,7 +95,9 @@ def cpu_bf16_pays() -> bool:
 
 @functools.cache
 def _probe() -> dict:
-    key = f"{platform.machine()} {_cpu_model()} torch {torch.__version__}"
+    # "interleaved": measurements before the two dtypes were timed in alternation are measured again
+    # (one taken while other runs loaded the CPU had recorded bf16 at 1.08x fp32 on a CPU where it is 2x).
+    key = f"{platform.machine()} {_cpu_model()} torch {torch.__version__} interleaved"
     path = cache_dir() / "cpu-precision.json"
     try:
         saved = json.loads(path.read_text())
@@ -104,8 +106,9 @@ def _probe() -> dict:
             return saved
     except (OSError, ValueError, AttributeError):
         pass  # missing or damaged: measure again
-    measured = {"key": key, "shape": list(PROBE_SHAPE), "fp32_gflops": matmul_gflops(torch.float32),
-                "bf16_gflops": matmul_gflops(torch.bfloat16)}
+    speeds = matmul_speeds((torch.float32, torch.bfloat16))
+    measured = {"key": key, "shape": list(PROBE_SHAPE), "fp32_gflops": speeds[torch.float32],
+                "bf16_gflops": speeds[torch.bfloat16], "load_average": os.getloadavg()[0]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -116,22 +119,28 @@ def _probe() -> dict:
     return measured
 
 
-def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = 0.15) -> float:
-    """Best GFLOP/s of one-thread CPU matmuls of `shape` in `dtype` over about `seconds`."""
+def matmul_speeds(dtypes: tuple[torch.dtype, ...], shape: tuple[int, int, int] = PROBE_SHAPE,
+                  seconds: float = 0.4) -> dict[torch.dtype, float]:
+    """Best GFLOP/s of one-thread CPU matmuls of `shape` in each of `dtypes`, over about `seconds`.
+    The dtypes take turns, one matmul each, so that other work on the machine slows them alike and
+    their ratio holds on a busy machine (timed one after the other, a load that came or went between
+    them decided the ratio)."""
     m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    operands = {dtype: (torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)) for dtype in dtypes}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.mm(a, b)  # warm-up
-        best, deadline = float("inf"), time.perf_counter() + seconds
+        for a, b in operands.values():
+            torch.mm(a, b)  # warm-up (the first bf16 call builds its kernel)
+        best, deadline = dict.fromkeys(dtypes, float("inf")), time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
+            for dtype, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return 2 * m * k * n / best / 1e9
+    return {dtype: 2 * m * k * n / best[dtype] / 1e9 for dtype in dtypes}
 
 
 def _cpu_model() -> str:

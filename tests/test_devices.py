@@ -32,7 +32,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_where_bf16_measured_faster(monkeyp
 
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
     speeds = {torch.float32: 100.0, torch.bfloat16: 149.0}
-    monkeypatch.setattr(devices, "matmul_gflops", lambda dtype, *a, **k: speeds[dtype])
+    monkeypatch.setattr(devices, "matmul_speeds", lambda dtypes, *a, **k: {d: speeds[d] for d in dtypes})
     devices._probe.cache_clear()
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # 1.49x: below the 1.5x margin
     saved = json.loads((tmp_path / "cpu-precision.json").read_text())
@@ -46,6 +46,27 @@ def test_auto_precision_is_bf16_only_on_a_cpu_where_bf16_measured_faster(monkeyp
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"  # 4x (AMX-like)
     assert json.loads((tmp_path / "cpu-precision.json").read_text())["bf16_gflops"] == 400.0
     devices._probe.cache_clear()
+
+
+def test_the_probe_times_the_dtypes_in_turn_so_a_load_slows_both_alike(monkeypatch):
+    import fedtune.devices as devices
+
+    # A fake clock and matmul: each matmul takes 1 ms of its dtype's work (bf16 twice as fast), and
+    # a load arriving after the first 40 ms triples every matmul's time. Timed in turn, both see
+    # the unloaded start as well as the loaded rest, so the ratio stays 2.
+    clock, calls = [0.0], []
+
+    def mm(a, b):
+        calls.append(a.dtype)
+        slow = 3.0 if clock[0] > 0.04 else 1.0
+        clock[0] += slow * (0.001 if a.dtype == torch.float32 else 0.0005)
+
+    monkeypatch.setattr(devices.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(devices.torch, "mm", mm)
+    speeds = devices.matmul_speeds((torch.float32, torch.bfloat16), shape=(10, 10, 10), seconds=0.2)
+    assert calls[2:8] == [torch.float32, torch.bfloat16] * 3  # after one warm-up call each: in turn
+    assert speeds[torch.bfloat16] / speeds[torch.float32] == pytest.approx(2.0)
+    assert speeds[torch.float32] == pytest.approx(2 * 10 ** 3 / 0.001 / 1e9)
 
 
 def test_a_cell_key_names_the_precision_it_computes_in(monkeypatch):
