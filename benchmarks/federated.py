@@ -34,7 +34,7 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
     rounds = read_jsonl(run_federated(settings, quiet=True) / "rounds.jsonl")
     # The same batches, in the same order, through the minimal loop on the same model.
     model, _ = build("lora", settings)  # on settings.device, as the clients were
-    precision = compute(settings.device, settings.precision)[1]
+    precision = compute(settings.device, settings.precision, settings.models)[1]
     tokenizer = load_tokenizer(settings.model)
     private = cached_task_data(settings).private
     partitions = client_partitions(settings, clients)
@@ -77,7 +77,7 @@ def clients_per_round(sizes: tuple[int, ...] = (1, 4, 16, 64), local_steps: int 
         rows.append(row)
         print(row, flush=True)
     return {"local_steps": local_steps, "batch_size": settings.batch_size, "batching": batching,
-            "precision": compute(settings.device, settings.precision)[1], "rows": rows}
+            "precision": compute(settings.device, settings.precision, settings.models)[1], "rows": rows}
 
 
 class MemoryWatch:

@@ -59,7 +59,7 @@ def sst2_batches(settings: Settings, count: int, by_length: bool = False) -> lis
 def build(method: str, settings: Settings):
     """(model, loss function) for one method, built by fedtune's own code paths, on settings.device."""
     model, loss_fn = _build(method, settings)
-    return model.to(compute(settings.device, settings.precision)[0]), loss_fn
+    return model.to(compute(settings.device, settings.precision, settings.models)[0]), loss_fn
 
 
 def _build(method: str, settings: Settings):
@@ -127,7 +127,7 @@ def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 
 def evaluation_seconds(settings: Settings) -> dict:
     """The server's evaluation of the whole SST-2 dev set: rows in file order vs sorted by length."""
     model, _ = build("lora", settings)
-    precision = evaluation_precision(*compute(settings.device, settings.precision))  # as the server evaluates
+    precision = evaluation_precision(*compute(settings.device, settings.precision, settings.models))  # as the server evaluates
     tokenizer = load_tokenizer(settings.model)
     dev = tokenize(cached_task_data(settings).validation, tokenizer, settings.max_length)
     loaders = {"file order": make_loader(dev, tokenizer, settings.eval_batch_size, shuffle=False),

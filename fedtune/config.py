@@ -287,6 +287,11 @@ class CoreSettings:
         return self.student if kd and self.student else self.model
 
     @property
+    def models(self) -> tuple[str, ...]:
+        """Every model a run may train: the base (or teacher) and the student."""
+        return tuple(m for m in (self.model, self.student) if m)
+
+    @property
     def input_model(self) -> str:
         """`trained_model` of a federated run (fedkdlora distils)."""
         return self.trained_model(self.algorithm == "fedkdlora")

@@ -18,17 +18,18 @@ from pathlib import Path
 
 import torch
 
-from fedtune.bundled import cache_dir
+from fedtune.bundled import MODELS, bundled_name, cache_dir
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @functools.lru_cache(maxsize=8)
-def compute(device: str, precision: str) -> tuple[torch.device, str]:
-    """(device, precision) a run computes with, from its `device` and `precision` settings."""
+def compute(device: str, precision: str, models: tuple[str, ...] = ()) -> tuple[torch.device, str]:
+    """(device, precision) a run computes with, from its `device` and `precision` settings and the
+    models it trains (`Settings.models`)."""
     resolved = resolve_device(device)
-    return resolved, resolve_precision(precision, resolved)
+    return resolved, resolve_precision(precision, resolved, models)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -58,15 +59,18 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, models: tuple[str, ...] = ()) -> str:
     """`auto` is bf16 (autocast) on a CPU whose bf16 matmuls measured at least `BF16_MARGIN` times
     fp32's (AMX, or AVX512-BF16: see `cpu_bf16_pays`), fp32 on other CPUs and on GPUs (on an H200
     bf16 autocast measured slower than fp32 for all-MiniLM-L6-v2: benchmarks/gpu.json, LoRA 1,314 vs
     2,012 samples/s at batch 32, full fine-tuning 187 vs 2,280). Weights, what travels and what is
-    saved stay fp32 either way; evaluation is fp32 on CPU (`evaluation_precision`)."""
+    saved stay fp32 either way; evaluation is fp32 on CPU (`evaluation_precision`). `auto` is fp32
+    too when one of `models` is a bundled model measured to train worse in bf16 (`auto_bf16`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} (choose from: {', '.join(PRECISIONS)})")
     if precision == "auto":
+        if any((name := bundled_name(m)) and not MODELS[name].auto_bf16 for m in models):
+            return "fp32"
         return "bf16" if device.type == "cpu" and cpu_bf16_pays() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision=fp16 needs a CUDA device (its grad scaler is CUDA's); on {device.type} use "

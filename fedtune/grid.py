@@ -120,7 +120,7 @@ class Cell:
 def training_precision(settings: Settings) -> str:
     from fedtune.devices import compute
 
-    return compute(settings.device, settings.precision)[1]
+    return compute(settings.device, settings.precision, settings.models)[1]
 
 
 def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: list[str] | None = None,

@@ -62,7 +62,7 @@ def _build_once(algorithm: Algorithm, settings: Settings) -> tuple[nn.Module, St
     if settings not in _MODELS:
         if len(_MODELS) >= _MAX_MODELS:
             del _MODELS[next(iter(_MODELS))]  # the oldest
-        model = algorithm.build_model(settings).to(compute(settings.device, settings.precision)[0])
+        model = algorithm.build_model(settings).to(compute(settings.device, settings.precision, settings.models)[0])
         _MODELS[settings] = (model, trainable_state(model))
     return _MODELS[settings]
 
@@ -102,7 +102,7 @@ def batched_clients(algorithm: Algorithm) -> bool:
         why.append("SecAgg+ sends each round's messages in stages that are not delivered together")
     if settings.compile:
         why.append("compile=1 traces one client's forward, and batched steps swap each client's tensors in")
-    if compute(settings.device, settings.precision)[1] == "fp16":
+    if compute(settings.device, settings.precision, settings.models)[1] == "fp16":
         why.append("fp16 scales each client's loss on its own")
     model_dropout = settings.model_dropout if settings.model_dropout >= 0 else config_dropout(settings.input_model)
     if model_dropout > 0 or settings.lora_dropout > 0:
@@ -113,7 +113,7 @@ def batched_clients(algorithm: Algorithm) -> bool:
     # auto: on CUDA only. On a CPU it measured no faster (benchmarks `clients`: 1.01x at 4 clients a
     # round, 0.55x at 16): a CPU is not idle at one client's batch, and each step pads every
     # client's batch to the longest one's.
-    return not why and (settings.batched_clients == "on" or compute(settings.device, settings.precision)[0].type == "cuda")
+    return not why and (settings.batched_clients == "on" or compute(settings.device, settings.precision, settings.models)[0].type == "cuda")
 
 
 def simulated_failure(settings: Settings, server_round: int, partition_id: int) -> bool:
@@ -182,5 +182,5 @@ def evaluate_state(algorithm: Algorithm, state: State) -> dict[str, float]:
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, state)
     settings = algorithm.settings
-    device, precision = compute(settings.device, settings.precision)
+    device, precision = compute(settings.device, settings.precision, settings.models)
     return evaluate(model, dev_loader(settings), settings.task, evaluation_precision(device, precision))

@@ -25,7 +25,7 @@ def check_federated(settings: Settings):
     from fedtune.devices import compute
 
     check_out_dir(settings.out_dir)
-    compute(settings.device, settings.precision)  # a device that is not there, fp16 without CUDA
+    compute(settings.device, settings.precision, settings.models)  # a device that is not there, fp16 without CUDA
     algorithm = get_algorithm(settings.algorithm, settings)  # combinations of settings it cannot honour
     if settings.resume:
         from fedtune.server_app import resumable_run

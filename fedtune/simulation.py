@@ -22,7 +22,7 @@ def backend_config(settings: Settings | None = None) -> dict:
     if gpus == 0:
         from fedtune.devices import compute
 
-        gpus = 1.0 if compute(settings.device, settings.precision)[0].type == "cuda" else 0.0
+        gpus = 1.0 if compute(settings.device, settings.precision, settings.models)[0].type == "cuda" else 0.0
     return {"client_resources": {"num_cpus": min(settings.client_cpus or cpus, cpus), "num_gpus": gpus},
             "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False}}
 

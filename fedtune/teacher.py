@@ -31,7 +31,7 @@ def teacher_settings(settings: Settings) -> dict:
     chosen = {k: resolved[k] for k in keys}
     # The precision it trains in, as resolved here (`auto` is bf16 on some CPUs), as the grid's cells
     # are keyed: a bf16 teacher is not an fp32 one. fp32 adds nothing, so fp32 teachers keep their folders.
-    if (precision := compute(settings.device, settings.precision)[1]) != "fp32":
+    if (precision := compute(settings.device, settings.precision, settings.models)[1]) != "fp32":
         chosen["precision"] = precision
     return chosen
 
@@ -53,7 +53,7 @@ def pretrain_teacher(settings: Settings, quiet: bool = False) -> Path:
         raise ValueError("public-fraction is 0, so there is no public slice to pre-train the teacher on")
     tokenizer = load_tokenizer(settings.model)
     seed_everything(settings.seed)
-    device, precision = compute(settings.device, settings.precision)
+    device, precision = compute(settings.device, settings.precision, settings.models)
     model = load_classifier(settings.model, task_spec(settings.task).num_labels, settings.seed, settings.model_dropout,
                             task_spec(settings.task).labels).to(device)
     loader = train_loader(data.public, tokenizer, settings, settings.seed)

@@ -170,7 +170,7 @@ def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: 
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed)
     return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
-                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision)[1],
+                 loss_fn=loss_fn, precision=compute(settings.device, settings.precision, settings.models)[1],
                  compile=bool(settings.compile))
 
 

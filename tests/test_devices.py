@@ -48,6 +48,24 @@ def test_auto_precision_is_bf16_only_on_a_cpu_where_bf16_measured_faster(monkeyp
     devices._probe.cache_clear()
 
 
+def test_auto_precision_keeps_smollm2_in_fp32_where_bf16_pays(monkeypatch):
+    import fedtune.devices as devices
+    import fedtune.grid as grid
+
+    monkeypatch.setattr(devices, "cpu_bf16_pays", lambda: True)
+    devices.compute.cache_clear()  # resolved with the real probe by earlier tests
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, ("minilm",)) == "bf16"
+    for models in (("smollm2",), ("HuggingFaceTB/SmolLM2-135M-Instruct",), ("smollm2", "minilm"), ("minilm", "smollm2")):
+        assert resolve_precision("auto", cpu, models) == "fp32"  # the teacher or the student
+    assert resolve_precision("bf16", cpu, ("smollm2",)) == "bf16"  # asked for: kept
+    assert Settings(model="smollm2", student="minilm").models == ("smollm2", "minilm")
+    assert grid.training_precision(Settings(model="smollm2")) == "fp32"
+    assert grid.training_precision(Settings(student="smollm2")) == "fp32"
+    assert grid.training_precision(Settings()) == "bf16"
+    devices.compute.cache_clear()
+
+
 def test_the_probe_times_the_dtypes_in_turn_so_a_load_slows_both_alike(monkeypatch):
     import fedtune.devices as devices
 

@@ -148,7 +148,7 @@ def _distillation(settings: Settings, student: nn.Module) -> tuple[MutualDistill
         teacher = add_lora(teacher, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
     distiller = MutualDistillation(teacher, student, settings.kd_temperature, settings.kd_hidden_weight, frozen,
                                     settings.student_blocks)
-    distiller.to(compute(settings.device, settings.precision)[0])  # the student is there already
+    distiller.to(compute(settings.device, settings.precision, settings.models)[0])  # the student is there already
     return distiller, distiller.kept_state()
 
 
@@ -164,7 +164,7 @@ def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State 
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed,
                           teacher_tokenizer=teacher_tokenizer(settings))
-    device, precision = compute(settings.device, settings.precision)
+    device, precision = compute(settings.device, settings.precision, settings.models)
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                    loss_fn=lambda model, batch: model.loss(batch), precision=precision)
     if distiller.frozen_teacher:
