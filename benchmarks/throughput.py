@@ -127,7 +127,8 @@ def profile_shares(method: str, settings: Settings, steps: int = 10, top: int = 
 def evaluation_seconds(settings: Settings) -> dict:
     """The server's evaluation of the whole SST-2 dev set: rows in file order vs sorted by length."""
     model, _ = build("lora", settings)
-    precision = evaluation_precision(*compute(settings.device, settings.precision, settings.models))  # as the server evaluates
+    # as the server evaluates
+    precision = evaluation_precision(*compute(settings.device, settings.precision, settings.models))
     tokenizer = load_tokenizer(settings.model)
     dev = tokenize(cached_task_data(settings).validation, tokenizer, settings.max_length)
     loaders = {"file order": make_loader(dev, tokenizer, settings.eval_batch_size, shuffle=False),

@@ -51,7 +51,8 @@ def build_model(settings: Settings, quiet: bool = False):
         return (add_lora(load_classifier(settings.model, num_labels, settings.seed, settings.model_dropout, labels),
                          **lora), settings.lora_lr, None)
     if settings.method == "kd":
-        teacher = load_teacher(pretrain_teacher(settings, quiet)).to(compute(settings.device, settings.precision, settings.models)[0])
+        device = compute(settings.device, settings.precision, settings.models)[0]
+        teacher = load_teacher(pretrain_teacher(settings, quiet)).to(device)
         student = add_lora(build_student(settings, teacher), **lora)
         return student, settings.lora_lr, kd_loss_fn(teacher, settings.kd_temperature)
     raise ValueError(f"unknown method {settings.method!r} (known: finetune, lora, kd)")

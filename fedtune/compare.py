@@ -197,7 +197,8 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     (folder / "table.md").write_text(markdown(rows) + "\n")
     write_json(folder / "results.json", {"task": base.task, "partition": base.partition, "preset": preset,
                                          "seeds": seeds, "settings": base.to_dict(), "table": rows,
-                                         "tune_share": tune_share if tune else None, "tuning": tuning, "cells": results})
+                                         "tune_share": tune_share if tune else None, "tuning": tuning,
+                                         "cells": results})
     plot_compare(results, base.task, folder)
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)

@@ -113,7 +113,8 @@ def batched_clients(algorithm: Algorithm) -> bool:
     # auto: on CUDA only. On a CPU it measured no faster (benchmarks `clients`: 1.01x at 4 clients a
     # round, 0.55x at 16): a CPU is not idle at one client's batch, and each step pads every
     # client's batch to the longest one's.
-    return not why and (settings.batched_clients == "on" or compute(settings.device, settings.precision, settings.models)[0].type == "cuda")
+    on_cuda = compute(settings.device, settings.precision, settings.models)[0].type == "cuda"
+    return not why and (settings.batched_clients == "on" or on_cuda)
 
 
 def simulated_failure(settings: Settings, server_round: int, partition_id: int) -> bool:

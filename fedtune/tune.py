@@ -2,13 +2,14 @@
 private train rows, never on GLUE dev (dev is the test set every table reports).
 
 For every row of the grid, one trial per value of the method's learning-rate grid (then of its
-algorithm's own `tunables`, at the chosen learning rate) runs at a
-reduced budget (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized
-epochs, or the share `--tune-share` gives; a best value at an edge of the grid gets one more trial a step past it), trained without the held-out rows (`holdout-fraction`, per task) and scored on them:
-best primary metric (SST-2 accuracy, CoLA MCC), ties broken by the higher held-out ROC-AUC (a tied
-trial stored before AUC was recorded runs again). Trials
-are ordinary cached cells, so tuning again reuses them and reaches the same choice; every
-tried value and its score is returned for the grid's `results.json`.
+algorithm's own `tunables`, at the chosen learning rate) runs at a reduced budget
+(`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized epochs, or the share
+`--tune-share` gives; a best value at an edge of the grid gets one more trial a step past it),
+trained without the held-out rows (`holdout-fraction`, per task) and scored on them: best primary
+metric (SST-2 accuracy, CoLA MCC), ties broken by the higher held-out ROC-AUC (a tied trial stored
+before AUC was recorded runs again). Trials are ordinary cached cells, so tuning again reuses them
+and reaches the same choice; every tried value and its score is returned for the grid's
+`results.json`.
 """
 
 from __future__ import annotations

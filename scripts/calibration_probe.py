@@ -64,13 +64,14 @@ def main() -> None:
         print(f"| {name} | {np.mean(predicted == eval_y):.4f} | {balanced_accuracy_score(eval_y, predicted):.4f} | "
               f"{roc_auc_score(eval_y, scores):.4f} | {predicted.mean():.3f} |", flush=True)
 
-    print(f"{'pre-trained model, ' if args.pretrained else ''}{cell['label']} ({settings.partition} {settings.dirichlet_alpha}, lora-lr {settings.lora_lr}), "
+    print(f"{'pre-trained model, ' if args.pretrained else ''}"
+          f"{cell['label']} ({settings.partition} {settings.dirichlet_alpha}, lora-lr {settings.lora_lr}), "
           f"{len(eval_y)} evaluation rows\n\n| classifier | accuracy | balanced | AUC | predicted positive |\n"
           "|---|---:|---:|---:|---:|")
     with torch.no_grad():
         logits = head(torch.from_numpy(eval_x)).numpy()
-    report("the initial head (random)" if args.pretrained else f"the run's exported head ({settings.classifier_calibration})",
-           logits[:, 1] - logits[:, 0])
+    exported = f"the run's exported head ({settings.classifier_calibration})"
+    report("the initial head (random)" if args.pretrained else exported, logits[:, 1] - logits[:, 0])
     pooled = calibration.pooled_statistics(stats)
     weight, bias = calibration.discriminant_head(pooled)
     lda = eval_x @ weight.numpy().T + bias.numpy()

@@ -56,7 +56,8 @@ def test_auto_precision_keeps_smollm2_in_fp32_where_bf16_pays(monkeypatch):
     devices.compute.cache_clear()  # resolved with the real probe by earlier tests
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu, ("minilm",)) == "bf16"
-    for models in (("smollm2",), ("HuggingFaceTB/SmolLM2-135M-Instruct",), ("smollm2", "minilm"), ("minilm", "smollm2")):
+    for models in (("smollm2",), ("HuggingFaceTB/SmolLM2-135M-Instruct",), ("smollm2", "minilm"),
+                   ("minilm", "smollm2")):
         assert resolve_precision("auto", cpu, models) == "fp32"  # the teacher or the student
     assert resolve_precision("bf16", cpu, ("smollm2",)) == "bf16"  # asked for: kept
     assert Settings(model="smollm2", student="minilm").models == ("smollm2", "minilm")
