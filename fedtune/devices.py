@@ -92,8 +92,9 @@ PROBE_SHAPE = (640, 384, 1536)  # an FFN matmul of all-MiniLM-L6-v2 at batch 32 
 def cpu_bf16_pays() -> bool:
     """Whether bf16 matmuls run at least `BF16_MARGIN` times fp32's on this CPU. Measured once per
     machine (one thread, `PROBE_SHAPE`, the two dtypes in alternation: `matmul_speeds`) and kept in
-    `<cache>/cpu-precision.json`, keyed by the CPU model and torch version, so every process of a run (the server, Ray's actors) and every later run
-    resolves `auto` the same way; the cache is `$FEDTUNE_CACHE` or ~/.cache/fedtune."""
+    `<cache>/cpu-precision.json`, keyed by the CPU model and torch version, so every process of a
+    run (the server, Ray's actors) and every later run resolves `auto` the same way; the cache is
+    `$FEDTUNE_CACHE` or ~/.cache/fedtune."""
     return _probe()["bf16_gflops"] >= BF16_MARGIN * _probe()["fp32_gflops"]
 
 
