@@ -98,6 +98,11 @@ def load_classifier(spec: str, num_labels: int, seed: int = 0, dropout: float = 
     return model
 
 
+def attention_of(model: nn.Module) -> str | None:
+    """The attention implementation of the first transformers model inside `model`, or None."""
+    return next((m.config._attn_implementation for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
 def set_attention(model: nn.Module, implementation: str) -> None:
     """Every transformers model inside `model` (a PEFT wrapper, a distillation pair) computes its
     attention with `implementation` ('eager', 'sdpa'); the weights, and what a saved copy loads

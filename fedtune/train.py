@@ -18,7 +18,8 @@ from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize, train_loader
 from fedtune.devices import autocast, compute, model_device, to_device, training_attention
 from fedtune.metrics import classification_metrics
-from fedtune.models import State, load_tokenizer, load_trainable_state, set_attention, trainable_state
+from fedtune.models import (State, attention_of, load_tokenizer, load_trainable_state, set_attention,
+                            trainable_state)
 
 
 def seed_everything(seed: int) -> None:
@@ -95,7 +96,9 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     CPU in bf16 the model's attention becomes the eager one (`devices.training_attention`).
     """
     device = model_device(model)
-    if attention := training_attention(device, precision):
+    attention = training_attention(device, precision)
+    restore = attention_of(model) if attention else None  # evaluation and exports keep the model's own
+    if attention:
         set_attention(model, attention)
     seated = lockstep.current()  # a batched client: its own tensors, steps taken together with the round's others
     if compile and not seated and getattr(model, "_compiled_call_impl", None) is None:
@@ -139,6 +142,8 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     finally:
         if seated:
             room.leave(member)  # the others stop waiting for this client
+        if restore and restore != attention:  # eager and SDPA differ in float error
+            set_attention(model, restore)
     return TrainResult(total_loss / steps, examples, steps, time.perf_counter() - start)
 
 

@@ -123,10 +123,14 @@ def test_bf16_training_on_cpu_switches_to_eager_attention_which_computes_the_sam
                             labels.tolist())
     loader = make_loader(data, load_tokenizer(path), batch_size=4, shuffle=False)
     fp32, bf16 = (add_lora(load_classifier(path, 2, seed=0), r=2, alpha=4) for _ in range(2))
-    train(fp32, loader, lr=1e-3, steps=1)
-    train(bf16, loader, lr=1e-3, steps=1, precision="bf16")
     implementations = lambda m: {x.config._attn_implementation for x in m.modules() if isinstance(x, PreTrainedModel)}  # noqa: E731
-    assert implementations(fp32) == {"sdpa"} and implementations(bf16) == {"eager"}
+    seen = {}
+    train(fp32, loader, lr=1e-3, steps=1, on_step=lambda *_: seen.setdefault("fp32", implementations(fp32)))
+    train(bf16, loader, lr=1e-3, steps=1, precision="bf16",
+          on_step=lambda *_: seen.setdefault("bf16", implementations(bf16)))
+    assert seen == {"fp32": {"sdpa"}, "bf16": {"eager"}}  # while training
+    # afterwards the model's own again, so evaluation and the export compute alike
+    assert implementations(fp32) == implementations(bf16) == {"sdpa"}
 
 
 @pytest.mark.slow
