@@ -93,14 +93,17 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     `compile`, the model's forward compiled first (once per model object: `nn.Module.compile`).
 
     `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation). On a
-    CPU in bf16 the model's attention becomes the eager one (`devices.training_attention`).
+    CPU in bf16 the model trains with eager attention (`devices.training_attention`) and gets its
+    own back afterwards.
     """
     device = model_device(model)
+    seated = lockstep.current()  # a batched client: its own tensors, steps taken together with the round's others
     attention = training_attention(device, precision)
-    restore = attention_of(model) if attention else None  # evaluation and exports keep the model's own
+    # Evaluation and exports keep the model's own attention. Batched clients share the model, so one
+    # that finishes early must not switch it back under the others (they leave it eager).
+    restore = attention_of(model) if attention and not seated else None
     if attention:
         set_attention(model, attention)
-    seated = lockstep.current()  # a batched client: its own tensors, steps taken together with the round's others
     if compile and not seated and getattr(model, "_compiled_call_impl", None) is None:
         model.compile(dynamic=True)
     if seated:
