@@ -76,18 +76,17 @@ def check_resume_folder(folder: str) -> None:
 
 
 def check_out_dir(out_dir: str) -> None:
-    """The output folder is a folder (made if missing) that this process can write in."""
-    path = Path(out_dir)
+    """The output folder is a folder this process can write in, or one it can make: it is not made
+    here (a run that stops at a later check leaves nothing behind); the run makes it when it writes."""
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out-dir {path} is a file, not a folder: give a folder for the run folders")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise ValueError(f"--out-dir {path} cannot be created ({existing} is a file): give a writable folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"--out-dir {path} is a file, not a folder: give a folder for the run folders") from None
-    except OSError as err:
-        raise ValueError(f"--out-dir {path} cannot be created ({err.strerror}): give a writable folder") from None
-    if not path.is_dir():
-        raise ValueError(f"--out-dir {path} is not a folder: give a folder for the run folders")
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".fedtune-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fedtune-write-test-"):
             pass
     except OSError as err:
-        raise ValueError(f"--out-dir {path} is not writable ({err.strerror}): give a writable folder") from None
+        where = "" if existing == path else f" (its folder {existing} is not writable)"
+        raise ValueError(f"--out-dir {path} is not writable{where}: {err.strerror}; give a writable folder") from None

@@ -1,5 +1,7 @@
 """Bad input fails before anything starts: no simulation engine, no run folder, one message."""
 
+from pathlib import Path
+
 import pytest
 
 import flwr.simulation
@@ -32,7 +34,7 @@ def test_bad_input_fails_before_the_engine_starts_and_leaves_no_run_folder(base,
         changes = {"glue_dir": str(tmp_path / "glue")}
     with pytest.raises(error, match=message):
         run_federated(base.replace(**changes), quiet=True)
-    assert not any((tmp_path / "runs").glob("*-*"))  # no run folder, complete or not
+    assert not (tmp_path / "runs").exists()  # no run folder, complete or not, and not even the out-dir
 
 
 def test_resume_of_a_folder_without_checkpoint_is_refused(base, tmp_path):
@@ -43,10 +45,12 @@ def test_resume_of_a_folder_without_checkpoint_is_refused(base, tmp_path):
         run_federated(base.replace(resume=str(folder)), quiet=True)
 
 
-def test_an_out_dir_that_is_a_file_is_named(base, tmp_path, capsys):
-    target = tmp_path / "a-file"
-    target.write_text("x")
-    with pytest.raises(ValueError, match=f"--out-dir {target} is a file, not a folder"):
+@pytest.mark.parametrize("below, message", [("", "is a file, not a folder"),
+                                            ("/runs", "cannot be created (.*a-file is a file)")])
+def test_an_out_dir_that_is_a_file_is_named(base, tmp_path, capsys, below, message):
+    (tmp_path / "a-file").write_text("x")
+    target = Path(f"{tmp_path / 'a-file'}{below}")
+    with pytest.raises(ValueError, match=f"--out-dir {target} {message}"):
         run_federated(base.replace(out_dir=str(target)), quiet=True)
     code = main(["run", "--task", "cola", "--glue-dir", base.glue_dir, "--model", base.model, "--out-dir", str(target)])
     err = capsys.readouterr().err
