@@ -201,13 +201,32 @@ def head_modules(model: PreTrainedModel) -> list[str]:
 
 
 def lora_targets(model: PreTrainedModel, override: str = "") -> list[str]:
+    """The module names LoRA wraps: `override` (comma-separated; each must name some of the model's
+    layers, as peft matches them: the whole name or its last parts), or the architecture's default."""
     if override:
-        return [name.strip() for name in override.split(",") if name.strip()]
+        targets = [name.strip() for name in override.split(",") if name.strip()]
+        layers = [name for name, module in model.named_modules()
+                  if not any(True for _ in module.children()) and any(True for _ in module.parameters(recurse=False))]
+        if unmatched := [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ValueError(f"lora-targets {', '.join(unmatched)}: no layer of model {model.config.model_type!r} has "
+                             f"that name (its layers: {', '.join(leaves)})")
+        return targets
     model_type = model.config.model_type
     if model_type not in LORA_TARGETS:
         raise ValueError(f"no default LoRA targets for architecture {model_type!r} "
                          f"(known: {', '.join(sorted(LORA_TARGETS))}); set lora-targets, e.g. 'q_proj,v_proj'")
     return LORA_TARGETS[model_type]
+
+
+def check_lora_targets(spec: str, override: str) -> None:
+    """`lora_targets` on a weightless copy of the model `spec` (no weights are read): a bad
+    `lora-targets`, or an architecture without default targets, is refused before a run starts."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(spec))
+    with torch.device("meta"):
+        lora_targets(AutoModelForSequenceClassification.from_config(config), override)
 
 
 def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float = 0.0, targets: str = ""):

@@ -9,11 +9,15 @@ from fedtune.inputs import check_out_dir
 
 
 def check_data_and_model(settings: Settings) -> None:
-    """The GLUE files read, the model folder holds a model, the tokenizer loads."""
+    """The GLUE files read; the model (and the student) folder holds a model whose tokenizer loads
+    and whose layers have the names `lora-targets` gives."""
     from fedtune.data import cached_task_data
-    from fedtune.models import load_tokenizer
+    from fedtune.models import check_lora_targets, load_tokenizer
 
-    load_tokenizer(settings.model)
+    for spec in dict.fromkeys(filter(None, (settings.model, settings.student))):
+        load_tokenizer(spec)
+        if settings.lora_targets:
+            check_lora_targets(spec, settings.lora_targets)
     cached_task_data(settings)
 
 

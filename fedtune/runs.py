@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,18 +83,36 @@ class RunDir:
 def interrupted_message() -> str:
     """What Ctrl-C leaves, in one line: the checkpoint and the command that resumes it, or (no
     round finished yet) that nothing is left: the folder is removed."""
-    import shutil
-
     if not ACTIVE:
         return "fedtune: interrupted before a run folder was made; nothing to resume"
     run = ACTIVE[-1]
-    from fedtune.checkpoint import has_checkpoint
-
-    if has_checkpoint(run.path):
+    if not discard_unstarted(run):
         return (f"fedtune: interrupted; the last finished round is checkpointed in {run.path.resolve()}; "
                 f"continue with: fedtune resume {run.path.resolve()}")
-    shutil.rmtree(run.path, ignore_errors=True)
     return f"fedtune: interrupted with nothing to resume (no round checkpointed); removed {run.path}"
+
+
+def discard_unstarted(run: RunDir) -> bool:
+    """Remove the folder of a run that stopped before its first checkpoint: it holds nothing to
+    resume or to read. Returns whether it did (a checkpointed run keeps its folder, for `resume`)."""
+    from fedtune.checkpoint import has_checkpoint
+
+    if not run.path.name.endswith(INCOMPLETE) or has_checkpoint(run.path):
+        return False
+    shutil.rmtree(run.path, ignore_errors=True)
+    if run in ACTIVE:
+        ACTIVE.remove(run)
+    return True
+
+
+@contextlib.contextmanager
+def discarded_on_error(run: RunDir):
+    """A run that fails before its first checkpoint leaves no folder behind (`discard_unstarted`)."""
+    try:
+        yield run
+    except Exception:
+        discard_unstarted(run)
+        raise
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

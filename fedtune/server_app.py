@@ -24,7 +24,7 @@ from fedtune.models import HUB_IDS, State, load_tokenizer, load_trainable_state
 from fedtune.partition import partition_report
 from fedtune.plots import plot_partitions, plot_rounds
 from fedtune.privacy import PrivacyLedger, private
-from fedtune.runs import RunDir, read_config
+from fedtune.runs import RunDir, discarded_on_error, read_config
 from fedtune.strategy import FedTuneStrategy, RoundStats
 from fedtune.tasks import task_spec
 from fedtune.teacher import pretrain_teacher, teacher_metrics
@@ -87,35 +87,37 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                                 task_spec(settings.task).num_labels)
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run, checkpoint = open_run(settings)
-    partitions = partition_report(settings, settings.clients)
-    if ranks := algorithm.summary_fields()["client_ranks"]:  # record who trains at which LoRA rank
-        for p in partitions:
-            p["lora-r"] = ranks[p["partition-id"]]
-    run.write_json("partitions.json", partitions)
-    model = cached_model(algorithm, algorithm.server_settings())  # the server's model, for server-side hooks
-    strategy, runner, ledger = build_runner(algorithm, nodes, partitions, model)
-    state = initial_state(algorithm)
-    if not checkpoint:  # a resumed run's checkpoint holds the initialised classifier already
-        state = initialize_classifier(grid, nodes, algorithm, state, run, quiet)
-    recorder = RoundRecorder(run, algorithm, strategy, ledger, teacher_dev, sum(t.numel() for t in state.values()))
-    if checkpoint:
-        state = recorder.resume(checkpoint, state)
-        say(f"resuming {run.path} after round {strategy.offset}", quiet)
-        if strategy.offset == settings.rounds:  # every round ran; writing the results failed last time
-            state, calibrated = calibrate_classifier(grid, nodes, algorithm, state, quiet)
-            return finish_run(run, algorithm, state, recorder.records, partitions, ledger is not None, quiet,
-                              calibrated)
-    say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
-        f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
-    with progress_bar(settings.rounds, "rounds", quiet) as update:
-        recorder.on_round = update
-        result = runner.start(grid=grid, initial_arrays=ArrayRecord(state),
-                              num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
-                              train_config=ConfigRecord({"run-name": run.final_path.name}),
-                              evaluate_fn=recorder.evaluate)
-    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state
-    final_state, calibrated = calibrate_classifier(grid, nodes, algorithm, final_state, quiet)
-    return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet, calibrated)
+    with discarded_on_error(run):  # a run that fails before its first checkpoint leaves no folder behind
+        partitions = partition_report(settings, settings.clients)
+        if ranks := algorithm.summary_fields()["client_ranks"]:  # record who trains at which LoRA rank
+            for p in partitions:
+                p["lora-r"] = ranks[p["partition-id"]]
+        run.write_json("partitions.json", partitions)
+        model = cached_model(algorithm, algorithm.server_settings())  # the server's model, for server-side hooks
+        strategy, runner, ledger = build_runner(algorithm, nodes, partitions, model)
+        state = initial_state(algorithm)
+        if not checkpoint:  # a resumed run's checkpoint holds the initialised classifier already
+            state = initialize_classifier(grid, nodes, algorithm, state, run, quiet)
+        recorder = RoundRecorder(run, algorithm, strategy, ledger, teacher_dev, sum(t.numel() for t in state.values()))
+        if checkpoint:
+            state = recorder.resume(checkpoint, state)
+            say(f"resuming {run.path} after round {strategy.offset}", quiet)
+            if strategy.offset == settings.rounds:  # every round ran; writing the results failed last time
+                state, calibrated = calibrate_classifier(grid, nodes, algorithm, state, quiet)
+                return finish_run(run, algorithm, state, recorder.records, partitions, ledger is not None, quiet,
+                                  calibrated)
+        say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
+            f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
+        with progress_bar(settings.rounds, "rounds", quiet) as update:
+            recorder.on_round = update
+            result = runner.start(grid=grid, initial_arrays=ArrayRecord(state),
+                                  num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
+                                  train_config=ConfigRecord({"run-name": run.final_path.name}),
+                                  evaluate_fn=recorder.evaluate)
+        final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state
+        final_state, calibrated = calibrate_classifier(grid, nodes, algorithm, final_state, quiet)
+        return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet,
+                          calibrated)
 
 
 def gather_class_statistics(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,

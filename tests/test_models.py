@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedtune.models import (add_lora, find_layer_stack, head_modules, load_classifier,
+from fedtune.models import (add_lora, check_lora_targets, find_layer_stack, head_modules, load_classifier,
                             load_tokenizer, load_trainable_state, make_student, same_tokenizer, trainable_state)
 
 
@@ -49,6 +49,17 @@ def test_lora_trains_adapters_and_the_whole_head(model_dir):
     for head in heads:  # e.g. DistilBERT's pre_classifier too, which peft leaves frozen by default
         assert any(f"{head}.modules_to_save" in n for n in names), head
     assert all("lora_" in n or "modules_to_save" in n for n in names)
+
+
+def test_lora_targets_wrap_exactly_the_named_layers_and_an_unknown_name_is_refused(tiny_bert):
+    model = add_lora(load_classifier(tiny_bert, num_labels=2, seed=0), r=2, alpha=4,
+                     targets="query, attention.output.dense")
+    wrapped = {n.split(".lora_A")[0] for n in trainable_state(model) if ".lora_A" in n}
+    assert wrapped == {f"base_model.model.bert.encoder.layer.{i}.{m}" for i in range(4)
+                       for m in ("attention.self.query", "attention.output.dense")}
+    check_lora_targets(tiny_bert, "query,value")  # a weightless copy: passes
+    with pytest.raises(ValueError, match="lora-targets q_proj: no layer of model 'bert'"):
+        check_lora_targets(tiny_bert, "query,q_proj")
 
 
 def test_distilbert_head_includes_pre_classifier(tiny_distilbert):

@@ -24,6 +24,10 @@ def base(tiny_bert, glue_dir, tmp_path, monkeypatch):
     ({"algorithm": "fedex-lora", "dropout": 0.3}, ValueError, "needs dropout=0"),
     ({"resume": "/nonexistent/fedlora-cola-1.incomplete"}, FileNotFoundError, "does not exist"),
     ({"model": "/"}, ValueError, "model folder / holds no Hugging Face model"),
+    ({"lora_targets": "query,nosuch"}, ValueError, "lora-targets nosuch: no layer of model 'bert' has that name "
+                                                   r"\(its layers: .*query"),
+    ({"algorithm": "fedkdlora", "student": "/nonexistent/student"}, ValueError,
+     "model '/nonexistent/student' is not a folder"),
     ({"glue_dir": "MALFORMED"}, RuntimeError, r"train.tsv:1: expected 4 tab-separated columns"),
 ])
 def test_bad_input_fails_before_the_engine_starts_and_leaves_no_run_folder(base, changes, error, message, tmp_path):
@@ -74,3 +78,18 @@ def test_missing_inputs_are_reported_before_torch_is_imported(args, message, tmp
                           else [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(base, tmp_path, monkeypatch):
+    """Past the checks, a run folder exists; an error before round 0 is checkpointed removes it (it
+    holds nothing to resume), as Ctrl-C does. A run with a checkpoint keeps it (test_checkpoint)."""
+    import fedtune.server_app
+
+    def fail(*args, **kwargs):
+        assert list((tmp_path / "runs").glob("*.incomplete")), "the run folder should exist by now"
+        raise RuntimeError("the strategy could not be built")
+
+    monkeypatch.setattr(fedtune.server_app, "build_runner", fail)
+    with pytest.raises(RuntimeError, match="the strategy could not be built"):
+        run_federated(base.replace(engine="local"), quiet=True)
+    assert list((tmp_path / "runs").iterdir()) == []
