@@ -57,6 +57,7 @@ class MutualDistillation(nn.Module):
         if frozen_teacher:
             teacher.requires_grad_(False)
         self.temperature, self.hidden_weight = temperature, hidden_weight
+        self.task = None  # a client's label-skew loss on (logits, labels) in place of the task terms' cross-entropy
         t_config, s_config = teacher.config, student.config
         self.layers = layer_map(t_config.num_hidden_layers, s_config.num_hidden_layers, blocks)
         widths_differ = t_config.hidden_size != s_config.hidden_size
@@ -78,7 +79,7 @@ class MutualDistillation(nn.Module):
             teacher_out = self.teacher(**teacher_batch, output_hidden_states=hidden)
         student_out = self.student(**batch, output_hidden_states=hidden)
         teacher_loss, student_loss = distillation_losses(teacher_out.logits, student_out.logits, batch["labels"],
-                                                         self.temperature)
+                                                         self.temperature, self.task)
         if hidden:
             ce_sum = (F.cross_entropy(teacher_out.logits, batch["labels"]) +
                       F.cross_entropy(student_out.logits, batch["labels"])).detach().clamp_min(1e-8)

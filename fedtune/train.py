@@ -50,17 +50,27 @@ def cycle(loader) -> Iterator:
         yield from loader
 
 
+LogitLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> loss
+
+
 def distillation_losses(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float = 1.0, task: LogitLoss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FedKD's adaptive mutual distillation: (teacher loss, student loss).
 
     Each model's loss is its task cross-entropy plus the KL divergence from the other
     model's (detached) prediction, the KL divided by the sum of both task losses: when
     predictions are poor the models trust each other less. Logits are (B, num_labels).
+
+    `task` (logits, labels) -> loss replaces each model's task term (a client's label-skew loss,
+    e.g. logit adjustment); the weight and the KL terms keep the plain cross-entropy and logits:
+    how far the models trust each other is how well they predict, and a calibrated loss can be 0
+    (a client with one class), which would make the weight unbounded.
     """
     ce_teacher = F.cross_entropy(teacher_logits, labels)
     ce_student = F.cross_entropy(student_logits, labels)
     weight = 1.0 / (ce_teacher + ce_student).detach().clamp_min(1e-8)
+    if task is not None:
+        ce_teacher, ce_student = task(teacher_logits, labels), task(student_logits, labels)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     t2 = temperature**2  # keeps gradient size independent of T (Hinton et al.)

@@ -81,10 +81,13 @@ def test_client_losses_are_settings_with_their_own_checked_options():
         Settings(client_loss="focal")
     with pytest.raises(ValueError, match=r"fedlc-tau=0.0 \(must be in \(0, inf\)\)"):
         Settings.from_dict({"fedlc-tau": 0})
-    with pytest.raises(ValueError, match="kd-placement=client trains with FedKD's distillation loss"):
-        from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms import get_algorithm
 
-        get_algorithm("fedkdlora", Settings(algorithm="fedkdlora", kd_placement="client", client_loss="fedlc"))
+    for loss in ("fedlc", "logit-adjust"):  # losses on logits replace the task terms of FedKD's distillation
+        get_algorithm("fedkdlora", Settings(algorithm="fedkdlora", kd_placement="client", client_loss=loss))
+    for loss in ("feddecorr", "moon"):
+        with pytest.raises(ValueError, match=f"client-loss {loss} reads each row's features: use one on logits"):
+            get_algorithm("fedkdlora", Settings(algorithm="fedkdlora", kd_placement="client", client_loss=loss))
 
 
 def test_feddecorr_is_the_mean_squared_off_diagonal_correlation_over_the_batch_size():

@@ -103,3 +103,24 @@ def test_a_frozen_client_teacher_keeps_nothing_and_reports_its_pretrained_metric
     again = client_update(algorithm, 1, 2, start, 1, 1e-2, kept_state=None)
     for name, tensor in student.items():
         torch.testing.assert_close(tensor, again.state[name])
+
+
+def test_client_teachers_train_with_the_clients_own_label_skew_loss(settings, monkeypatch):
+    """With `client-loss logit-adjust`, both models' task terms on a client are the loss adjusted
+    by that client's own label counts (checked on hand-made logits against the formula)."""
+    import fedtune.distill
+    from fedtune.client_losses.logit_adjustment import logit_adjusted_loss
+    from fedtune.data import cached_task_data
+    from fedtune.partition import client_partitions
+
+    settings = settings.replace(client_loss="logit-adjust", la_tau=2.0)
+    seen = []
+    real = fedtune.distill.distillation_losses
+    monkeypatch.setattr(fedtune.distill, "distillation_losses", lambda *a: seen.append(a[4]) or real(*a))
+    algorithm = get_algorithm("fedkdlora", settings)
+    client_update(algorithm, 1, 2, initial_state(algorithm), 1, 1e-2)
+    rows = cached_task_data(settings).private.select(client_partitions(settings, 2)[1])
+    counts = torch.bincount(torch.tensor(rows["label"]), minlength=2).float()
+    logits, labels = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.4, 0.9]]), torch.tensor([0, 1, 1])
+    assert len(seen) == settings.local_steps and seen[0] is not None
+    assert seen[0](logits, labels).item() == pytest.approx(logit_adjusted_loss(logits, labels, counts, 2.0).item())

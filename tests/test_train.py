@@ -33,6 +33,34 @@ def test_kl_term_matches_a_hand_computation():
     assert teacher_loss.item() == pytest.approx(ce_t + kl_s_to_t / (ce_t + ce_s), rel=1e-5)
 
 
+def test_a_client_loss_replaces_the_task_terms_and_the_weight_keeps_the_cross_entropy():
+    """With a client's logit-adjusted loss (priors 3/4, 1/4), each task term is the adjusted one;
+    the KL terms and their weight 1 / (CE_t + CE_s) keep the plain logits."""
+    from fedtune.client_losses.logit_adjustment import logit_adjusted_loss
+
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # softmax (0.75, 0.25)
+    student = torch.tensor([[0.0, 0.0]])  # softmax (0.5, 0.5)
+    labels = torch.tensor([0])
+    counts = torch.tensor([3.0, 1.0])
+    ce_t, ce_s = -math.log(0.75), -math.log(0.5)
+    la_t = -math.log(3 * 0.75 / (3 * 0.75 + 0.25))  # logits + log prior: e^x proportional to (2.25, 0.25)
+    la_s = -math.log(0.75)  # (0.75, 0.25)
+    kl_t_to_s = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    kl_s_to_t = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    task = lambda logits, y: logit_adjusted_loss(logits, y, counts, 1.0)  # noqa: E731
+    teacher_loss, student_loss = distillation_losses(teacher, student, labels, task=task)
+    assert student_loss.item() == pytest.approx(la_s + kl_t_to_s / (ce_t + ce_s), rel=1e-5)
+    assert teacher_loss.item() == pytest.approx(la_t + kl_s_to_t / (ce_t + ce_s), rel=1e-5)
+
+    # A client with one class: its adjusted loss is 0 (no gradient), the weight stays bounded.
+    one_class = lambda logits, y: logit_adjusted_loss(logits, y, torch.tensor([4.0, 0.0]), 1.0)  # noqa: E731
+    student = student.clone().requires_grad_()
+    teacher_loss, student_loss = distillation_losses(teacher, student, labels, task=one_class)
+    assert student_loss.item() == pytest.approx(kl_t_to_s / (ce_t + ce_s), rel=1e-5)
+    student_loss.backward()
+    assert torch.isfinite(student.grad).all()
+
+
 def test_gradients_reach_both_models():
     teacher = torch.randn(4, 2, requires_grad=True)
     student = torch.randn(4, 2, requires_grad=True)

@@ -23,6 +23,7 @@ from torch import nn
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
+from fedtune.client_losses import client_loss_reads_features, client_loss_reads_references, logit_loss
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, train_loader
 from fedtune.devices import compute, evaluation_precision
@@ -30,8 +31,10 @@ from fedtune.distill import MutualDistillation
 from fedtune.models import add_lora, load_tokenizer, load_trainable_state, save_merged, trainable_state
 from fedtune.plugins import Option
 from fedtune.models import same_tokenizer
+from fedtune.tasks import task_spec
 from fedtune.teacher import build_student, load_teacher, require_teacher, teacher_metrics, teacher_tokenizer
-from fedtune.train import LocalWork, TrainResult, dev_loader, evaluate, local_steps, round_seed, seed_everything, train
+from fedtune.train import (LocalWork, LogitLoss, TrainResult, dev_loader, evaluate, local_steps, round_seed,
+                           seed_everything, train)
 
 
 @register
@@ -74,9 +77,12 @@ class FedKDLoRA(FedLoRA):
             raise ValueError("fedkdlora with kd-placement=client trains the student inside FedKD's mutual "
                              "distillation, which SCAFFOLD's correction does not reach yet: use scaffold=0, or "
                              "kd-placement=server")
-        if self.settings.kd_placement == "client" and self.settings.client_loss != "none":
-            raise ValueError("fedkdlora with kd-placement=client trains with FedKD's distillation loss, which "
-                             "client-loss does not change yet: use client-loss=none, or kd-placement=server")
+        if self.settings.kd_placement == "client" and (client_loss_reads_features(self.settings)
+                                                       or client_loss_reads_references(self.settings)):
+            raise ValueError(f"fedkdlora with kd-placement=client trains with FedKD's distillation loss, whose task "
+                             f"terms a client loss on logits replaces (fedlc, logit-adjust), but client-loss "
+                             f"{self.settings.client_loss} reads each row's features: use one on logits, or "
+                             f"kd-placement=server")
         if (self.settings.kd_hidden_weight > 0 and self.settings.student
                 and not same_tokenizer(self.settings.model, self.settings.student)):
             raise ValueError(f"kd-hidden-weight compares hidden states token by token, but student "
@@ -102,7 +108,8 @@ class FedKDLoRA(FedLoRA):
         if not self.teacher_on_client:
             return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
                                        extras=extras)
-        result, teacher, metrics = distil(self, model, rows, kept_state, seed, lr, steps)
+        task = logit_loss(self.settings, rows, task_spec(self.settings.task).num_labels)  # None: cross-entropy
+        result, teacher, metrics = distil(self, model, rows, kept_state, seed, lr, steps, task)
         # A frozen teacher leaves nothing to keep (unless a hidden-state projection learns).
         return LocalWork(result, teacher or None, {f"teacher-dev-{k}": v for k, v in metrics.items()})
 
@@ -153,14 +160,16 @@ def _distillation(settings: Settings, student: nn.Module) -> tuple[MutualDistill
 
 
 def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State | None, seed: int, lr: float,
-           steps: int) -> tuple[TrainResult, State, dict[str, float]]:
+           steps: int, task: LogitLoss | None = None) -> tuple[TrainResult, State, dict[str, float]]:
     """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and
     `student` (its state already loaded) on `rows`: (train result, new teacher state, teacher dev
-    metrics). A frozen teacher (`kd-mode frozen-teacher`) is not evaluated again: its metrics are
-    the pre-trained teacher's, as in round 0."""
+    metrics). `task` replaces the task terms' cross-entropy (a client's `client-loss`). A frozen
+    teacher (`kd-mode frozen-teacher`) is not evaluated again: its metrics are the pre-trained
+    teacher's, as in round 0."""
     settings = algorithm.settings
     distiller, initial = _distillation(settings, student)
     distiller.load_kept_state(initial if teacher_state is None else teacher_state)
+    distiller.task = task  # the distiller is shared by the rounds of a process: set on every call
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed,
                           teacher_tokenizer=teacher_tokenizer(settings))

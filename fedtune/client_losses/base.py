@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from fedtune.calibration import head_layer, pooled
 from fedtune.plugins import Option
-from fedtune.train import LossFn, supervised_loss
+from fedtune.train import LogitLoss, LossFn, supervised_loss
 
 
 class ClientLoss:
@@ -137,6 +137,24 @@ def task_loss(settings, rows, num_labels: int) -> LossFn:
         return loss(logits.float(), batch["labels"], features.float(), references=tuple(under))
 
     return on_logits
+
+
+def logit_loss(settings, rows, num_labels: int) -> LogitLoss | None:
+    """`client-loss` on (logits, labels) alone, built from `rows`' label counts, for a loss that
+    combines with others' terms (FedKD's mutual distillation on a client); None for "none". A
+    client loss that reads the classifier's features is refused: the caller runs no model for it."""
+    if settings.client_loss == "none":
+        return None
+    if settings.client_loss not in _REGISTRY:
+        raise ValueError(f"unknown client-loss {settings.client_loss!r} (known: none, {', '.join(_REGISTRY)})")
+    cls = _REGISTRY[settings.client_loss]
+    on_logits = [name for name, c in _REGISTRY.items() if not (c.reads_features or c.reads_references)]
+    if settings.client_loss not in on_logits:
+        raise ValueError(f"client-loss {settings.client_loss} reads each row's features, which algorithm "
+                         f"{settings.algorithm} does not hand to it here: use a loss on logits alone "
+                         f"({', '.join(on_logits)})")
+    loss = cls(settings, label_counts(rows["label"], num_labels))
+    return lambda logits, labels: loss(logits.float(), labels)
 
 
 def logits_and_features(model: nn.Module, inputs: dict[str, torch.Tensor], num_labels: int,
