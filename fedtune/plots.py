@@ -123,3 +123,22 @@ def plot_rank_sweep(results: list[dict], task: str, folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "metric-vs-rank.png", dpi=100)
     plt.close(fig)
+
+
+def plot_skew_curve(series: dict[str, list[float | None]], columns: list[str], path: Path) -> None:
+    """Dev accuracy against label skew: one line per method (x: `columns`, least skewed first; a
+    gap where it was not measured); remedied rows ("<method> + <remedy>") dashed."""
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    for index, (label, values) in enumerate(series.items()):
+        color, marker = line_style(index, len(series))
+        ax.plot(range(len(columns)), [np.nan if v is None else v for v in values], marker=marker, color=color,
+                linestyle="--" if " + " in label else "-", label=label)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set(xlabel="label skew (Dirichlet alpha; IID = none)", ylabel="dev accuracy",
+           title="SST-2: accuracy under label skew (4 clients, standard budget)")
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # about one class for every sentence
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -158,9 +158,10 @@ SKEW_GRIDS = {"IID": ("sst2-iid-standard.json",),
 # seeds); the column's header names the seeds of its first grid, and a row with other seeds says so.
 
 
-def skew_curve(folder: Path = RESULTS) -> str:
-    """Federated method (with or without a remedy) x skew: SST-2 dev accuracy, with balanced
-    accuracy in brackets where recorded; the methods that have a skewed cell at all."""
+def skew_cells(folder: Path = RESULTS) -> tuple[dict[str, dict[str, dict]], set[str], dict[str, int]]:
+    """({method: {column: {"accuracy", "balanced", "seeds"}}}, the rows whose server holds labelled
+    data, {column: seeds of its first grid}) from the committed SST-2 grids of `SKEW_GRIDS`;
+    centralized rows (no skew) left out."""
     cells, server_data, seeds = {}, set(), {}
     for column, files in SKEW_GRIDS.items():
         for file in files:
@@ -173,24 +174,61 @@ def skew_curve(folder: Path = RESULTS) -> str:
             for row in grid["table"]:
                 if row["MB up / round"] in ("-", None):  # centralized rows have no skew
                     continue
-                text = _mean(row["accuracy"])
-                if (balanced := stat_mean(row.get("balanced acc"))) is not None:
-                    text += f" ({balanced:.3f})"
-                if (row_seeds := row.get("seeds", grid["seeds"])) != seeds[column]:
-                    text += f", {_seeds(row_seeds)}"
-                cells.setdefault(row["method"], {})[column] = text
+                cells.setdefault(row["method"], {})[column] = {
+                    "accuracy": stat_mean(row["accuracy"]), "balanced": stat_mean(row.get("balanced acc")),
+                    "seeds": row.get("seeds", grid["seeds"])}
+    return cells, server_data, seeds
+
+
+def skew_methods(cells: dict[str, dict]) -> list[str]:
+    """The methods with a skewed cell, each base row followed by its remedied rows, in grid order."""
     skewed = [m for m in cells if set(cells[m]) - {"IID"}]
-    if not skewed:
-        return "_No skewed grid has finished yet._"
     order = [label for label, _ in grid_rows()]
     base = lambda m: m.split(" + ")[0]  # noqa: E731
-    methods = sorted({base(m) for m in skewed} | set(skewed),
-                     key=lambda m: (order.index(base(m)) if base(m) in order else len(order), m != base(m), m))
+    return sorted({base(m) for m in skewed} | set(skewed),
+                  key=lambda m: (order.index(base(m)) if base(m) in order else len(order), m != base(m), m))
+
+
+def skew_curve(folder: Path = RESULTS) -> str:
+    """Federated method (with or without a remedy) x skew: SST-2 dev accuracy, with balanced
+    accuracy in brackets where recorded; the methods that have a skewed cell at all."""
+    cells, server_data, seeds = skew_cells(folder)
+    methods = skew_methods(cells)
+    if not methods:
+        return "_No skewed grid has finished yet._"
+
+    def text(cell: dict, column: str) -> str:
+        value = f"{cell['accuracy']:.3f}"
+        if cell["balanced"] is not None:
+            value += f" ({cell['balanced']:.3f})"
+        if cell["seeds"] != seeds[column]:
+            value += f", {_seeds(cell['seeds'])}"
+        return value
+
     columns = [f"{c} ({_seeds(seeds[c])})" if c in seeds else c for c in SKEW_GRIDS]
     rows = [{"method": f"{m} †" if m in server_data else m,
-             **{column: cells.get(m, {}).get(c, "-") for column, c in zip(columns, SKEW_GRIDS)}} for m in methods]
+             **{column: text(cells[m][c], c) if c in cells.get(m, {}) else "-"
+                for column, c in zip(columns, SKEW_GRIDS)}} for m in methods]
     return (markdown(rows) + "\n\nSST-2 dev accuracy (balanced accuracy); - not run yet. † the server also trains "
             "on labelled data it holds (the public slice).")
+
+
+def skew_plot(folder: Path = RESULTS, path: Path | None = None) -> dict[str, list[float | None]]:
+    """`skew-curve.png` in `folder` (or `path`): SST-2 dev accuracy against the skew, one line per
+    method measured under two neighbouring skews at least (no line crosses a skew it was not
+    measured under); returns what it drew, {label: accuracy per column, None where not measured}."""
+    from fedtune.plots import plot_skew_curve
+
+    cells, server_data, _ = skew_cells(folder)
+    columns = list(SKEW_GRIDS)
+    series = {}
+    for method in skew_methods(cells):
+        values = [cells[method][c]["accuracy"] if c in cells.get(method, {}) else None for c in columns]
+        if any(a is not None and b is not None for a, b in zip(values, values[1:])):
+            series[f"{method} †" if method in server_data else method] = values
+    if series:
+        plot_skew_curve(series, columns, path or folder / "skew-curve.png")
+    return series
 
 
 def blocks(folder: Path = RESULTS) -> dict[str, str]:
@@ -218,6 +256,8 @@ def main() -> int:
     for path in DOCUMENTS:
         path.write_text(render(path.read_text(), generated))
         print(f"updated {path.relative_to(REPO)}")
+    if skew_plot():
+        print(f"updated {(RESULTS / 'skew-curve.png').relative_to(REPO)}")
     return 0
 
 

@@ -90,7 +90,7 @@ def test_rows_whose_server_uses_its_own_data_are_marked(tmp_path):
 
 
 def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp_path):
-    from fedtune.tables import skew_curve
+    from fedtune.tables import skew_curve, skew_plot
 
     stat = lambda v: {"mean": v, "std": 0.0, "values": [v]}  # noqa: E731
     files = {"sst2-iid-standard.json": _grid("sst2", [_row("LoRA", accuracy=stat(0.9)),
@@ -108,6 +108,9 @@ def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp
     for name, grid in files.items():
         (tmp_path / name).write_text(json.dumps(grid))
     lines = skew_curve(tmp_path).splitlines()
+    # The plot draws the rows measured under two neighbouring skews, a gap where one was not measured.
+    assert skew_plot(tmp_path) == {"Fed-LoRA": [0.845, 0.811, None]}
+    assert (tmp_path / "skew-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines[0] == "| method | IID (2 seeds) | Dir 0.5 (1 seed) | Dir 0.1 (1 seed) |"
     # Centralized rows have no skew; a remedied row follows its method's row.
     assert lines[2:5] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + ccvr-lda | - | - | 0.775, 2 seeds |",
