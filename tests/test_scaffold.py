@@ -45,6 +45,36 @@ def test_the_correction_reaches_every_travelling_gradient_and_is_removed_after()
             pass
 
 
+def test_the_correction_reaches_the_student_inside_fedkds_mutual_distillation(tiny_bert):
+    """With the teacher on the client, the student trains inside `MutualDistillation`: its
+    gradients are still g - c_i + c, and the teacher's (which never travels) are not corrected."""
+    from fedtune.distill import MutualDistillation
+    from fedtune.models import add_lora, load_classifier, trainable_state
+
+    teacher = add_lora(load_classifier(tiny_bert, 2, seed=0), r=2, alpha=4)
+    student = add_lora(load_classifier(tiny_bert, 2, seed=1), r=2, alpha=4)
+    distiller = MutualDistillation(teacher, student)
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    shapes = trainable_state(student)
+    c_local = {k: torch.randn_like(v) for k, v in shapes.items()}
+    c_global = {k: torch.randn_like(v) for k, v in shapes.items()}
+
+    def gradients():
+        distiller.zero_grad()
+        distiller.loss(batch).backward()
+        return {n: p.grad.clone() for n, p in distiller.named_parameters() if p.requires_grad}
+
+    plain = gradients()
+    with scaffold.corrected(student, c_local, c_global):
+        corrected = gradients()
+    for name, grad in corrected.items():
+        key = name.removeprefix("student.")
+        expected = plain[name] - c_local[key] + c_global[key] if name.startswith("student.") else plain[name]
+        assert torch.allclose(grad, expected, atol=1e-6), name
+
+
 @pytest.fixture(scope="module")
 def base(tiny_bert, glue_dir, tmp_path_factory):
     return Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
@@ -52,11 +82,16 @@ def base(tiny_bert, glue_dir, tmp_path_factory):
                     precision="fp32", out_dir=str(tmp_path_factory.mktemp("runs")))
 
 
-def test_two_rounds_follow_algorithm_1_and_count_the_variates(base, monkeypatch):
+@pytest.mark.parametrize("changes", [{}, {"algorithm": "fedkdlora", "kd_placement": "client", "teacher_epochs": 0.05}],
+                         ids=["fedlora", "fedkdlora-client-teachers"])
+def test_two_rounds_follow_algorithm_1_and_count_the_variates(base, monkeypatch, changes, tmp_path):
     """From the files a run leaves (each client's c_i per round on its disk, the server's state and
     c in the checkpoint): y_i = x - K lr (c_i+ - c_i + c) for every client, and the next global
-    state is the example-weighted mean of the y_i; c after a round is the mean of the c_i."""
+    state is the example-weighted mean of the y_i; c after a round is the mean of the c_i. With
+    FedKDLoRA's teachers on the clients the student (what travels) is corrected and averaged so."""
     import fedtune.checkpoint as checkpoints
+
+    base = base.replace(out_dir=str(tmp_path), **changes)
 
     saved = {}
     real_save = checkpoints.save

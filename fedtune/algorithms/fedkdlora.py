@@ -73,10 +73,6 @@ class FedKDLoRA(FedLoRA):
 
     def check_settings(self) -> None:
         super().check_settings()
-        if self.settings.kd_placement == "client" and self.settings.scaffold:
-            raise ValueError("fedkdlora with kd-placement=client trains the student inside FedKD's mutual "
-                             "distillation, which SCAFFOLD's correction does not reach yet: use scaffold=0, or "
-                             "kd-placement=server")
         if self.settings.kd_placement == "client" and (client_loss_reads_features(self.settings)
                                                        or client_loss_reads_references(self.settings)):
             raise ValueError(f"fedkdlora with kd-placement=client trains with FedKD's distillation loss, whose task "
