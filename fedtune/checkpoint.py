@@ -39,6 +39,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (the message names the file and the fix)."""
 
 
+class TeacherChanged(CheckpointError):
+    """The run distilled from a teacher that is no longer the cached one (it was trained again)."""
+
+
 @dataclass
 class Checkpoint:
     global_state: State
@@ -123,6 +127,22 @@ def check_settings(checkpoint: Checkpoint, settings: dict, path: Path) -> None:
         raise CheckpointError(f"{path} was written by a run with other settings: {shown}"
                               f"{' and more' if len(differ) > 4 else ''}; a resume continues the same run: undo the "
                               f"change in config.json, or start a new run")
+
+
+def check_teacher(checkpoint: Checkpoint, teacher_dev: dict[str, float], path: Path) -> None:
+    """A run that distils from a pre-trained teacher continues only with the teacher it started
+    with: its dev metrics, recorded in round 0, equal those of the teacher cached now. (A teacher
+    trained again, e.g. in another precision, under the same folder would otherwise distil into
+    rounds that round 0 attributes to the old one.)"""
+    if not teacher_dev or not checkpoint.records:
+        return
+    started = {k: checkpoint.records[0].get(k) for k in teacher_dev}
+    if started != teacher_dev:
+        key = "teacher_dev_mcc" if "teacher_dev_mcc" in teacher_dev else next(iter(teacher_dev))
+        before = started[key] if isinstance(started[key], (int, float)) else float("nan")
+        raise TeacherChanged(f"{path}: this run started with another teacher (dev {key[12:]} {before:.4f} in "
+                             f"round 0; the cached teacher's is {teacher_dev[key]:.4f}, trained since), so it "
+                             f"cannot continue: start the run anew")
 
 
 def check_state(state: State, expected: State, path: Path) -> None:

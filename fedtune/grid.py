@@ -231,10 +231,17 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
     else:
         from fedtune.simulation import run_federated
 
+        from fedtune.checkpoint import TeacherChanged
+
         interrupted = interrupted_run(settings)
+        path = None
         if interrupted:
             say(f"resuming the interrupted cell {interrupted}", quiet)
-        path = run_federated(settings.replace(resume=str(interrupted)) if interrupted else settings, quiet)
+            try:
+                path = run_federated(settings.replace(resume=str(interrupted)), quiet)
+            except TeacherChanged as err:  # left as it is; the cell starts anew
+                say(f"not resumed: {err}", quiet)
+        path = path or run_federated(settings, quiet)
         rounds = read_jsonl(path / "rounds.jsonl")
         check_rounds(cell, rounds, path)
     result = {"label": cell.label, "seed": settings.seed, "key": cell.key, "run": str(path),

@@ -107,11 +107,13 @@ def discard_unstarted(run: RunDir) -> bool:
 
 @contextlib.contextmanager
 def discarded_on_error(run: RunDir):
-    """A run that fails before its first checkpoint leaves no folder behind (`discard_unstarted`)."""
+    """A run that fails before its first checkpoint leaves no folder behind (`discard_unstarted`);
+    one with a checkpoint keeps it, no longer active (Ctrl-C, a KeyboardInterrupt, is not caught)."""
     try:
         yield run
     except Exception:
-        discard_unstarted(run)
+        if not discard_unstarted(run) and run in ACTIVE:
+            ACTIVE.remove(run)
         raise
 
 

@@ -88,6 +88,8 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
     nodes = handshake(grid, settings.clients, settings.round_timeout)
     run, checkpoint = open_run(settings)
     with discarded_on_error(run):  # a run that fails before its first checkpoint leaves no folder behind
+        if checkpoint:
+            checkpoints.check_teacher(checkpoint, teacher_dev, checkpoints.path_in(run.path))
         partitions = partition_report(settings, settings.clients)
         if ranks := algorithm.summary_fields()["client_ranks"]:  # record who trains at which LoRA rank
             for p in partitions:

@@ -242,3 +242,38 @@ def test_a_full_disk_at_the_end_keeps_the_run_resumable(tmp_path, tiny_bert, glu
     finished = run_federated(settings.replace(resume=str(folder)), quiet=True)
     assert [r["round"] for r in read_jsonl(finished / "rounds.jsonl")] == [0, 1]
     assert (finished / "summary.json").is_file() and (finished / "model" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_is_not_continued_with_a_teacher_trained_since(tmp_path, tiny_bert, glue_dir, interrupt_after_round):
+    """FedKDLoRA's round 0 records the teacher's dev metrics. If the cached teacher was trained
+    again since (another precision once shared its folder), `resume` refuses, naming the file, and
+    the grid leaves that interrupted cell alone and runs it anew with the teacher it has now."""
+    import json
+
+    from fedtune.checkpoint import TeacherChanged
+    from fedtune.config import Settings
+    from fedtune.grid import Cell, run_cell
+    from fedtune.simulation import run_federated
+    from fedtune.teacher import teacher_dir
+
+    cells = tmp_path / "cells"
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, algorithm="fedkdlora", clients=2,
+                        rounds=2, train_limit=40, eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2,
+                        teacher_epochs=0.05, engine="local", out_dir=str(cells))
+    interrupt_after_round(1)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(settings, quiet=True)
+    [folder] = cells.glob("fedkdlora-cola-*.incomplete")
+    card = teacher_dir(settings) / "teacher.json"
+    teacher = json.loads(card.read_text())
+    teacher["dev"]["loss"] += 0.25  # as if trained again
+    card.write_text(json.dumps(teacher))
+
+    with pytest.raises(TeacherChanged, match=f"{folder}/checkpoint.safetensors: this run started with another "
+                                             r"teacher .* start the run anew"):
+        run_federated(settings.replace(resume=str(folder)), quiet=True)
+    result = run_cell(Cell("Fed-LoRA-KD (server teacher)", settings, False), cells, quiet=True)
+    assert folder.is_dir() and result["run"] != str(folder)
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    assert result["rounds"][0]["teacher_dev_loss"] == teacher["dev"]["loss"]
