@@ -155,6 +155,41 @@ def preset_settings(preset: str, given: dict | None = None) -> Settings:
     return Settings.from_dict(given, Settings().replace(**values))
 
 
+def with_earlier_rows(path: Path, header: dict, results: list[dict], tuning: list[dict]) -> tuple[list, list]:
+    """(cells, tuning) of this invocation plus the rows an earlier one wrote to the grid's
+    `results.json` (`path`) that this one did not run again, so rows run one invocation at a time
+    add up to one table. Only rows of the same base settings, seeds and tuning join, and only cells
+    whose key is still what their settings give (an algorithm whose maths changed drops its old
+    rows); rows are in the grid's order, each remedied row after its method."""
+    from fedtune.grid import Cell
+
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results, tuning
+    if not isinstance(earlier, dict) or any(earlier.get(k) != v for k, v in header.items()):
+        return results, tuning
+    labels = {r["label"] for r in results}
+
+    def current(cell) -> bool:
+        try:
+            settings = Settings.from_dict(cell["settings"])
+            return Cell(cell["label"], settings, not cell["rounds"]).key == cell["key"]
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    kept = [c for c in earlier.get("cells", []) if isinstance(c, dict) and c.get("label") not in labels and current(c)]
+    kept_labels = {c["label"] for c in kept}
+    order = [label for label, _ in grid_rows()]
+
+    def position(cell: dict) -> tuple[int, bool]:
+        base = cell["label"].split(" + ")[0]
+        return order.index(base) if base in order else len(order), base != cell["label"]
+
+    return (sorted(kept + results, key=position),
+            [t for t in earlier.get("tuning", []) if t.get("method") in kept_labels] + tuning)
+
+
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
                 methods: list[str] | None = None, quiet: bool = False, tune: bool = False,
                 remedy_names: list[str] | None = None, tune_share: float = TUNE_ROUND_SHARE) -> Path:
@@ -165,7 +200,9 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     method x task table of every finished task as `<out-dir>/compare/<partition>-<preset>.md`.
 
     With `tune`, each row first has its learning rate chosen on a holdout of the private rows
-    (`fedtune.tune`), each trial at `tune_share` of the row's budget; results.json records every trial."""
+    (`fedtune.tune`), each trial at `tune_share` of the row's budget; results.json records every trial.
+    Rows an earlier invocation wrote to the same folder under the same settings stay in its table
+    (`with_earlier_rows`), so a long grid can run one row at a time."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
     check_share(tune_share)
@@ -193,12 +230,12 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     folder = root / (f"{base.task}-{partition_name(base)}-{preset}" + ("-ranks" if rank_sweep else "")
                      + ("-remedies" if remedy_names else ""))
     folder.mkdir(parents=True, exist_ok=True)
+    header = {"task": base.task, "partition": base.partition, "preset": preset, "seeds": seeds,
+              "settings": base.to_dict(), "tune_share": tune_share if tune else None}
+    results, tuning = with_earlier_rows(folder / "results.json", header, results, tuning)
     rows = table(results, base.task)
     (folder / "table.md").write_text(markdown(rows) + "\n")
-    write_json(folder / "results.json", {"task": base.task, "partition": base.partition, "preset": preset,
-                                         "seeds": seeds, "settings": base.to_dict(), "table": rows,
-                                         "tune_share": tune_share if tune else None, "tuning": tuning,
-                                         "cells": results})
+    write_json(folder / "results.json", {**header, "table": rows, "tuning": tuning, "cells": results})
     plot_compare(results, base.task, folder)
     if rank_sweep:
         plot_rank_sweep(results, base.task, folder)

@@ -238,3 +238,30 @@ def test_every_row_has_the_skew_columns_when_any_cell_recorded_them():
     assert [list(r) for r in rows][0] == list(rows[1]) and rows[0]["balanced acc"] is None
     assert "| Fed-LoRA | 1 | 0.5092 ± 0.0000 | - | - |" in markdown(rows)
     assert rows[1]["worst-class recall"] == {"mean": 0.0, "std": 0.0, "values": [0.0]}
+
+
+@pytest.mark.slow
+def test_rows_run_one_invocation_at_a_time_add_up_to_one_table(base, tmp_path):
+    """A grid run row by row (as long grids are) ends with one table of every row, in the grid's
+    order; a row run again replaces its old cells; rows of other base settings, and cells whose key
+    their settings no longer give, do not join."""
+    base = base.replace(out_dir=str(tmp_path))
+    run_compare(base, "small", seeds=1, methods=["Fed-LoRA"], quiet=True)
+    folder = run_compare(base, "small", seeds=1, methods=["LoRA"], quiet=True)
+    results = json.loads((folder / "results.json").read_text())
+    assert [r["method"] for r in results["table"]] == ["LoRA", "Fed-LoRA"]
+    assert [c["label"] for c in results["cells"]] == ["LoRA", "Fed-LoRA"]
+    again = json.loads((run_compare(base, "small", seeds=1, methods=["Fed-LoRA"], quiet=True)
+                        / "results.json").read_text())
+    assert again["cells"] == results["cells"]  # the same cells (reused), not a second Fed-LoRA row
+
+    results["cells"][1]["key"] = "0" * 16  # as if Fed-LoRA's maths had changed since
+    (folder / "results.json").write_text(json.dumps(results))
+    run_compare(base, "small", seeds=1, methods=["LoRA"], quiet=True)
+    methods = lambda: [r["method"] for r in json.loads((folder / "results.json").read_text())["table"]]  # noqa: E731
+    assert methods() == ["LoRA"]
+
+    run_compare(base, "small", seeds=1, methods=["Fed-LoRA"], quiet=True)
+    assert methods() == ["LoRA", "Fed-LoRA"]
+    assert run_compare(base.replace(lora_r=4), "small", seeds=1, methods=["LoRA"], quiet=True) == folder
+    assert methods() == ["LoRA"]  # the r=2 rows do not join a grid of r=4
