@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs (default 0.3; 1 tunes at the whole budget, for rows whose best rate over a short "
                              "trial overshoots over the whole run)")
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
+            sub.add_argument("--jobs", type=int, default=1, metavar="N",
+                             help="run N cells (and first tuning trials) at a time, each in its own process with "
+                             "1/N of the CPU threads (--engine local); the results are the same to float error (default: 1)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all; "
                              "`fedtune algorithms` lists the algorithms, each with its row labels; with --remedies, "
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             run_federated(settings.replace(resume=args.folder), args.quiet)
             return 0
         settings = settings_from_args(args)
+        if args.command == "compare":
+            from fedtune.compare import check_jobs
+
+            check_jobs(args.jobs, settings)  # before any file is read or written
         if args.command == "compare" and args.tune_share is not None:
             from fedtune.tune import check_share
 
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             remedy_names = [r.strip() for r in args.remedies.split(",") if r.strip()] or None
             run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet, tune=args.tune,
                         remedy_names=remedy_names,
-                        tune_share=TUNE_ROUND_SHARE if args.tune_share is None else args.tune_share)
+                        tune_share=TUNE_ROUND_SHARE if args.tune_share is None else args.tune_share, jobs=args.jobs)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

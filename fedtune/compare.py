@@ -13,11 +13,11 @@ import numpy as np
 
 from fedtune.config import Settings, key_of
 from fedtune.console import say
-from fedtune.grid import grid_rows, make_grid, run_cell
+from fedtune.grid import grid_rows, make_grid, run_cells
 from fedtune.metrics import primary_metric
 from fedtune.tasks import task_spec
 from fedtune.runs import write_json
-from fedtune.tune import TUNE_ROUND_SHARE, check_share, chosen_values, lr_setting, tune_methods
+from fedtune.tune import TUNE_ROUND_SHARE, check_share, chosen_values, first_trials, lr_setting, tune_methods
 
 # Budgets. `small` is the quick smoke grid (one task, one seed in well under an hour on a 2-core
 # CPU; at it most methods have not left the majority class). `standard` is sized so that every
@@ -155,6 +155,15 @@ def preset_settings(preset: str, given: dict | None = None) -> Settings:
     return Settings.from_dict(given, Settings().replace(**values))
 
 
+def check_jobs(jobs: int, base: Settings) -> None:
+    """`jobs` cells at a time: a positive count, on the local engine (Ray schedules its own workers)."""
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs} (must be >= 1)")
+    if jobs > 1 and base.engine != "local":
+        raise ValueError(f"--jobs {jobs} runs cells side by side in processes of their own; with engine "
+                         f"{base.engine!r} each would start its own Ray cluster: add --engine local")
+
+
 def with_earlier_rows(path: Path, header: dict, results: list[dict], tuning: list[dict]) -> tuple[list, list]:
     """(cells, tuning) of this invocation plus the rows an earlier one wrote to the grid's
     `results.json` (`path`) that this one did not run again, so rows run one invocation at a time
@@ -192,7 +201,7 @@ def with_earlier_rows(path: Path, header: dict, results: list[dict], tuning: lis
 
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
                 methods: list[str] | None = None, quiet: bool = False, tune: bool = False,
-                remedy_names: list[str] | None = None, tune_share: float = TUNE_ROUND_SHARE) -> Path:
+                remedy_names: list[str] | None = None, tune_share: float = TUNE_ROUND_SHARE, jobs: int = 1) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
     table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
     (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`; `...-remedies/` with
@@ -202,9 +211,11 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     With `tune`, each row first has its learning rate chosen on a holdout of the private rows
     (`fedtune.tune`), each trial at `tune_share` of the row's budget; results.json records every trial.
     Rows an earlier invocation wrote to the same folder under the same settings stay in its table
-    (`with_earlier_rows`), so a long grid can run one row at a time."""
+    (`with_earlier_rows`), so a long grid can run one row at a time. `jobs` > 1 runs that many cells
+    (and first tuning trials) at a time, each in its own process (`grid.run_cells`)."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
+    check_jobs(jobs, base)
     check_share(tune_share)
     from fedtune.grid import remedy_settings
 
@@ -220,10 +231,11 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     cells_dir.mkdir(parents=True, exist_ok=True)
     tuning = []
     if tune:
+        if jobs > 1:
+            run_cells(first_trials(base, methods, remedy_names, tune_share), cells_dir, quiet, jobs)
         tuning = tune_methods(base, methods, cells_dir, quiet, remedy_names, tune_share)
     tuned = chosen_values(tuning)
-    results = [run_cell(cell, cells_dir, quiet)
-               for cell in make_grid(base, seeds, rank_sweep, methods, tuned, remedy_names)]
+    results = run_cells(make_grid(base, seeds, rank_sweep, methods, tuned, remedy_names), cells_dir, quiet, jobs)
 
     from fedtune.plots import plot_compare, plot_rank_sweep
 

@@ -213,6 +213,53 @@ def interrupted_run(settings: Settings) -> Path | None:
     return found[-1] if found else None
 
 
+def run_cells(cells: list[Cell], cells_dir: Path, quiet: bool, jobs: int = 1) -> list[dict]:
+    """Each cell's result, in order (`run_cell`). With `jobs` > 1 the cells not cached yet run that
+    many at a time, each in a process of its own with its share of this process's CPU threads
+    (results are the same to float error: a cell's run depends only on its settings, and the
+    thread count only on the order of float sums; tested to 1e-4); the teachers they need are
+    trained first, here, so that no two processes train the same one."""
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        import torch
+
+        pending = {c.key: c for c in cells if not (cells_dir / f"{c.key}.json").is_file()}
+        for cell in pending.values():
+            if needs_teacher(cell):
+                from fedtune.teacher import pretrain_teacher
+
+                pretrain_teacher(cell.settings.replace(out_dir=str(cells_dir)), quiet)
+        if pending:
+            threads = max(1, torch.get_num_threads() // jobs)
+            say(f"running {len(pending)} cells, {jobs} at a time ({threads} CPU threads each)", quiet)
+            with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), multiprocessing.get_context("spawn"),
+                                                        initializer=_worker, initargs=(threads,)) as pool:
+                for done in [pool.submit(run_cell, cell, cells_dir, True) for cell in pending.values()]:
+                    done.result()  # the first error ends the grid, with its message
+    return [run_cell(cell, cells_dir, quiet) for cell in cells]
+
+
+def _worker(threads: int) -> None:
+    """A `run_cells` process: its share of the threads; what it writes is the cell's file."""
+    import torch
+
+    from fedtune.console import quiet_libraries
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
+
+
+def needs_teacher(cell: Cell) -> bool:
+    """Whether the cell distils from a teacher pre-trained on the public slice (cached per settings)."""
+    if cell.centralized:
+        return cell.settings.method == "kd"
+    from fedtune.algorithms import get_algorithm
+
+    return get_algorithm(cell.settings.algorithm, cell.settings).needs_teacher
+
+
 def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
     """The cell's result, from the cache or from running it now."""
     cached = cells_dir / f"{cell.key}.json"

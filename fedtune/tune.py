@@ -128,6 +128,19 @@ def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet
     return records
 
 
+def first_trials(base: Settings, methods: list[str] | None, remedy_names: list[str] | None = None,
+                 share: float = TUNE_ROUND_SHARE) -> list[Cell]:
+    """The trials `tune_methods` runs first whatever they score (each row's first setting over its
+    whole grid), so that they can run side by side (`grid.run_cells`) before the search reads them."""
+    trials = []
+    for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names):
+        name, grid = next(iter(search_space(cell.settings, cell.centralized).items()))
+        trials += [Cell(f"{cell.label} [tune {key_of(name)}={value:g}]",
+                        trial_settings(cell.settings, cell.centralized, name, value, share), cell.centralized)
+                   for value in grid]
+    return trials
+
+
 def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False,
                  remedy_names: list[str] | None = None, share: float = TUNE_ROUND_SHARE) -> list[dict]:
     """Tune every row of the grid (or the rows in `methods`, with `remedy_names`) on `base`'s first

@@ -265,3 +265,32 @@ def test_rows_run_one_invocation_at_a_time_add_up_to_one_table(base, tmp_path):
     assert methods() == ["LoRA", "Fed-LoRA"]
     assert run_compare(base.replace(lora_r=4), "small", seeds=1, methods=["LoRA"], quiet=True) == folder
     assert methods() == ["LoRA"]  # the r=2 rows do not join a grid of r=4
+
+
+@pytest.mark.slow
+def test_cells_run_side_by_side_give_the_same_grid(base, tmp_path):
+    """`jobs=2` runs the cells (a teacher-distilling one among them, its teacher trained first) and
+    the first tuning trials in two processes: the same rows, rounds and tuning as one at a time."""
+    methods = ["LoRA", "Fed-LoRA-KD (server teacher)"]
+
+    def grid(jobs: int, out: str, **kwargs) -> dict:
+        folder = run_compare(base.replace(out_dir=str(tmp_path / out), engine="local"), "small", seeds=1,
+                             quiet=True, jobs=jobs, **kwargs)
+        return json.loads((folder / "results.json").read_text())
+
+    def measured(results: dict) -> list:
+        return [(c["label"], c["key"], c["summary"]["dev"],
+                 [{k: v for k, v in r.items() if isinstance(v, (int, float)) and "seconds" not in k and k != "elapsed"}
+                  for r in c["rounds"]])
+                for c in results["cells"]]
+
+    one, two = grid(1, "one", methods=methods), grid(2, "two", methods=methods)
+    assert [c[:2] for c in measured(one)] == [c[:2] for c in measured(two)]
+    for a, b in zip(measured(one), measured(two)):
+        assert a[2] == pytest.approx(b[2], rel=1e-4, abs=1e-6), a[0]
+        assert len(a[3]) == len(b[3]) and all(x == pytest.approx(y, rel=1e-4, abs=1e-6) for x, y in zip(a[3], b[3]))
+    tuned = [grid(jobs, f"tune-{jobs}", methods=["Fed-LoRA"], tune=True)["tuning"] for jobs in (1, 2)]
+    assert [t["chosen"] for t in tuned[0]] == [t["chosen"] for t in tuned[1]]
+    assert [x["cell"] for x in tuned[0][0]["trials"]] == [x["cell"] for x in tuned[1][0]["trials"]]
+    with pytest.raises(ValueError, match="--jobs 2 runs cells side by side .* add --engine local"):
+        run_compare(base.replace(engine="ray"), "small", seeds=1, methods=["LoRA"], quiet=True, jobs=2)
