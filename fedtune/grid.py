@@ -234,11 +234,24 @@ def run_cells(cells: list[Cell], cells_dir: Path, quiet: bool, jobs: int = 1) ->
         if pending:
             threads = max(1, torch.get_num_threads() // jobs)
             say(f"running {len(pending)} cells, {jobs} at a time ({threads} CPU threads each)", quiet)
-            with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), multiprocessing.get_context("spawn"),
-                                                        initializer=_worker, initargs=(threads,)) as pool:
-                for done in [pool.submit(run_cell, cell, cells_dir, True) for cell in pending.values()]:
-                    done.result()  # the first error ends the grid, with its message
+            context = multiprocessing.get_context("spawn")
+            try:
+                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), context, initializer=_worker,
+                                                            initargs=(threads,)) as pool:
+                    for done in [pool.submit(run_cell, cell, cells_dir, True) for cell in pending.values()]:
+                        done.result()  # the first error ends the grid, with its message
+            except KeyboardInterrupt:
+                from fedtune.runs import ELSEWHERE
+
+                ELSEWHERE.append(f"fedtune: interrupted; {RESUMED.format(cells_dir)}")
+                raise
+            except concurrent.futures.process.BrokenProcessPool:  # Ctrl-C reached the workers first, or a kill
+                raise RuntimeError(f"a cell's process stopped (Ctrl-C, or killed: out of memory?); "
+                                   f"{RESUMED.format(cells_dir)}") from None
     return [run_cell(cell, cells_dir, quiet) for cell in cells]
+
+
+RESUMED = "the cells that had checkpointed a round (*.incomplete in {}) continue when the same command runs again"
 
 
 def _worker(threads: int) -> None:

@@ -14,6 +14,7 @@ from fedtune.config import Settings
 
 INCOMPLETE = ".incomplete"
 ACTIVE: list[RunDir] = []  # run folders this process is writing (what Ctrl-C reports)
+ELSEWHERE: list[str] = []  # what Ctrl-C reports for runs other processes were writing (`compare --jobs`)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -84,7 +85,7 @@ def interrupted_message() -> str:
     """What Ctrl-C leaves, in one line: the checkpoint and the command that resumes it, or (no
     round finished yet) that nothing is left: the folder is removed."""
     if not ACTIVE:
-        return "fedtune: interrupted before a run folder was made; nothing to resume"
+        return ELSEWHERE[-1] if ELSEWHERE else "fedtune: interrupted before a run folder was made; nothing to resume"
     run = ACTIVE[-1]
     if not discard_unstarted(run):
         return (f"fedtune: interrupted; the last finished round is checkpointed in {run.path.resolve()}; "
