@@ -216,8 +216,8 @@ def interrupted_run(settings: Settings) -> Path | None:
 def run_cells(cells: list[Cell], cells_dir: Path, quiet: bool, jobs: int = 1) -> list[dict]:
     """Each cell's result, in order (`run_cell`). With `jobs` > 1 the cells not cached yet run that
     many at a time, each in a process of its own with its share of this process's CPU threads
-    (results are the same to float error: a cell's run depends only on its settings, and the
-    thread count only on the order of float sums; tested to 1e-4); the teachers they need are
+    (the results are the same to float error: a cell's run depends only on its settings, and the
+    thread count changes only the order of float sums; tested to 1e-4); the teachers they need are
     trained first, here, so that no two processes train the same one."""
     if jobs > 1:
         import concurrent.futures
@@ -289,9 +289,8 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
         path = run_centralized(settings, quiet)
         rounds = []
     else:
-        from fedtune.simulation import run_federated
-
         from fedtune.checkpoint import TeacherChanged
+        from fedtune.simulation import run_federated
 
         interrupted = interrupted_run(settings)
         path = None
