@@ -111,13 +111,18 @@ def label_counts(labels, num_labels: int) -> torch.Tensor:
     return torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_labels).float()
 
 
+def _registered(name: str) -> type[ClientLoss]:
+    """The client-loss class registered under `name`, or one error naming the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown client-loss {name!r} (known: none, {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
 def task_loss(settings, rows, num_labels: int) -> LossFn:
     """The loss a client trains with on `rows`: the model's cross-entropy, or `client-loss`."""
     if settings.client_loss == "none":
         return supervised_loss
-    if settings.client_loss not in _REGISTRY:
-        raise ValueError(f"unknown client-loss {settings.client_loss!r} (known: none, {', '.join(_REGISTRY)})")
-    loss = _REGISTRY[settings.client_loss](settings, label_counts(rows["label"], num_labels))
+    loss = _registered(settings.client_loss)(settings, label_counts(rows["label"], num_labels))
     references = _REFERENCES.get()
     if loss.reads_references and references is None:
         raise ValueError(f"client-loss {settings.client_loss} compares each row's features with the model the client "
@@ -145,9 +150,7 @@ def logit_loss(settings, rows, num_labels: int) -> LogitLoss | None:
     client loss that reads the classifier's features is refused: the caller runs no model for it."""
     if settings.client_loss == "none":
         return None
-    if settings.client_loss not in _REGISTRY:
-        raise ValueError(f"unknown client-loss {settings.client_loss!r} (known: none, {', '.join(_REGISTRY)})")
-    cls = _REGISTRY[settings.client_loss]
+    cls = _registered(settings.client_loss)
     on_logits = [name for name, c in _REGISTRY.items() if not (c.reads_features or c.reads_references)]
     if settings.client_loss not in on_logits:
         raise ValueError(f"client-loss {settings.client_loss} reads each row's features, which algorithm "
