@@ -19,7 +19,8 @@ from fedtune.grid import grid_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
-DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md", REPO / "docs" / "results-archive.md")
+DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md", REPO / "docs" / "results-archive.md",
+             REPO / "docs" / "label-skew.md")
 TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA"}
 PARTITION_NAMES = {"iid": "IID", "dirichlet": "Dir 0.1"}
 # The seed system's published accuracies (4 clients, 10 rounds, bert-base teacher, DistilBERT
@@ -189,6 +190,17 @@ def skew_methods(cells: dict[str, dict]) -> list[str]:
                   key=lambda m: (order.index(base(m)) if base(m) in order else len(order), m != base(m), m))
 
 
+def _skew_text(cell: dict, first_seeds: int | None) -> str:
+    """One cell of a skew table: accuracy (balanced accuracy), and its seeds where they differ
+    from its column's."""
+    value = f"{cell['accuracy']:.3f}"
+    if cell["balanced"] is not None:
+        value += f" ({cell['balanced']:.3f})"
+    if cell["seeds"] != first_seeds:
+        value += f", {_seeds(cell['seeds'])}"
+    return value
+
+
 def skew_curve(folder: Path = RESULTS) -> str:
     """Federated method (with or without a remedy) x skew: SST-2 dev accuracy, with balanced
     accuracy in brackets where recorded; the methods that have a skewed cell at all."""
@@ -196,21 +208,46 @@ def skew_curve(folder: Path = RESULTS) -> str:
     methods = skew_methods(cells)
     if not methods:
         return "_No skewed grid has finished yet._"
-
-    def text(cell: dict, column: str) -> str:
-        value = f"{cell['accuracy']:.3f}"
-        if cell["balanced"] is not None:
-            value += f" ({cell['balanced']:.3f})"
-        if cell["seeds"] != seeds[column]:
-            value += f", {_seeds(cell['seeds'])}"
-        return value
-
+    text = lambda cell, column: _skew_text(cell, seeds.get(column))  # noqa: E731
     columns = [f"{c} ({_seeds(seeds[c])})" if c in seeds else c for c in SKEW_GRIDS]
     rows = [{"method": f"{m} †" if m in server_data else m,
              **{column: text(cells[m][c], c) if c in cells.get(m, {}) else "-"
                 for column, c in zip(columns, SKEW_GRIDS)}} for m in methods]
     return (markdown(rows) + "\n\nSST-2 dev accuracy (balanced accuracy); - not run yet. † the server also trains "
             "on labelled data it holds (the public slice).")
+
+
+def skew_summary(folder: Path = RESULTS) -> str:
+    """The skew curve one row per federated method: its accuracy under each skew without a remedy,
+    and under each skewed column the best of its remedied rows that give the server no data it
+    did not already have (`server-finetune` on a row without it is left to the full table), with
+    the remedy's name. The README's view of `skew_curve`."""
+    cells, server_data, seeds = skew_cells(folder)
+    methods = skew_methods(cells)
+    if not methods:
+        return "_No skewed grid has finished yet._"
+    bases = [m for m in methods if " + " not in m]
+    header = lambda c: f"{c} ({_seeds(seeds[c])})" if c in seeds else c  # noqa: E731
+    rows = []
+    for base in bases:
+        row = {"method": f"{base} †" if base in server_data else base}
+        for column in SKEW_GRIDS:
+            cell = cells.get(base, {}).get(column)
+            row[header(column)] = _skew_text(cell, seeds.get(column)) if cell else "-"
+            if column == "IID":
+                continue
+            remedied = [m for m in methods if m.startswith(f"{base} + ") and column in cells[m]
+                        and (m not in server_data or base in server_data)]
+            if remedied:
+                best = max(remedied, key=lambda m: cells[m][column]["accuracy"])
+                row[f"best remedy, {column}"] = (f"{best.split(' + ', 1)[1]}: "
+                                                 f"{_skew_text(cells[best][column], seeds.get(column))}")
+            else:
+                row[f"best remedy, {column}"] = "-"
+        rows.append(row)
+    return (markdown(rows) + "\n\nSST-2 dev accuracy (balanced accuracy); - not run yet. Best remedy: the most "
+            "accurate of the row's remedied rows that give the server no labelled data. † the server also "
+            "trains on labelled data it holds (the public slice).")
 
 
 def skew_plot(folder: Path = RESULTS, path: Path | None = None) -> dict[str, list[float | None]]:
@@ -237,7 +274,8 @@ def blocks(folder: Path = RESULTS) -> dict[str, str]:
     smoke = folder / SMOKE
     return {"standard-headline": headline(standard), "standard-grids": grid_tables(standard),
             "smoke-new-algorithms": markdown(json.loads(smoke.read_text())["table"]) if smoke.is_file()
-            else "_Not run yet._", "model-dropout": model_dropout_table(folder), "skew-curve": skew_curve(folder)}
+            else "_Not run yet._", "model-dropout": model_dropout_table(folder), "skew-curve": skew_curve(folder),
+            "skew-summary": skew_summary(folder)}
 
 
 def render(text: str, generated: dict[str, str]) -> str:

@@ -115,3 +115,29 @@ def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp
     # Centralized rows have no skew; a remedied row follows its method's row.
     assert lines[2:5] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + ccvr-lda | - | - | 0.775, 2 seeds |",
                           "| Fed-LoRA + scaffold | - | - | 0.509 (0.500) |"]
+
+
+def test_skew_summary_gives_each_method_its_best_remedy_without_new_server_data(tmp_path):
+    from fedtune.config import Settings
+    from fedtune.tables import skew_summary
+
+    stat = lambda v: {"mean": v, "std": 0.0, "values": [v]}  # noqa: E731
+    server = {"label": "Fed-LoRA + server-finetune", "summary": {"rounds": 10},
+              "settings": Settings(algorithm="fedlora", server_finetune_steps=26).to_dict()}
+    remedies = _grid("sst2", [_row("Fed-LoRA + fedlc", "1.249", accuracy=stat(0.491)),
+                              _row("Fed-LoRA + ccvr-lda", "1.723", accuracy=stat(0.773), **{"balanced acc": stat(0.774)}),
+                              _row("Fed-LoRA + server-finetune", "1.249", accuracy=stat(0.846))], seeds=1)
+    remedies["cells"] = [server]
+    files = {"sst2-iid-standard.json": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy=stat(0.845)),
+                                                        _row("FlexLoRA", "1.1", accuracy=stat(0.85))]),
+             "sst2-dirichlet-standard.json": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy=stat(0.509)),
+                                                            _row("FlexLoRA", "1.1", accuracy=stat(0.509))], seeds=1),
+             "sst2-dirichlet-standard-remedies.json": remedies}
+    for name, grid in files.items():
+        (tmp_path / name).write_text(json.dumps(grid))
+    lines = skew_summary(tmp_path).splitlines()
+    assert lines[0] == "| method | IID (2 seeds) | Dir 0.5 | best remedy, Dir 0.5 | Dir 0.1 (1 seed) | best remedy, Dir 0.1 |"
+    # server-finetune is the most accurate remedied row, but it gives the server labelled data: not counted
+    assert lines[2] == "| Fed-LoRA | 0.845 | - | - | 0.509 | ccvr-lda: 0.773 (0.774) |"
+    assert lines[3] == "| FlexLoRA | 0.850 | - | - | 0.509 | - |"
+    assert len(lines) == 6 and "Best remedy" in lines[-1]
