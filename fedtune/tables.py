@@ -240,14 +240,16 @@ def skew_summary(folder: Path = RESULTS) -> str:
                         and (m not in server_data or base in server_data)]
             if remedied:
                 best = max(remedied, key=lambda m: cells[m][column]["accuracy"])
+                below = cell is not None and cells[best][column]["accuracy"] < cell["accuracy"]
                 row[f"best remedy, {column}"] = (f"{best.split(' + ', 1)[1]}: "
-                                                 f"{_skew_text(cells[best][column], seeds.get(column))}")
+                                                 f"{_skew_text(cells[best][column], seeds.get(column))}"
+                                                 + (" ↓" if below else ""))
             else:
                 row[f"best remedy, {column}"] = "-"
         rows.append(row)
     return (markdown(rows) + "\n\nSST-2 dev accuracy (balanced accuracy); - not run yet. Best remedy: the most "
-            "accurate of the row's remedied rows that give the server no labelled data. † the server also "
-            "trains on labelled data it holds (the public slice).")
+            "accurate of the row's remedied rows that give the server no labelled data; ↓ even it is below the row "
+            "without a remedy. † the server also trains on labelled data it holds (the public slice).")
 
 
 def skew_plot(folder: Path = RESULTS, path: Path | None = None) -> dict[str, list[float | None]]:

@@ -126,7 +126,8 @@ def test_skew_summary_gives_each_method_its_best_remedy_without_new_server_data(
               "settings": Settings(algorithm="fedlora", server_finetune_steps=26).to_dict()}
     remedies = _grid("sst2", [_row("Fed-LoRA + fedlc", "1.249", accuracy=stat(0.491)),
                               _row("Fed-LoRA + ccvr-lda", "1.723", accuracy=stat(0.773), **{"balanced acc": stat(0.774)}),
-                              _row("Fed-LoRA + server-finetune", "1.249", accuracy=stat(0.846))], seeds=1)
+                              _row("Fed-LoRA + server-finetune", "1.249", accuracy=stat(0.846)),
+                              _row("FlexLoRA + fedlc", "1.1", accuracy=stat(0.491))], seeds=1)
     remedies["cells"] = [server]
     files = {"sst2-iid-standard.json": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy=stat(0.845)),
                                                         _row("FlexLoRA", "1.1", accuracy=stat(0.85))]),
@@ -139,5 +140,6 @@ def test_skew_summary_gives_each_method_its_best_remedy_without_new_server_data(
     assert lines[0] == "| method | IID (2 seeds) | Dir 0.5 | best remedy, Dir 0.5 | Dir 0.1 (1 seed) | best remedy, Dir 0.1 |"
     # server-finetune is the most accurate remedied row, but it gives the server labelled data: not counted
     assert lines[2] == "| Fed-LoRA | 0.845 | - | - | 0.509 | ccvr-lda: 0.773 (0.774) |"
-    assert lines[3] == "| FlexLoRA | 0.850 | - | - | 0.509 | - |"
-    assert len(lines) == 6 and "Best remedy" in lines[-1]
+    # a best remedy that is still below the row without one says so
+    assert lines[3] == "| FlexLoRA | 0.850 | - | - | 0.509 | fedlc: 0.491 ↓ |"
+    assert len(lines) == 6 and "Best remedy" in lines[-1] and "↓ even it is below" in lines[-1]
