@@ -32,7 +32,7 @@ from torch import nn
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, eval_loader, tokenize
 from fedtune.devices import model_device, to_device
-from fedtune.models import State, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.models import State, classifier_layer, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
 
 ACTION = "class_stats"  # the query a client answers with its statistics (message type "query.class_stats")
@@ -142,13 +142,10 @@ def discriminant_head(pooled: State, ridge: float = 1e-6) -> tuple[torch.Tensor,
 def head_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
     """The classifier CCVR retrains: the last trainable `nn.Linear` with `num_labels` outputs
     (BERT's `classifier`, Llama's `score`, peft's trainable copy of either)."""
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and m.out_features == num_labels and m.weight.requires_grad
-             and "lora_" not in name]
-    if not found:
+    if (found := classifier_layer(model, num_labels)) is None:
         raise ValueError(f"classifier-calibration: the model has no trainable linear layer with {num_labels} outputs "
                          f"to calibrate; use classifier-calibration=none")
-    return found[-1]
+    return found
 
 
 def check_model(model: nn.Module, settings: Settings, num_labels: int) -> nn.Linear:

@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "`fedtune algorithms` lists the algorithms, each with its row labels; with --remedies, "
                              "'<row> + <remedy>' names one remedied row)")
             sub.add_argument("--remedies", default="", help="comma-separated label-skew remedies to add after each "
-                             "federated row: a client loss (fedlc, logit-adjust, feddecorr), equal-steps (every client the "
-                             "mean client's local steps, uniform weights), scaffold, or server-finetune (the server "
+                             "federated row: a client loss (fedlc, logit-adjust, feddecorr, moon), equal-steps (every client "
+                             "the mean client's local steps, uniform weights), scaffold, server-finetune (the server "
                              "trains on its public slice: the server-data baseline), ccvr (the classifier retrained after "
                              "the last round from the clients' feature statistics) or ccvr-lda (set from them in "
-                             "closed form); 'a+b' combines two (e.g. feddecorr+ccvr-lda); results go to <grid>-remedies/")
+                             "closed form), lda-init (set so before round 1), freeze-head (clients never train the "
+                             "classifier: FedBABU); 'a+b' combines them (e.g. feddecorr+ccvr-lda); results go to "
+                             "<grid>-remedies/")
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         for f in dataclasses.fields(Settings):

@@ -129,6 +129,10 @@ class CoreSettings:
                                 "statistics under the initial model (the head FedNCM initialises, Legate et al. "
                                 "2023): none, or lda (the linear discriminant of the pooled class Gaussians, as "
                                 "ccvr-lda); refused with DP and SecAgg+", ("none", "lda"))
+    freeze_head: int = _fed(0, "1: clients never train the classifier (FedBABU, Oh et al. 2022): it keeps the weights "
+                            "it starts with (its seeded initialisation, or classifier-init's) and only the body "
+                            "learns; the head still travels, unchanged; the server may still set it (server-finetune, "
+                            "classifier-calibration)")
     ccvr_samples: int = _fed(2000, "ccvr: virtual features drawn per class")
     ccvr_lr: float = _fed(0.01, "ccvr: AdamW learning rate of the classifier's retraining (5 epochs over the "
                           "virtual features)")
@@ -195,6 +199,8 @@ class CoreSettings:
             problems.append(f"compile={self.compile} (must be 0 or 1)")
         if self.scaffold not in (0, 1):
             problems.append(f"scaffold={self.scaffold} (must be 0 or 1)")
+        if self.freeze_head not in (0, 1):
+            problems.append(f"freeze-head={self.freeze_head} (must be 0 or 1)")
         if self.lora_r > MAX_LORA_RANK:
             problems.append(f"lora-r={self.lora_r} (must be <= {MAX_LORA_RANK}: a rank above a layer's width adds "
                             f"nothing but memory)")

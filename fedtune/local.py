@@ -22,8 +22,9 @@ from fedtune.client_losses import client_loss_reads_features, reference_states
 from fedtune.config import Settings
 from fedtune.data import cached_task_data
 from fedtune.devices import compute, evaluation_precision, model_device
-from fedtune.models import State, config_dropout, load_trainable_state, trainable_state
+from fedtune.models import State, classifier_layer, config_dropout, frozen, load_trainable_state, trainable_state
 from fedtune.partition import client_partitions
+from fedtune.tasks import task_spec
 from fedtune.train import LocalWork, dev_loader, evaluate, local_steps, round_seed
 
 
@@ -95,6 +96,8 @@ def batched_clients(algorithm: Algorithm) -> bool:
                    f"base is frozen and train them with the default local training)")
     if settings.scaffold:
         why.append("scaffold=1 corrects each client's gradients on its own")
+    if settings.freeze_head:
+        why.append("freeze-head=1 freezes the classifier of the model each client trains, which batched clients share")
     if client_loss_reads_features(settings):
         why.append(f"client-loss {settings.client_loss} reads each client's features, which a shared step does not "
                    f"hand to each client's loss")
@@ -166,7 +169,7 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
         load_trainable_state(model, global_state)
     rows = cached_task_data(settings).private.select(client_partitions(settings, num_partitions)[partition_id])
     with (scaffold.corrected(model, *correction) if correction else contextlib.nullcontext(),
-          reference_states(global_state, previous_state)):
+          reference_states(global_state, previous_state), frozen(frozen_head(model, settings))):
         work = algorithm.local_train(model, rows, global_state, seed=round_seed(settings.seed, server_round, partition_id),
                                      lr=lr, steps=local_steps(settings, len(rows)), kept_state=kept_state,
                                      extras=extras or {})
@@ -176,6 +179,15 @@ def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, 
              else trainable_state(model))
     return ClientResult(state, len(rows), work.result.examples, work.result.loss,
                         work.result.seconds, work.kept_state, work.metrics, work.result.steps)
+
+
+def frozen_head(model: nn.Module, settings: Settings) -> list[nn.Parameter]:
+    """What `freeze-head` keeps from training on a client: the classifier's weights (none when off)."""
+    if not settings.freeze_head:
+        return []
+    if (found := classifier_layer(model, task_spec(settings.task).num_labels)) is None:
+        raise ValueError("freeze-head=1: the model has no classifier layer to freeze; use freeze-head=0")
+    return list(found[1].parameters())
 
 
 def evaluate_state(algorithm: Algorithm, state: State) -> dict[str, float]:

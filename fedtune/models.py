@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -258,6 +260,29 @@ def load_trainable_state(model: nn.Module, state: State) -> None:
             if p.shape != state[name].shape:
                 raise ValueError(f"shape of {name}: model {tuple(p.shape)}, state {tuple(state[name].shape)}")
             p.copy_(state[name])
+
+
+def classifier_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear] | None:
+    """The classifier: the last `nn.Linear` with `num_labels` outputs that is not a LoRA factor or
+    peft's frozen original of the head (BERT's `classifier`, Llama's `score`, peft's trainable copy
+    of either), or None. Found by name, so also while `frozen` holds it."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == num_labels
+             and "lora_" not in name and "original_module" not in name]
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """While inside, `params` do not train (no gradient, so no optimizer built inside holds them);
+    afterwards they train again, so they stay in the trainable state that travels."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
