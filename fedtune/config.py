@@ -113,6 +113,11 @@ class CoreSettings:
     algorithm: str = _fed("fedlora", "federated algorithm (`fedtune algorithms` says what each does)", ALGORITHMS)
     client_loss: str = _fed("none", "the loss clients train with, against label skew: none (cross-entropy) or a "
                             "registered client loss (`fedtune algorithms` lists them)", CLIENT_LOSSES)
+    client_optimizer: str = _fed("adamw", "the optimizer of each client's local training (a new one every round): "
+                                 "adamw, or sgd (plain SGD, no momentum, as the clients of FedAvg's, SCAFFOLD's and "
+                                 "FedLC's papers train; `compare --tune` tries about 30x AdamW's learning rates for it); "
+                                 "the server's own training (server-finetune, a server teacher) stays AdamW",
+                                 ("adamw", "sgd"))
     scaffold: int = _fed(0, "1: SCAFFOLD control variates (Karimireddy et al. 2020, option II) correct each "
                          "client's drift, for an algorithm whose clients send same-shape states; both variates "
                          "travel and are counted in bytes")

@@ -97,8 +97,8 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "constant",
           weight_decay: float = 0.0, loss_fn: LossFn = supervised_loss, extra_params=(),
           on_step: Callable[[int, float, int], None] | None = None, precision: str = "fp32",
-          compile: bool = False) -> TrainResult:
-    """Run `steps` AdamW steps over `loader`, decaying lr by `schedule` over those steps, on the
+          compile: bool = False, optimizer: str = "adamw") -> TrainResult:
+    """Run `steps` steps of `optimizer` (AdamW, or plain SGD) over `loader`, decaying lr by `schedule` over those steps, on the
     model's device, in `precision` (fp32; bf16 or fp16 autocast, fp16 with a grad scaler); with
     `compile`, the model's forward compiled first (once per model object: `nn.Module.compile`).
 
@@ -122,7 +122,7 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
         params = list(member.params.values()) + list(extra_params)
     else:
         params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(optimizer, params, lr, weight_decay)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     model.train()
     total_loss, examples, start = 0.0, 0, time.perf_counter()
@@ -160,6 +160,15 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
     return TrainResult(total_loss / steps, examples, steps, time.perf_counter() - start)
 
 
+def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """`adamw` (decoupled weight decay) or `sgd` (no momentum; weight decay as L2 in the gradient)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (known: adamw, sgd)")
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, task: str, precision: str = "fp32") -> dict[str, float]:
     """Mean cross-entropy, accuracy, Matthews correlation for CoLA and ROC-AUC (on the model's device)."""
@@ -183,13 +192,13 @@ def evaluate(model: nn.Module, loader, task: str, precision: str = "fp32") -> di
 
 # ---- a client's round of training (the algorithms' default local work) -------------------
 def supervised_round(settings: Settings, model: nn.Module, rows, seed: int, lr: float, steps: int,
-                     loss_fn: LossFn) -> TrainResult:
-    """`steps` AdamW steps of `loss_fn` on `rows` at a constant `lr` (the schedule runs over rounds)."""
+                     loss_fn: LossFn, optimizer: str = "adamw") -> TrainResult:
+    """`steps` steps of `optimizer` on `loss_fn` over `rows` at a constant `lr` (the schedule runs over rounds)."""
     seed_everything(seed)
     loader = train_loader(rows, load_tokenizer(settings.input_model), settings, seed)
     return train(model, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
                  loss_fn=loss_fn, precision=compute(settings.device, settings.precision, settings.models)[1],
-                 compile=bool(settings.compile))
+                 compile=bool(settings.compile), optimizer=optimizer)
 
 
 @dataclass

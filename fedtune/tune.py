@@ -24,6 +24,9 @@ from fedtune.metrics import primary_metric
 
 # Peak learning rates tried, by the setting a method trains with.
 LR_GRID: dict[str, tuple[float, ...]] = {"full_lr": (5e-5, 1e-4, 2e-4), "lora_lr": (1e-3, 3e-3, 1e-2)}
+# Plain SGD (`client-optimizer sgd`) takes steps the size of its gradients, not of its learning
+# rate, so its rates are larger: about 30x AdamW's.
+SGD_LR_GRID: dict[str, tuple[float, ...]] = {"full_lr": (1e-3, 3e-3, 1e-2), "lora_lr": (3e-2, 1e-1, 3e-1)}
 # Share of the private rows held out to score trials: SST-2 has ~54,000 private rows (2% is
 # ~1,080), CoLA ~6,800 (10% is ~680).
 HOLDOUT_FRACTION: dict[str, float] = {"sst2": 0.02, "cola": 0.1}
@@ -58,7 +61,10 @@ def search_space(settings: Settings, centralized: bool) -> dict[str, tuple[float
     """What a row tunes, in order: its learning rate, then its algorithm's own settings
     (FedProx's `prox-mu`, FedAdam's `server-lr`)."""
     name = lr_setting(settings, centralized)
-    return {name: LR_GRID[name], **({} if centralized else _row_algorithm(settings).tunables)}
+    if centralized:
+        return {name: LR_GRID[name]}
+    grid = SGD_LR_GRID if settings.client_optimizer == "sgd" else LR_GRID
+    return {name: grid[name], **_row_algorithm(settings).tunables}
 
 
 def trial_settings(settings: Settings, centralized: bool, name: str, value: float,

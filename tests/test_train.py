@@ -175,3 +175,33 @@ def test_a_compiled_model_trains_as_the_eager_one_and_keeps_its_parameter_names(
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], atol=1e-4, rtol=1e-3)
     assert any(not torch.equal(states[1][n], load_classifier(tiny_bert, 2, seed=5).state_dict()[n]) for n in states[1])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_one_step_of_each_client_optimizer_equals_its_update_by_hand(weight_decay):
+    """`train(optimizer=...)` on a linear model with a squared loss, whose gradient is known in
+    closed form: plain SGD moves w by -lr (g + wd w); AdamW's first step is -lr g / (|g| + eps)
+    (m-hat = g, v-hat = g^2) after the decoupled decay w (1 - lr wd)."""
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 2.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    batch = {"x": x, "y": y, "labels": torch.tensor([0, 1])}
+    loss_fn = lambda model, b: ((model(b["x"]) - b["y"]) ** 2).sum() / 2  # noqa: E731
+    lr = 0.05
+    for name in ("sgd", "adamw"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2, bias=False)
+        w0 = model.weight.detach().clone()
+        grad = (x @ w0.T - y).T @ x  # d/dW of 1/2 ||x W^T - y||^2
+        train(model, [batch], lr=lr, steps=1, weight_decay=weight_decay, loss_fn=loss_fn, optimizer=name)
+        if name == "sgd":
+            expected = w0 - lr * (grad + weight_decay * w0)
+        else:
+            expected = w0 * (1 - lr * weight_decay) - lr * grad / (grad.abs() + 1e-8)
+        assert torch.allclose(model.weight.detach(), expected, atol=1e-6), name
+
+
+def test_an_unknown_optimizer_is_one_clear_error():
+    from fedtune.train import make_optimizer
+
+    with pytest.raises(ValueError, match="unknown optimizer 'adam' \\(known: adamw, sgd\\)"):
+        make_optimizer("adam", [torch.nn.Parameter(torch.zeros(1))], 0.1, 0.0)

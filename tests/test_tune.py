@@ -46,6 +46,17 @@ def test_each_row_tunes_the_learning_rate_it_trains_with():
     assert lora.holdout_fraction == fed.holdout_fraction == 0.02
 
 
+def test_clients_trained_with_plain_sgd_try_larger_learning_rates():
+    from fedtune.tune import SGD_LR_GRID, search_space
+
+    cells = {c.label: c for c in make_grid(preset_settings("standard"), seeds=1)}
+    sgd = lambda label: cells[label].settings.replace(client_optimizer="sgd")  # noqa: E731
+    assert search_space(cells["Fed-LoRA"].settings, False) == {"lora_lr": LR_GRID["lora_lr"]}
+    assert search_space(sgd("Fed-LoRA"), False) == {"lora_lr": (3e-2, 1e-1, 3e-1)} == {"lora_lr": SGD_LR_GRID["lora_lr"]}
+    assert search_space(sgd("Fed-finetune (FedAvg)"), False) == {"full_lr": (1e-3, 3e-3, 1e-2)}
+    assert search_space(sgd("LoRA"), True) == {"lora_lr": LR_GRID["lora_lr"]}  # centralized rows train with AdamW
+
+
 def _stored_trial(cell: Cell, accuracy: float, loss: float, auc: float | None = None) -> dict:
     """A cached trial as `run_cell` stores it, with made-up scores (nothing is trained)."""
     dev = {"accuracy": accuracy, "loss": loss, **({} if auc is None else {"auc": auc})}

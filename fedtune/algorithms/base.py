@@ -130,7 +130,7 @@ class Algorithm:
         what `downlink_extras` sent it."""
         task = task_loss(self.settings, rows, task_spec(self.settings.task).num_labels)
         return LocalWork(supervised_round(self.settings, model, rows, seed, lr, steps,
-                                          self.client_loss(model, global_state, task)))
+                                          self.client_loss(model, global_state, task), self.settings.client_optimizer))
 
     def aggregate(self, states: list[State], weights: list[float]) -> State:
         """Combine client states into the new global state: the `aggregation` rule (default:

@@ -105,7 +105,8 @@ class FedKDLoRA(FedLoRA):
             return super().local_train(model, rows, global_state, seed=seed, lr=lr, steps=steps, kept_state=kept_state,
                                        extras=extras)
         task = logit_loss(self.settings, rows, task_spec(self.settings.task).num_labels)  # None: cross-entropy
-        result, teacher, metrics = distil(self, model, rows, kept_state, seed, lr, steps, task)
+        result, teacher, metrics = distil(self, model, rows, kept_state, seed, lr, steps, task,
+                                          self.settings.client_optimizer)
         # A frozen teacher leaves nothing to keep (unless a hidden-state projection learns).
         return LocalWork(result, teacher or None, {f"teacher-dev-{k}": v for k, v in metrics.items()})
 
@@ -156,10 +157,12 @@ def _distillation(settings: Settings, student: nn.Module) -> tuple[MutualDistill
 
 
 def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State | None, seed: int, lr: float,
-           steps: int, task: LogitLoss | None = None) -> tuple[TrainResult, State, dict[str, float]]:
+           steps: int, task: LogitLoss | None = None,
+           optimizer: str = "adamw") -> tuple[TrainResult, State, dict[str, float]]:
     """Mutual distillation of the teacher (from `teacher_state`, or its initial state) and
     `student` (its state already loaded) on `rows`: (train result, new teacher state, teacher dev
-    metrics). `task` replaces the task terms' cross-entropy (a client's `client-loss`). A frozen
+    metrics). `task` replaces the task terms' cross-entropy (a client's `client-loss`); `optimizer`
+    is AdamW's or a client's `client-optimizer`. A frozen
     teacher (`kd-mode frozen-teacher`) is not evaluated again: its metrics are the pre-trained
     teacher's, as in round 0."""
     settings = algorithm.settings
@@ -171,7 +174,7 @@ def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State 
                           teacher_tokenizer=teacher_tokenizer(settings))
     device, precision = compute(settings.device, settings.precision, settings.models)
     result = train(distiller, loader, lr=lr, steps=steps, schedule="constant", weight_decay=settings.weight_decay,
-                   loss_fn=lambda model, batch: model.loss(batch), precision=precision)
+                   loss_fn=lambda model, batch: model.loss(batch), precision=precision, optimizer=optimizer)
     if distiller.frozen_teacher:
         return result, distiller.kept_state(), teacher_metrics(require_teacher(settings))
     metrics = evaluate(distiller.teacher, dev_loader(settings, settings.model), settings.task,
