@@ -39,7 +39,8 @@ def remedies() -> dict[str, dict]:
     on the public slice after every round, as many steps as the mean client (the server-data baseline);
     `ccvr`: the classifier retrained after the last round from the clients' feature statistics;
     `ccvr-lda`: set from them in closed form; `lda-init`: the classifier set that way before round 1,
-    from the initial model's features; `freeze-head`: clients never train the classifier (FedBABU)."""
+    from the initial model's features; `freeze-head`: clients never train the classifier (FedBABU);
+    `sgd`: clients train with plain SGD instead of AdamW."""
     from fedtune.client_losses import registered
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
@@ -47,7 +48,8 @@ def remedies() -> dict[str, dict]:
             "scaffold": {"scaffold": 1},
             "server-finetune": {"server_finetune_steps": "mean client"},
             "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"},
-            "lda-init": {"classifier_init": "lda"}, "freeze-head": {"freeze_head": 1}}
+            "lda-init": {"classifier_init": "lda"}, "freeze-head": {"freeze_head": 1},
+            "sgd": {"client_optimizer": "sgd"}}
 
 
 def remedy_settings(name: str) -> dict:

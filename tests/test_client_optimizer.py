@@ -8,6 +8,7 @@ import torch
 
 from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
+from fedtune.grid import remedy_settings
 from fedtune.local import cached_model, client_update, initial_state
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -45,3 +46,7 @@ def test_clients_step_with_the_optimizer_asked_and_the_server_with_adamw(base):
     moved = step(state, changed).abs()
     moved = moved[moved > 0]
     assert moved.max() <= LR * 1.0001 and moved.median() == pytest.approx(LR, rel=0.01)
+
+
+def test_plain_sgd_is_a_remedy_row_of_compare():
+    assert remedy_settings("sgd+ccvr-lda") == {"client_optimizer": "sgd", "classifier_calibration": "ccvr-lda"}
