@@ -27,8 +27,9 @@ def head_keys(algorithm, settings) -> list[str]:
                   or k.startswith(name + "."))
 
 
-@pytest.mark.parametrize("algorithm_name, client_loss", [("fedlora", "none"), ("fedavg", "none"),
-                                                         ("fedlora", "feddecorr")])
+@pytest.mark.parametrize("algorithm_name, client_loss", [
+    ("fedlora", "none"), pytest.param("fedavg", "none", marks=pytest.mark.slow),
+    pytest.param("fedlora", "feddecorr", marks=pytest.mark.slow)])
 def test_a_client_with_a_frozen_head_sends_it_back_unchanged_and_trains_the_rest(base, algorithm_name,
                                                                                 client_loss):
     results = {}
