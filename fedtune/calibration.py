@@ -140,8 +140,8 @@ def discriminant_head(pooled: State, ridge: float = 1e-6) -> tuple[torch.Tensor,
 
 
 def head_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
-    """The classifier CCVR retrains: the last trainable `nn.Linear` with `num_labels` outputs
-    (BERT's `classifier`, Llama's `score`, peft's trainable copy of either)."""
+    """The classifier CCVR retrains (`models.classifier_layer`: BERT's `classifier`, Llama's `score`,
+    peft's trainable copy of either), or one clear error."""
     if (found := classifier_layer(model, num_labels)) is None:
         raise ValueError(f"classifier-calibration: the model has no trainable linear layer with {num_labels} outputs "
                          f"to calibrate; use classifier-calibration=none")

@@ -275,14 +275,15 @@ def classifier_layer(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]
 @contextlib.contextmanager
 def frozen(params: list[nn.Parameter]) -> Iterator[None]:
     """While inside, `params` do not train (no gradient, so no optimizer built inside holds them);
-    afterwards they train again, so they stay in the trainable state that travels."""
+    afterwards each is as it was, so a trainable one stays in the state that travels."""
+    before = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in params:
-            p.requires_grad_(True)
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -98,9 +98,10 @@ def train(model: nn.Module, loader, *, lr: float, steps: int, schedule: str = "c
           weight_decay: float = 0.0, loss_fn: LossFn = supervised_loss, extra_params=(),
           on_step: Callable[[int, float, int], None] | None = None, precision: str = "fp32",
           compile: bool = False, optimizer: str = "adamw") -> TrainResult:
-    """Run `steps` steps of `optimizer` (AdamW, or plain SGD) over `loader`, decaying lr by `schedule` over those steps, on the
-    model's device, in `precision` (fp32; bf16 or fp16 autocast, fp16 with a grad scaler); with
-    `compile`, the model's forward compiled first (once per model object: `nn.Module.compile`).
+    """Run `steps` steps of `optimizer` (AdamW, or plain SGD) over `loader`, decaying lr by
+    `schedule` over those steps, on the model's device, in `precision` (fp32; bf16 or fp16
+    autocast, fp16 with a grad scaler); with `compile`, the model's forward compiled first (once
+    per model object: `nn.Module.compile`).
 
     `on_step(step, mean_loss, examples)` runs after each step (progress bars, evaluation). On a
     CPU in bf16 the model trains with eager attention (`devices.training_attention`) and gets its
