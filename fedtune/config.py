@@ -121,6 +121,9 @@ class CoreSettings:
     scaffold: int = _fed(0, "1: SCAFFOLD control variates (Karimireddy et al. 2020, option II) correct each "
                          "client's drift, for an algorithm whose clients send same-shape states; both variates "
                          "travel and are counted in bytes")
+    server_momentum: float = _fed(0.0, "FedAvgM (Hsu et al. 2019): the server keeps a momentum of the mean update "
+                                  "across rounds, v <- m v + (previous - mean), and steps previous - v (server "
+                                  "learning rate 1; 0: off), for an algorithm whose clients send same-shape states")
     server_finetune_steps: int = _fed(0, "after aggregating each round, the server trains the global model this "
                                       "many steps on the public slice (labelled data the server holds): the "
                                       "baseline for what server-side data alone does (0: off)")
@@ -204,6 +207,8 @@ class CoreSettings:
             problems.append(f"compile={self.compile} (must be 0 or 1)")
         if self.scaffold not in (0, 1):
             problems.append(f"scaffold={self.scaffold} (must be 0 or 1)")
+        if not 0.0 <= self.server_momentum < 1.0:
+            problems.append(f"server-momentum={self.server_momentum} (must be in [0, 1))")
         if self.freeze_head not in (0, 1):
             problems.append(f"freeze-head={self.freeze_head} (must be 0 or 1)")
         if self.lora_r > MAX_LORA_RANK:

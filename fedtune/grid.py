@@ -40,7 +40,8 @@ def remedies() -> dict[str, dict]:
     `ccvr`: the classifier retrained after the last round from the clients' feature statistics;
     `ccvr-lda`: set from them in closed form; `lda-init`: the classifier set that way before round 1,
     from the initial model's features; `freeze-head`: clients never train the classifier (FedBABU);
-    `sgd`: clients train with plain SGD instead of AdamW."""
+    `sgd`: clients train with plain SGD instead of AdamW; `server-momentum`: FedAvgM with momentum 0.9
+    (Hsu et al. 2019's best at strong skew; the client learning rate is tuned as for every row)."""
     from fedtune.client_losses import registered
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
@@ -49,7 +50,7 @@ def remedies() -> dict[str, dict]:
             "server-finetune": {"server_finetune_steps": "mean client"},
             "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"},
             "lda-init": {"classifier_init": "lda"}, "freeze-head": {"freeze_head": 1},
-            "sgd": {"client_optimizer": "sgd"}}
+            "sgd": {"client_optimizer": "sgd"}, "server-momentum": {"server_momentum": 0.9}}
 
 
 def remedy_settings(name: str) -> dict:

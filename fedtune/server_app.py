@@ -255,13 +255,15 @@ class RoundRecorder:
                                               f"{checkpoint.records[-1]['round']} of {self.algorithm.settings.rounds}: "
                                               f"nothing is left to run")
         try:
-            self.algorithm.restore(checkpoint.algorithm_state, self.strategy.model)
+            self.algorithm.load_saved(checkpoint.algorithm_state, self.strategy.model)
         except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
             raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} holds server state that "
                                               f"{self.algorithm.name} cannot restore ({err}); start the run anew") from None
         if self.algorithm.settings.scaffold:
             checkpoints.check_state(checkpoint.server_state, initial, checkpoints.path_in(self.run.path))
             self.strategy.control = checkpoint.server_state
+        if self.algorithm.settings.server_momentum > 0 and checkpoint.records[-1]["round"] > 0:
+            checkpoints.check_state(self.algorithm.velocity, initial, checkpoints.path_in(self.run.path))
         self.records = checkpoint.records
         self.run.write_jsonl("rounds.jsonl", self.records)  # drops a round that never reached its checkpoint
         self.strategy.offset = self.records[-1]["round"]
@@ -282,7 +284,7 @@ class RoundRecorder:
         record = self.record(server_round, metrics, self.strategy.rounds.get(server_round, RoundStats()))
         self.records.append(record)
         self.run.append_jsonl("rounds.jsonl", record)
-        checkpoints.save(self.run.path, state, self.algorithm.checkpoint_state(), self.records,
+        checkpoints.save(self.run.path, state, self.algorithm.saved_state(), self.records,
                          self.algorithm.settings.to_dict(), self.strategy.control)
         self.on_round(server_round)
         self.stop_if_failing()

@@ -97,3 +97,19 @@ def fedadam_step(current: dict[str, np.ndarray], averaged: dict[str, np.ndarray]
     exponent = server_round + 1.0 if bias_correction == "flower" else float(server_round)
     eta_t = eta * np.sqrt(1 - np.power(beta2, exponent)) / (1 - np.power(beta1, exponent))
     return {k: x + eta_t * m[k] / (np.sqrt(v[k]) + tau) for k, x in current.items()}, m, v
+
+
+def fedavgm_step(current: dict[str, np.ndarray], averaged: dict[str, np.ndarray], velocity: dict[str, np.ndarray],
+                 momentum: float) -> tuple[dict, dict]:
+    """FedAvgM's server step (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data
+    Distribution", the paper of the Dirichlet label-skew partition), server learning rate 1, on
+    numpy arrays:
+
+        g = current - averaged                  (the pseudo-gradient: the mean update, negated)
+        v <- momentum v + g                     (v = g in the first round: empty `velocity`)
+        current <- current - v
+
+    Returns (new current, v). The arithmetic is Flower's `FedAvgM` strategy's, term for term."""
+    gradient = {k: x - averaged[k] for k, x in current.items()}
+    velocity = {k: momentum * velocity[k] + g if k in velocity else g for k, g in gradient.items()}
+    return {k: x - velocity[k] for k, x in current.items()}, velocity

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedtune.algorithms.aggregate import State, robust_aggregate
+import numpy as np
+import torch
+
+from fedtune.algorithms.aggregate import State, fedavgm_step, robust_aggregate
 from fedtune.client_losses import task_loss
 from fedtune.config import Settings
 from fedtune.models import save_model
@@ -54,6 +57,7 @@ class Algorithm:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.velocity: State = {}  # FedAvgM's server momentum (server-momentum > 0), empty until round 1
         self.check_settings()
 
     def check_settings(self) -> None:
@@ -74,6 +78,9 @@ class Algorithm:
             if needs:
                 raise ValueError(f"scaffold=1 averages one control variate per travelling tensor and sends each "
                                  f"client's own in the clear: {self.name} here needs {', '.join(needs)}")
+        if s.server_momentum > 0 and not self.same_shape_updates:
+            raise ValueError(f"server-momentum={s.server_momentum} keeps one momentum per travelling tensor: "
+                             f"{self.name}'s clients send states of different shapes; use server-momentum=0")
         if s.secure_aggregation != "none":
             # SecAgg+ rounds (fedtune.secure) send every client the global state and receive only the
             # masked sum: an algorithm that changes what is sent or how states combine cannot run there.
@@ -145,6 +152,15 @@ class Algorithm:
     def restore(self, state: State, model: nn.Module) -> None:
         """Inverse of `checkpoint_state`, on a resumed server whose model is `model`."""
 
+    def saved_state(self) -> State:
+        """All server-side state the checkpoint keeps: `checkpoint_state`, and the server momentum."""
+        return {**self.checkpoint_state(), **{f"{MOMENTUM}{k}": v for k, v in self.velocity.items()}}
+
+    def load_saved(self, state: State, model: nn.Module) -> None:
+        """Inverse of `saved_state`."""
+        self.velocity = {k[len(MOMENTUM):]: v for k, v in state.items() if k.startswith(MOMENTUM)}
+        self.restore({k: v for k, v in state.items() if not k.startswith(MOMENTUM)}, model)
+
     @property
     def batchable(self) -> bool:
         """Whether a round's clients may train in lockstep over a shared frozen base (`batched-clients`,
@@ -164,7 +180,14 @@ class Algorithm:
                           previous: State) -> tuple[State, dict[str, float]]:
         """What the server does with the aggregated `state`, `model` being the server's model (the
         runtime passes it in; its trainable weights hold whatever was loaded last): `server_update`,
-        then `server-finetune-steps` steps on the public slice if asked."""
+        then `server-finetune-steps` steps on the public slice if asked. With `server-momentum`,
+        the mean first becomes FedAvgM's step from `previous`."""
+        if self.settings.server_momentum > 0:
+            stepped, velocity = fedavgm_step({k: t.numpy() for k, t in previous.items()},
+                                             {k: t.numpy() for k, t in state.items()},
+                                             {k: t.numpy() for k, t in self.velocity.items()}, self.settings.server_momentum)
+            state = {k: torch.from_numpy(np.asarray(a)).to(state[k].dtype) for k, a in stepped.items()}
+            self.velocity = {k: torch.from_numpy(np.asarray(a)) for k, a in velocity.items()}
         state, metrics = self.server_update(model, state, server_round, previous)
         if self.settings.server_finetune_steps > 0:
             state, loss = server_finetune(self.settings, model, state, server_round, self.round_lr(server_round))
@@ -197,6 +220,7 @@ class Algorithm:
         return merged
 
 
+MOMENTUM = "server-momentum."  # the checkpoint's names of the momentum's tensors: MOMENTUM + state key
 _REGISTRY: dict[str, type[Algorithm]] = {}
 
 

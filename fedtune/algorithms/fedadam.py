@@ -39,6 +39,13 @@ class FedAdam(FedLoRA):
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
+    def check_settings(self) -> None:
+        super().check_settings()
+        if self.settings.server_momentum > 0:
+            raise ValueError(f"fedadam is its own server optimizer (Adam on the mean update): server-momentum="
+                             f"{self.settings.server_momentum} would step twice; use server-momentum=0 (or fedlora "
+                             f"with server-momentum for FedAvgM)")
+
     def server_update(self, model: nn.Module, state: State, server_round: int,
                       previous: State) -> tuple[State, dict[str, float]]:
         s = self.settings
