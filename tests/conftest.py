@@ -230,3 +230,28 @@ def interrupt_after_round(monkeypatch):
         monkeypatch.setattr(checkpoints, "save", save_then_die)
 
     return arm
+
+
+@pytest.fixture
+def resumed_run(interrupt_after_round):
+    """`resumed_run(settings, n)`: run `settings` until right after round n's checkpoint (as Ctrl-C
+    would stop it), then `fedtune resume` its `.incomplete` folder; the finished run's folder."""
+    from fedtune.simulation import run_federated
+
+    def run(settings, round_: int = 1) -> Path:
+        before = set(Path(settings.out_dir).glob("*.incomplete"))
+        interrupt_after_round(round_)
+        with pytest.raises(KeyboardInterrupt):
+            run_federated(settings, quiet=True)
+        [interrupted] = set(Path(settings.out_dir).glob("*.incomplete")) - before
+        return run_federated(settings.replace(resume=str(interrupted)), quiet=True)
+
+    return run
+
+
+def comparable_rounds(folder: Path, ignored: tuple[str, ...] = ("seconds", "elapsed")) -> list[dict]:
+    """A run's `rounds.jsonl` without the entries whose names contain one of `ignored` (timings)."""
+    from fedtune.runs import read_jsonl
+
+    return [{k: v for k, v in r.items() if not any(word in k for word in ignored)}
+            for r in read_jsonl(Path(folder) / "rounds.jsonl")]

@@ -12,6 +12,7 @@ from fedtune.algorithms import get_algorithm, registered
 from fedtune.config import Settings
 from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
+from tests.conftest import comparable_rounds
 
 ALGORITHMS = list(registered())
 
@@ -58,20 +59,14 @@ def _model_files(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_a_resume_after_round_1_gives_the_uninterrupted_result(finished, base, name, interrupt_after_round):
+def test_a_resume_after_round_1_gives_the_uninterrupted_result(finished, base, name, resumed_run):
     """Killed right after round 1's checkpoint, then resumed: the same rounds and model (server
     state such as FedAdam's moments is in the checkpoint; client state on the clients' disk)."""
 
     reference = finished(name)
-    settings = base.replace(algorithm=name, out_dir=str(reference.parent / f"resume-{name}"))
-    interrupt_after_round(1)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(settings, quiet=True)
-    [interrupted] = (reference.parent / f"resume-{name}").glob(f"{name}-cola-*.incomplete")
-    resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
+    resumed = resumed_run(base.replace(algorithm=name, out_dir=str(reference.parent / f"resume-{name}")), 1)
     ignored = ("seconds", "elapsed", "bytes")
-    strip = lambda rs: [{k: v for k, v in r.items() if not any(w in k for w in ignored)} for r in rs]  # noqa: E731
-    assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(reference / "rounds.jsonl"))
+    assert comparable_rounds(resumed, ignored) == comparable_rounds(reference, ignored)
     got, want = _model_files(resumed), _model_files(reference)
     assert got.keys() == want.keys()
     for filename in want:

@@ -13,6 +13,7 @@ from fedtune.algorithms import get_algorithm
 from fedtune.config import Settings
 from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
+from tests.conftest import comparable_rounds
 
 
 def test_option_ii_and_the_server_update_by_hand():
@@ -127,18 +128,11 @@ def test_two_rounds_follow_algorithm_1_and_count_the_variates(base, monkeypatch,
 
 
 @pytest.mark.slow
-def test_a_resumed_scaffold_run_equals_the_uninterrupted_one(base, interrupt_after_round):
-
+def test_a_resumed_scaffold_run_equals_the_uninterrupted_one(base, resumed_run):
     reference = run_federated(base.replace(out_dir=base.out_dir + "/reference"), quiet=True)
-    settings = base.replace(out_dir=base.out_dir + "/resumed")
-    interrupt_after_round(1)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(settings, quiet=True)
-    [interrupted] = (reference.parent.parent / "resumed").glob("fedlora-cola-*.incomplete")
-    resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
-    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed"  # noqa: E731
-                         and "bytes" not in k} for r in rs]
-    assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(reference / "rounds.jsonl"))
+    resumed = resumed_run(base.replace(out_dir=base.out_dir + "/resumed"), 1)
+    ignored = ("seconds", "elapsed", "bytes")
+    assert comparable_rounds(resumed, ignored) == comparable_rounds(reference, ignored)
 
 
 @pytest.mark.parametrize("name", ["flexlora", "hetlora", "flora"])

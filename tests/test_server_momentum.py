@@ -9,8 +9,8 @@ import torch
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.aggregate import fedavgm_step
 from fedtune.config import Settings
-from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
+from tests.conftest import comparable_rounds
 
 
 def test_the_step_by_hand_and_the_first_round_is_plain_fedavg():
@@ -99,17 +99,10 @@ def test_a_run_steps_each_round_from_the_mean_with_the_momentum(base, monkeypatc
 
 
 @pytest.mark.slow
-def test_a_resumed_run_equals_the_uninterrupted_one(base, interrupt_after_round):
+def test_a_resumed_run_equals_the_uninterrupted_one(base, resumed_run):
     reference = run_federated(base.replace(out_dir=base.out_dir + "/reference"), quiet=True)
-    settings = base.replace(out_dir=base.out_dir + "/resumed")
-    interrupt_after_round(2)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(settings, quiet=True)
-    [interrupted] = (reference.parent.parent / "resumed").glob("fedlora-cola-*.incomplete")
-    resumed = run_federated(settings.replace(resume=str(interrupted)), quiet=True)
-    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed"}  # noqa: E731
-                        for r in rs]
-    assert strip(read_jsonl(resumed / "rounds.jsonl")) == strip(read_jsonl(reference / "rounds.jsonl"))
+    resumed = resumed_run(base.replace(out_dir=base.out_dir + "/resumed"), 2)
+    assert comparable_rounds(resumed) == comparable_rounds(reference)
 
 
 @pytest.mark.parametrize("name", ["flexlora", "hetlora", "flora"])
