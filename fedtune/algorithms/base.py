@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 import numpy as np
 import torch
+from torch import nn
 
 from fedtune.algorithms.aggregate import State, fedavgm_step, robust_aggregate
 from fedtune.client_losses import task_loss
@@ -183,9 +182,9 @@ class Algorithm:
         then `server-finetune-steps` steps on the public slice if asked. With `server-momentum`,
         the mean first becomes FedAvgM's step from `previous`."""
         if self.settings.server_momentum > 0:
-            stepped, velocity = fedavgm_step({k: t.numpy() for k, t in previous.items()},
-                                             {k: t.numpy() for k, t in state.items()},
-                                             {k: t.numpy() for k, t in self.velocity.items()}, self.settings.server_momentum)
+            arrays = lambda tensors: {k: t.numpy() for k, t in tensors.items()}  # noqa: E731
+            stepped, velocity = fedavgm_step(arrays(previous), arrays(state), arrays(self.velocity),
+                                             self.settings.server_momentum)
             state = {k: torch.from_numpy(np.asarray(a)).to(state[k].dtype) for k, a in stepped.items()}
             self.velocity = {k: torch.from_numpy(np.asarray(a)) for k, a in velocity.items()}
         state, metrics = self.server_update(model, state, server_round, previous)
