@@ -259,7 +259,8 @@ class RoundRecorder:
         except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
             raise checkpoints.CheckpointError(f"{checkpoints.path_in(self.run.path)} holds server state that "
                                               f"{self.algorithm.name} cannot restore ({err}); start the run anew") from None
-        if self.algorithm.settings.scaffold:
+        # SCAFFOLD's c exists from round 1 on (zeros until then, made when round 1 is configured).
+        if self.algorithm.settings.scaffold and (checkpoint.server_state or checkpoint.records[-1]["round"] > 0):
             checkpoints.check_state(checkpoint.server_state, initial, checkpoints.path_in(self.run.path))
             self.strategy.control = checkpoint.server_state
         if self.algorithm.settings.server_momentum > 0 and checkpoint.records[-1]["round"] > 0:

@@ -58,13 +58,16 @@ def _model_files(path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("round_", [0, 1])
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_a_resume_after_round_1_gives_the_uninterrupted_result(finished, base, name, resumed_run):
-    """Killed right after round 1's checkpoint, then resumed: the same rounds and model (server
-    state such as FedAdam's moments is in the checkpoint; client state on the clients' disk)."""
+def test_a_resume_gives_the_uninterrupted_result(finished, base, name, round_, resumed_run):
+    """Killed right after round 0's or round 1's checkpoint, then resumed: the same rounds and
+    model (server state such as FedAdam's moments is in the checkpoint, and round 0's is written
+    before any exists; client state on the clients' disk)."""
 
     reference = finished(name)
-    resumed = resumed_run(base.replace(algorithm=name, out_dir=str(reference.parent / f"resume-{name}")), 1)
+    resumed = resumed_run(base.replace(algorithm=name, out_dir=str(reference.parent / f"resume-{round_}-{name}")),
+                          round_)
     ignored = ("seconds", "elapsed", "bytes")
     assert comparable_rounds(resumed, ignored) == comparable_rounds(reference, ignored)
     got, want = _model_files(resumed), _model_files(reference)
