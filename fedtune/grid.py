@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedtune.config import Settings, federated_only
-from fedtune.console import say
+from fedtune.console import say, warn
 from fedtune.runs import read_jsonl, write_json
 
 CENTRALIZED_ROWS: list[tuple[str, dict]] = [("Finetune", {"method": "finetune"}), ("KD", {"method": "kd"}),
@@ -292,7 +292,7 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
         path = run_centralized(settings, quiet)
         rounds = []
     else:
-        from fedtune.checkpoint import TeacherChanged
+        from fedtune.checkpoint import CheckpointError
         from fedtune.simulation import run_federated
 
         interrupted = interrupted_run(settings)
@@ -301,8 +301,10 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
             say(f"resuming the interrupted cell {interrupted}", quiet)
             try:
                 path = run_federated(settings.replace(resume=str(interrupted)), quiet)
-            except TeacherChanged as err:  # left as it is; the cell starts anew
-                say(f"not resumed: {err}", quiet)
+            except CheckpointError as err:  # a damaged checkpoint, a teacher trained since: a cell is only
+                # its settings, so it starts anew; the folder is left for the user to look at
+                warn(f"{cell.label} (seed {settings.seed}) not resumed: {err}. The cell starts anew; "
+                     f"{interrupted} is left as it is (delete it when done with it)")
         path = path or run_federated(settings, quiet)
         rounds = read_jsonl(path / "rounds.jsonl")
         check_rounds(cell, rounds, path)

@@ -226,6 +226,28 @@ def test_a_cell_interrupted_inside_a_round_is_resumed_not_recomputed(base, inter
     assert strip(again["rounds"]) == strip(read_jsonl(Path(resumed["run"]) / "rounds.jsonl"))
 
 
+def test_a_cell_whose_checkpoint_cannot_be_resumed_starts_anew(base, interrupt_after_round, capsys):
+    """A damaged checkpoint in an interrupted cell does not stop the grid: one warning names the
+    cell and the folder, which is left as it is, and the cell runs anew to the uninterrupted result."""
+    from fedtune.grid import Cell, run_cell
+
+    settings = base.replace(algorithm="fedlora", out_dir=str(Path(base.out_dir) / "damaged"), engine="local")
+    cells_dir = Path(settings.out_dir)
+    cell = Cell("Fed-LoRA", settings, centralized=False)
+    interrupt_after_round(1)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, cells_dir, quiet=True)
+    [interrupted] = cells_dir.glob("fedlora-cola-*.incomplete")
+    (interrupted / "checkpoint.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    capsys.readouterr()
+    result = run_cell(cell, cells_dir, quiet=True)
+    err = "".join(capsys.readouterr().err.split())  # without the terminal's line breaks
+    assert "warning:Fed-LoRA(seed42)notresumed:" in err and "isnotafedtunecheckpoint" in err
+    assert f"{interrupted}isleftasitis" in err
+    assert interrupted.is_dir() and result["run"] != str(interrupted).removesuffix(".incomplete")
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+
+
 def test_every_row_has_the_skew_columns_when_any_cell_recorded_them():
     from fedtune.compare import markdown, table
     from fedtune.config import Settings
