@@ -3,6 +3,7 @@ training stays AdamW. Checked on one local step from the same start and batch: p
 moves the weights by minus the gradient, g, and AdamW's first step at lr is -lr g / (|g| + eps)
 (m-hat = g, v-hat = g^2), so the SGD step predicts the AdamW one."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,49 @@ def test_clients_step_with_the_optimizer_asked_and_the_server_with_adamw(base):
 
 def test_plain_sgd_is_a_remedy_row_of_compare():
     assert remedy_settings("sgd+ccvr-lda") == {"client_optimizer": "sgd", "classifier_calibration": "ccvr-lda"}
+
+
+@pytest.mark.slow
+def test_one_local_sgd_step_per_round_is_gradient_descent_on_every_clients_rows(base, monkeypatch):
+    """FedSGD (docs/label-skew.md): with one local step of plain SGD over a client's whole partition
+    (one batch) and the server's mean weighted by partition sizes, round 1's global state is one
+    gradient step on the mean loss over ALL clients' rows, however skewed the partitions are:
+    sum_i (n_i / N) grad L_i = grad (1/N) sum_rows loss. Checked against that gradient computed
+    directly on the pooled rows."""
+    import fedtune.checkpoint as checkpoints
+    from fedtune.data import cached_task_data, make_loader, tokenize
+    from fedtune.models import load_tokenizer, load_trainable_state
+    from fedtune.partition import client_partitions
+    from fedtune.simulation import run_federated
+    from fedtune.train import supervised_loss
+
+    settings = base.replace(partition="dirichlet", dirichlet_alpha=0.1, rounds=1, batch_size=64, local_steps=1,
+                            client_optimizer="sgd", lora_lr=0.5, lr_schedule="constant", batched_clients="off",
+                            precision="fp32")
+    saved = {}
+    real_save = checkpoints.save
+
+    def keep(folder, state, algorithm_state, records, *rest):
+        saved[records[-1]["round"]] = {k: v.clone() for k, v in state.items()}
+        real_save(folder, state, algorithm_state, records, *rest)
+
+    monkeypatch.setattr(checkpoints, "save", keep)
+    run_federated(settings, quiet=True)
+
+    algorithm = get_algorithm("fedlora", settings)
+    model = cached_model(algorithm, algorithm.client_settings(0))
+    load_trainable_state(model, saved[0])
+    rows = cached_task_data(settings).private
+    assert len(rows) <= settings.batch_size  # the pooled batch is every client's rows at once
+    shares = [np.mean(np.asarray(rows["label"])[part]) for part in client_partitions(settings, 2)]
+    assert abs(shares[0] - shares[1]) > 0.5  # the clients' label shares differ: skewed
+    tokenizer = load_tokenizer(settings.input_model)
+    [batch] = list(make_loader(tokenize(rows, tokenizer, settings.max_length), tokenizer, 64, shuffle=False))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    supervised_loss(model, batch).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)  # the model is cached for later tests
+    for key, start in saved[0].items():
+        assert torch.allclose(saved[1][key], start - 0.5 * grads[key], rtol=0, atol=1e-7), key
+    assert any(not torch.equal(saved[1][k], saved[0][k]) for k in saved[0])  # it did move
