@@ -226,6 +226,7 @@ def test_a_cell_interrupted_inside_a_round_is_resumed_not_recomputed(base, inter
     assert strip(again["rounds"]) == strip(read_jsonl(Path(resumed["run"]) / "rounds.jsonl"))
 
 
+@pytest.mark.slow
 def test_a_cell_whose_checkpoint_cannot_be_resumed_starts_anew(base, interrupt_after_round, capsys):
     """A damaged checkpoint in an interrupted cell does not stop the grid: one warning names the
     cell and the folder, which is left as it is, and the cell runs anew to the uninterrupted result."""
