@@ -92,9 +92,11 @@ def test_fedlora_loss_has_no_proximal_term():
 # ---- FedAdam -----------------------------------------------------------------------------
 def _adam_reference(x, deltas, eta, b1, b2, tau):
     """Reddi et al.'s FedAdam, as Flower writes its bias correction (eta * sqrt(1 - b2^(t+1)) /
-    (1 - b1^(t+1)) at round t), from the pseudo-gradients (averaged minus current state)."""
+    (1 - b1^(t+1)) at round t), from the pseudo-gradients (averaged minus current state). `eta`: one
+    rate, or one per round."""
     m = v = torch.zeros_like(x)
-    for t, delta in enumerate(deltas, start=1):
+    etas = eta if isinstance(eta, list) else [eta] * len(deltas)
+    for t, (delta, eta) in enumerate(zip(deltas, etas), start=1):
         m = b1 * m + (1 - b1) * delta
         v = b2 * v + (1 - b2) * delta**2
         x = x + eta * (1 - b2 ** (t + 1)) ** 0.5 / (1 - b1 ** (t + 1)) * m / (v.sqrt() + tau)
@@ -115,6 +117,21 @@ def test_fedadam_takes_flowers_adam_step_on_the_averaged_update_and_resumes():
     x2 = resumed.server_update(None, {"w": x1["w"] + deltas[1]}, 2, x1)[0]
     torch.testing.assert_close(x2["w"], _adam_reference(x0, deltas, 0.1, 0.9, 0.99, 1e-3))
     assert x2["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("schedule, etas", [("constant", [0.1, 0.1, 0.1]),
+                                             ("linear", [0.1, 0.075, 0.05]),  # 1 - (t - 1) / 4
+                                             ("cosine", [0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05])])
+def test_fedadam_server_lr_decays_over_rounds_as_scheduled(schedule, etas):
+    settings = Settings(algorithm="fedadam", rounds=4, server_lr=0.1, server_lr_schedule=schedule)
+    algorithm = get_algorithm("fedadam", settings)
+    x = x0 = torch.tensor([1.0, -2.0, 0.5])
+    deltas = [torch.tensor([0.1, 0.0, -0.3]), torch.tensor([-0.2, 0.05, 0.1]), torch.tensor([0.3, -0.1, 0.0])]
+    for server_round, delta in enumerate(deltas, start=1):
+        x = algorithm.server_update(None, {"w": x + delta}, server_round, {"w": x})[0]["w"]
+    torch.testing.assert_close(x, _adam_reference(x0, deltas, etas, 0.9, 0.99, 1e-3))
+    if schedule != "constant":  # the decay changes the result (the check can fail)
+        assert not torch.allclose(x, _adam_reference(x0, deltas, 0.1, 0.9, 0.99, 1e-3))
 
 
 def test_fedadam_step_equals_flowers_strategy_bit_for_bit_over_rounds():

@@ -1,7 +1,7 @@
 """FedAdam (Reddi et al., ICLR 2021, "Adaptive Federated Optimization"): FedLoRA's clients; the
 server treats the averaged update as a pseudo-gradient and takes an Adam step on the global
-LoRA state with its own learning rate (`server-lr`, `server-beta1`, `server-beta2`,
-`server-tau`). The step is `aggregate.fedadam_step` with Flower's bias correction (exponent
+LoRA state with its own learning rate (`server-lr`, decayed over rounds by `server-lr-schedule`,
+`server-beta1`, `server-beta2`, `server-tau`). The step is `aggregate.fedadam_step` with Flower's bias correction (exponent
 t + 1), so the results equal Flower's `FedAdam` strategy (tested against it)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
 from fedtune.config import Settings
 from fedtune.plugins import Option
+from fedtune.train import schedule_factor
 
 
 @register
@@ -24,6 +25,9 @@ class FedAdam(FedLoRA):
     tunables = {"server_lr": (3e-3, 1e-2, 3e-2)}
     options = {"server_lr": Option(0.01, "server learning rate (eta) of Adam on the aggregated update",
                                    interval="(0, inf)"),
+               "server_lr_schedule": Option("constant", "decay of server-lr over rounds (as lr-schedule does the "
+                                            "clients'); constant is Flower's FedAdam",
+                                            choices=("constant", "linear", "cosine")),
                "server_beta1": Option(0.9, "first-moment decay (beta_1)", interval="[0, 1)"),
                "server_beta2": Option(0.99, "second-moment decay (beta_2)", interval="[0, 1)"),
                "server_tau": Option(1e-3, "adaptivity tau (added to the root of the second moment)",
@@ -49,9 +53,10 @@ class FedAdam(FedLoRA):
     def server_update(self, model: nn.Module, state: State, server_round: int,
                       previous: State) -> tuple[State, dict[str, float]]:
         s = self.settings
+        eta = s.server_lr * schedule_factor(s.server_lr_schedule, (server_round - 1) / s.rounds)
         stepped, self.m, self.v = fedadam_step(
             {k: t.numpy() for k, t in previous.items()}, {k: t.numpy() for k, t in state.items()}, self.m, self.v,
-            server_round, s.server_lr, s.server_beta1, s.server_beta2, s.server_tau, self.bias_correction)
+            server_round, eta, s.server_beta1, s.server_beta2, s.server_tau, self.bias_correction)
         return {k: torch.from_numpy(np.array(a)).to(state[k].dtype) for k, a in stepped.items()}, {}
 
     def checkpoint_state(self) -> State:
