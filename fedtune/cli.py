@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="run N cells (and first tuning trials) at a time, each in its own process with "
                              "1/N of the CPU threads (--engine local); the results are the same to float error (default: 1)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
+            sub.add_argument("--cached-only", action="store_true",
+                             help="train nothing: write the table of the rows whose cells (and tuning trials) are all "
+                             "finished, and name the rows left out (e.g. while the grid still runs elsewhere)")
             sub.add_argument("--methods", default="", help="comma-separated row labels to run (default: all; "
                              "`fedtune algorithms` lists the algorithms, each with its row labels; with --remedies, "
                              "'<row> + <remedy>' names one remedied row)")
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             remedy_names = [r.strip() for r in args.remedies.split(",") if r.strip()] or None
             run_compare(settings, args.preset, args.seeds, args.rank_sweep, methods, quiet=args.quiet, tune=args.tune,
                         remedy_names=remedy_names,
-                        tune_share=TUNE_ROUND_SHARE if args.tune_share is None else args.tune_share, jobs=args.jobs)
+                        tune_share=TUNE_ROUND_SHARE if args.tune_share is None else args.tune_share, jobs=args.jobs,
+                        cached_only_rows=args.cached_only)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

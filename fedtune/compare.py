@@ -6,18 +6,20 @@ budget (presets), runs the grid, and writes the table, plots and results.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from fedtune.config import Settings, key_of
-from fedtune.console import say
-from fedtune.grid import grid_rows, make_grid, run_cells
+from fedtune.console import say, warn
+from fedtune.grid import NotCached, cached_only, grid_rows, make_grid, run_cells
 from fedtune.metrics import primary_metric
 from fedtune.tasks import task_spec
 from fedtune.runs import write_json
-from fedtune.tune import TUNE_ROUND_SHARE, check_share, chosen_values, first_trials, lr_setting, tune_methods
+from fedtune.tune import (TUNE_ROUND_SHARE, check_share, chosen_values, first_trials, lr_setting, tune_methods,
+                          tune_row)
 
 # Budgets. `small` is the quick smoke grid (one task, one seed in well under an hour on a 2-core
 # CPU; at it most methods have not left the majority class). `standard` is sized so that every
@@ -199,9 +201,32 @@ def with_earlier_rows(path: Path, header: dict, results: list[dict], tuning: lis
             [t for t in earlier.get("tuning", []) if t.get("method") in kept_labels] + tuning)
 
 
+def finished_rows(base: Settings, seeds: int, rank_sweep: bool, methods: list[str] | None,
+                  remedy_names: list[str] | None, tune: bool, tune_share: float, cells_dir: Path) -> tuple[list, list]:
+    """(labels of the rows whose cells, and with `tune` whose tuning trials, are all finished in
+    `cells_dir`; "<label>: <why not>" for the others). Reads cells only; call inside `grid.cached_only()`."""
+    done, left_out = [], []
+    for cell in make_grid(base, 1, rank_sweep, methods, None, remedy_names):
+        try:
+            tuned = {}
+            if tune and " r=" not in cell.label:  # the rank sweep's rows are not tuned
+                tuned = chosen_values(tune_row(cell.label, cell.settings, cell.centralized, cells_dir, True, tune_share))
+            for each in make_grid(base, seeds, rank_sweep, [cell.label], tuned, remedy_names):
+                if each.label == cell.label and not (cells_dir / f"{each.key}.json").is_file():
+                    raise NotCached(f"seed {each.settings.seed} is not finished (cell {each.key})")
+        except NotCached as err:
+            left_out.append(f"{cell.label}: {err}")
+        else:
+            done.append(cell.label)
+    if rank_sweep and (sweep := [why for why in left_out if " r=" in why.split(":")[0]]):
+        raise ValueError(f"--cached-only with --rank-sweep needs every rank-sweep cell finished; not finished: {sweep}")
+    return done, left_out
+
+
 def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = False,
                 methods: list[str] | None = None, quiet: bool = False, tune: bool = False,
-                remedy_names: list[str] | None = None, tune_share: float = TUNE_ROUND_SHARE, jobs: int = 1) -> Path:
+                remedy_names: list[str] | None = None, tune_share: float = TUNE_ROUND_SHARE, jobs: int = 1,
+                cached_only_rows: bool = False) -> Path:
     """Run (or reuse) every cell of the grid for `base` (see `preset_settings`), then write
     table.md, results.json and the plots under `<out-dir>/compare/<task>-<partition>-<preset>/`
     (`...-ranks/` with the rank sweep, which adds `metric-vs-rank.png`; `...-remedies/` with
@@ -212,7 +237,10 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
     (`fedtune.tune`), each trial at `tune_share` of the row's budget; results.json records every trial.
     Rows an earlier invocation wrote to the same folder under the same settings stay in its table
     (`with_earlier_rows`), so a long grid can run one row at a time. `jobs` > 1 runs that many cells
-    (and first tuning trials) at a time, each in its own process (`grid.run_cells`)."""
+    (and first tuning trials) at a time, each in its own process (`grid.run_cells`).
+
+    With `cached_only_rows` nothing trains: the table holds the rows whose cells (and trials) are
+    all finished, and the rows left out are named on stderr."""
     if seeds < 1:
         raise ValueError(f"seeds={seeds} (must be >= 1)")
     check_jobs(jobs, base)
@@ -228,14 +256,27 @@ def run_compare(base: Settings, preset: str, seeds: int, rank_sweep: bool = Fals
         remedy_settings(name)  # one clear error for an unknown remedy or a clash
     root = Path(base.out_dir) / "compare"
     cells_dir = root / "cells"
+    only = None  # every row of `methods`
+    if cached_only_rows:
+        if not cells_dir.is_dir():
+            raise ValueError(f"--cached-only: no finished cells under {cells_dir} (no grid has run with this --out-dir)")
+        with cached_only():
+            done, left_out = finished_rows(base, seeds, rank_sweep, methods, remedy_names, tune, tune_share, cells_dir)
+        if not done:
+            raise ValueError(f"--cached-only: no row of this grid is finished in {cells_dir}: " + "; ".join(left_out))
+        for why in left_out:
+            warn(f"left out (--cached-only): {why}")
+        only = set(done)
     cells_dir.mkdir(parents=True, exist_ok=True)
-    tuning = []
-    if tune:
-        if jobs > 1:
-            run_cells(first_trials(base, methods, remedy_names, tune_share), cells_dir, quiet, jobs)
-        tuning = tune_methods(base, methods, cells_dir, quiet, remedy_names, tune_share)
-    tuned = chosen_values(tuning)
-    results = run_cells(make_grid(base, seeds, rank_sweep, methods, tuned, remedy_names), cells_dir, quiet, jobs)
+    with cached_only() if cached_only_rows else contextlib.nullcontext():
+        tuning = []
+        if tune:
+            if jobs > 1:
+                run_cells(first_trials(base, methods, remedy_names, tune_share, only), cells_dir, quiet, jobs)
+            tuning = tune_methods(base, methods, cells_dir, quiet, remedy_names, tune_share, only)
+        tuned = chosen_values(tuning)
+        results = run_cells(make_grid(base, seeds, rank_sweep, methods, tuned, remedy_names, only), cells_dir, quiet,
+                            jobs)
 
     from fedtune.plots import plot_compare, plot_rank_sweep
 

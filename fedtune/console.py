@@ -44,8 +44,11 @@ def say(message: str, quiet: bool = False) -> None:
 
 
 def warn(message: str) -> None:
-    """A warning the user must see, `--quiet` or not: one line on stderr (stdout may be data)."""
-    Console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    """A warning the user must see, `--quiet` or not: one line on stderr (stdout may be data),
+    printed as written (brackets in it, as in a tuning trial's label, are not markup)."""
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 class _Expected:

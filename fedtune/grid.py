@@ -8,10 +8,13 @@ cells, and all KD cells of a seed share one pre-trained teacher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from fedtune.config import Settings, federated_only
@@ -127,10 +130,12 @@ def training_precision(settings: Settings) -> str:
 
 
 def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: list[str] | None = None,
-              tuned: dict[str, dict] | None = None, remedy_names: list[str] | None = None) -> list[Cell]:
+              tuned: dict[str, dict] | None = None, remedy_names: list[str] | None = None,
+              only: set[str] | None = None) -> list[Cell]:
     """Every (method, seed) cell. Centralized cells train rounds x local-epochs epochs: the
     federation's total budget. `remedy_names` add, after each federated row, the row with each
-    remedy (labelled "<row> + <remedy>"). `tuned` adds per-row changes (the chosen learning rates)."""
+    remedy (labelled "<row> + <remedy>"). `tuned` adds per-row changes (the chosen learning rates).
+    `only`: keep just the rows with these labels."""
     tuned = tuned or {}
     # `methods` names rows: a base row's label, or a remedied row's ("Fed-LoRA + fedlc"); naming any
     # remedied row keeps only the remedied rows named
@@ -150,7 +155,7 @@ def make_grid(base: Settings, seeds: int, rank_sweep: bool = False, methods: lis
                  for r in SWEEP_RANKS for name, algorithm in (("Fed-LoRA", "fedlora"), ("Fed-LoRA-KD", "fedkdlora"))]
     base = base.replace(epochs=base.rounds * base.local_epochs)
     return [Cell(label, base.replace(seed=base.seed + i, **changes), "method" in changes)
-            for label, changes in rows for i in range(seeds)]
+            for label, changes in rows if only is None or label in only for i in range(seeds)]
 
 
 def read_cell(path: Path) -> dict:
@@ -216,13 +221,35 @@ def interrupted_run(settings: Settings) -> Path | None:
     return found[-1] if found else None
 
 
+class NotCached(LookupError):
+    """A cell that is not finished, met while `cached_only()` forbids running it."""
+
+
+_CACHED_ONLY: ContextVar[bool] = ContextVar("cached_only", default=False)
+
+
+@contextlib.contextmanager
+def cached_only() -> Iterator[None]:
+    """While inside, `run_cell` only reads finished cells: one that is not cached raises
+    `NotCached` instead of running (`compare --cached-only`)."""
+    token = _CACHED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHED_ONLY.reset(token)
+
+
+def is_cached_only() -> bool:
+    return _CACHED_ONLY.get()
+
+
 def run_cells(cells: list[Cell], cells_dir: Path, quiet: bool, jobs: int = 1) -> list[dict]:
     """Each cell's result, in order (`run_cell`). With `jobs` > 1 the cells not cached yet run that
     many at a time, each in a process of its own with its share of this process's CPU threads
     (the results are the same to float error: a cell's run depends only on its settings, and the
     thread count changes only the order of float sums; tested to 1e-4); the teachers they need are
     trained first, here, so that no two processes train the same one."""
-    if jobs > 1:
+    if jobs > 1 and not is_cached_only():
         import concurrent.futures
         import multiprocessing
 
@@ -283,6 +310,8 @@ def run_cell(cell: Cell, cells_dir: Path, quiet: bool) -> dict:
         say(f"reusing {cell.label} (seed {cell.settings.seed}): {cached}", quiet)
         # Another row may have computed it (Fed-LoRA is the rank sweep's Fed-LoRA r=8): label it as this row.
         return {**read_cell(cached), "label": cell.label}
+    if is_cached_only():
+        raise NotCached(f"{cell.label} (seed {cell.settings.seed}) is not finished (cell {cell.key})")
     say(f"[bold]{cell.label}[/] (seed {cell.settings.seed})", quiet)
     settings = cell.settings.replace(out_dir=str(cells_dir))
     start = time.perf_counter()

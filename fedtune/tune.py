@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedtune.grid import Cell, make_grid, run_cell
+from fedtune.grid import Cell, NotCached, is_cached_only, make_grid, run_cell
 from fedtune.config import Settings, key_of
 from fedtune.console import say
 from fedtune.metrics import primary_metric
@@ -86,6 +86,8 @@ def tune_setting(label: str, settings: Settings, centralized: bool, name: str, g
         trial = trial_settings(settings, centralized, name, value, share)
         cell = Cell(f"{label} [tune {key_of(name)}={value:g}]", trial, centralized)
         if refresh:  # stored before evaluation recorded ROC-AUC: run it again to have it
+            if is_cached_only():
+                raise NotCached(f"{cell.label} was stored before evaluation recorded ROC-AUC and would run again")
             (Path(cells_dir) / f"{cell.key}.json").unlink(missing_ok=True)
         result = run_cell(cell, cells_dir, quiet)
         scores = result["summary"]["dev"]  # the run's evaluation set, here the holdout
@@ -135,11 +137,11 @@ def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet
 
 
 def first_trials(base: Settings, methods: list[str] | None, remedy_names: list[str] | None = None,
-                 share: float = TUNE_ROUND_SHARE) -> list[Cell]:
+                 share: float = TUNE_ROUND_SHARE, only: set[str] | None = None) -> list[Cell]:
     """The trials `tune_methods` runs first whatever they score (each row's first setting over its
     whole grid), so that they can run side by side (`grid.run_cells`) before the search reads them."""
     trials = []
-    for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names):
+    for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names, only=only):
         name, grid = next(iter(search_space(cell.settings, cell.centralized).items()))
         trials += [Cell(f"{cell.label} [tune {key_of(name)}={value:g}]",
                         trial_settings(cell.settings, cell.centralized, name, value, share), cell.centralized)
@@ -148,11 +150,12 @@ def first_trials(base: Settings, methods: list[str] | None, remedy_names: list[s
 
 
 def tune_methods(base: Settings, methods: list[str] | None, cells_dir, quiet: bool = False,
-                 remedy_names: list[str] | None = None, share: float = TUNE_ROUND_SHARE) -> list[dict]:
-    """Tune every row of the grid (or the rows in `methods`, with `remedy_names`) on `base`'s first
-    seed, each trial at `share` of the row's budget."""
+                 remedy_names: list[str] | None = None, share: float = TUNE_ROUND_SHARE,
+                 only: set[str] | None = None) -> list[dict]:
+    """Tune every row of the grid (or the rows in `methods`, with `remedy_names`; of those, the
+    ones labelled in `only`) on `base`'s first seed, each trial at `share` of the row's budget."""
     tuned = []
-    for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names):
+    for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names, only=only):
         tuned += tune_row(cell.label, cell.settings, cell.centralized, cells_dir, quiet, share)
     return tuned
 

@@ -317,3 +317,59 @@ def test_cells_run_side_by_side_give_the_same_grid(base, tmp_path):
     assert [x["cell"] for x in tuned[0][0]["trials"]] == [x["cell"] for x in tuned[1][0]["trials"]]
     with pytest.raises(ValueError, match="--jobs 2 runs cells side by side .* add --engine local"):
         run_compare(base.replace(engine="ray"), "small", seeds=1, methods=["LoRA"], quiet=True, jobs=2)
+
+
+def _store(cells_dir: Path, cell, mcc: float, auc: float = 0.5) -> None:
+    result = _finished_cell(cell, mcc)
+    result["summary"]["dev"].update(auc=auc, loss=1 - mcc)
+    (cells_dir / f"{cell.key}.json").write_text(json.dumps(result))
+
+
+def test_cached_only_tables_the_finished_rows_names_the_rest_and_trains_nothing(base, tmp_path, monkeypatch, capsys):
+    from fedtune.tune import search_space, trial_settings
+
+    base = base.replace(out_dir=str(tmp_path))
+    monkeypatch.setattr(fedtune.simulation, "run_federated", must_not_run)
+    monkeypatch.setattr(fedtune.centralized, "run_centralized", must_not_run)
+    grid = dict(seeds=2, methods=["Fed-LoRA", "FlexLoRA"], remedy_names=["fedlc"], quiet=True)
+    with pytest.raises(ValueError, match="no finished cells under"):  # no grid ran here: nothing is created
+        run_compare(base, "small", cached_only_rows=True, **grid)
+    assert list(tmp_path.iterdir()) == []
+
+    cells_dir = tmp_path / "compare" / "cells"
+    cells_dir.mkdir(parents=True)
+    cells = make_grid(base, seeds=2, methods=grid["methods"], remedy_names=["fedlc"])
+    assert [c.label for c in cells] == ["Fed-LoRA"] * 2 + ["Fed-LoRA + fedlc"] * 2 + ["FlexLoRA"] * 2 + ["FlexLoRA + fedlc"] * 2
+    with pytest.raises(ValueError, match="no row of this grid is finished"):
+        run_compare(base, "small", cached_only_rows=True, **grid)
+    assert not (tmp_path / "compare" / "cola-iid-small-remedies").exists()
+
+    # Fed-LoRA: both seeds; FlexLoRA: one of two; the fedlc rows: none.
+    for cell in cells[:2] + cells[4:5]:
+        _store(cells_dir, cell, 0.3)
+    stored = sorted(p.name for p in cells_dir.iterdir())
+    folder = run_compare(base, "small", cached_only_rows=True, **grid)
+    table = json.loads((folder / "results.json").read_text())["table"]
+    assert [(r["method"], r["seeds"]) for r in table] == [("Fed-LoRA", 2)]
+    err = capsys.readouterr().err
+    for row in ("Fed-LoRA + fedlc", "FlexLoRA", "FlexLoRA + fedlc"):
+        assert f"left out (--cached-only): {row}: " in err
+    assert f"FlexLoRA: seed {base.seed + 1} is not finished (cell {cells[5].key})" in err
+    assert sorted(p.name for p in cells_dir.iterdir()) == stored  # nothing trained, nothing written
+
+    # With --tune a row needs its trials too: Fed-LoRA's are stored (the middle rate wins), FlexLoRA's not.
+    tuned = dict(seeds=1, methods=["Fed-LoRA", "FlexLoRA"], quiet=True, tune=True)
+    fedlora = cells[0]
+    name, rates = next(iter(search_space(fedlora.settings, False).items()))
+    from fedtune.grid import Cell
+
+    for rate in rates:
+        trial = Cell(f"Fed-LoRA [tune lora-lr={rate:g}]", trial_settings(fedlora.settings, False, name, rate, 0.3), False)
+        _store(cells_dir, trial, 0.5 if rate == rates[1] else 0.1)
+    chosen = make_grid(base, seeds=1, methods=["Fed-LoRA"], tuned={"Fed-LoRA": {name: rates[1]}})[0]
+    _store(cells_dir, chosen, 0.4)
+    folder = run_compare(base, "small", cached_only_rows=True, **tuned)
+    results = json.loads((folder / "results.json").read_text())
+    assert [(r["method"], r["lr"]) for r in results["table"]] == [("Fed-LoRA", f"{rates[1]:g}")]
+    assert [t["chosen"] for t in results["tuning"]] == [rates[1]]
+    assert "left out (--cached-only): FlexLoRA: FlexLoRA [tune lora-lr=" in capsys.readouterr().err  # as written
