@@ -248,8 +248,8 @@ def skew_summary(folder: Path = RESULTS) -> str:
                 row[f"best remedy, {column}"] = "-"
         rows.append(row)
     return (markdown(rows) + "\n\nSST-2 dev accuracy (balanced accuracy); - not run yet. Best remedy: the most "
-            "accurate of the row's remedied rows that give the server no labelled data; ↓ even it is below the row "
-            "without a remedy. † the server also trains on labelled data it holds (the public slice).")
+            "accurate of the row's remedied rows that give the server no labelled data it did not already have; ↓ "
+            "even it is below the row without a remedy. † the server also trains on labelled data it holds (the public slice).")
 
 
 def skew_plot(folder: Path = RESULTS, path: Path | None = None) -> dict[str, list[float | None]]:
