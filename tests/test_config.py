@@ -72,6 +72,23 @@ def test_pyproject_run_config_lists_every_setting():
     Settings.from_run_config(run_config)  # and they validate
 
 
+def test_the_flower_app_bundle_holds_the_package_and_fits_flowers_limit():
+    """`flwr run .` ships the app as a FAB of at most 10 MB (Flower refuses a larger one): the
+    package's code and plug-in list, not the committed results under docs/."""
+    import io
+    import zipfile
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    fab = build_fab_from_disk(Path(__file__).parents[1])
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "fedtune/server_app.py" in names and "fedtune/client_app.py" in names and "fedtune/plugins.json" in names
+    assert not [n for n in names if n.split("/")[0] in ("docs", "tests", "benchmarks", "scripts")]
+    assert len(fab) < FAB_MAX_SIZE / 10
+
+
 def test_help_lists_the_algorithms_and_only_the_options_a_command_reads(capsys):
     from fedtune.algorithms import registered
     from fedtune.config import ALGORITHMS
