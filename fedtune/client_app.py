@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedtune import calibration, scaffold
+from fedtune import calibration, fednova, scaffold
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.client_losses import client_loss_reads_references
 from fedtune.client_state import load_kept, save_kept, state_folder
@@ -111,7 +111,8 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         arrays = ArrayRecord(codec.encode(result.state, received, server_round))
         metrics = MetricRecord({"num-examples": result.num_examples, "examples-seen": result.examples_seen,
                                 "train-loss": result.train_loss, "train-seconds": result.seconds,
-                                "partition-id": partition_id, **result.metrics})
+                                "partition-id": partition_id, **result.metrics,
+                                **({fednova.METRIC: result.steps} if settings.fednova else {})})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics, **records}), reply_to=msg)
 
     return app

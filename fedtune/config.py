@@ -121,6 +121,10 @@ class CoreSettings:
     scaffold: int = _fed(0, "1: SCAFFOLD control variates (Karimireddy et al. 2020, option II) correct each "
                          "client's drift, for an algorithm whose clients send same-shape states; both variates "
                          "travel and are counted in bytes")
+    fednova: int = _fed(0, "1: FedNova's normalized averaging (Wang et al. 2020): each client's update is divided by its "
+                        "local steps, the mean rescaled by the mean step count, so clients that take more steps do "
+                        "not pull the global model further; for an algorithm whose server takes the mean of "
+                        "same-shape states")
     server_momentum: float = _fed(0.0, "FedAvgM (Hsu et al. 2019): the server keeps a momentum of the mean update "
                                   "across rounds, v <- m v + (previous - mean), and steps previous - v (server "
                                   "learning rate 1; 0: off), for an algorithm whose clients send same-shape states")
@@ -207,6 +211,8 @@ class CoreSettings:
             problems.append(f"compile={self.compile} (must be 0 or 1)")
         if self.scaffold not in (0, 1):
             problems.append(f"scaffold={self.scaffold} (must be 0 or 1)")
+        if self.fednova not in (0, 1):
+            problems.append(f"fednova={self.fednova} (must be 0 or 1)")
         if not 0.0 <= self.server_momentum < 1.0:
             problems.append(f"server-momentum={self.server_momentum} (must be in [0, 1))")
         if self.freeze_head not in (0, 1):

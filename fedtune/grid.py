@@ -44,7 +44,8 @@ def remedies() -> dict[str, dict]:
     `ccvr-lda`: set from them in closed form; `lda-init`: the classifier set that way before round 1,
     from the initial model's features; `freeze-head`: clients never train the classifier (FedBABU);
     `sgd`: clients train with plain SGD instead of AdamW; `server-momentum`: FedAvgM with momentum 0.9
-    (Hsu et al. 2019's best at strong skew; the client learning rate is tuned as for every row)."""
+    (Hsu et al. 2019's best at strong skew; the client learning rate is tuned as for every row);
+    `fednova`: FedNova's normalized averaging (each update divided by its client's local steps)."""
     from fedtune.client_losses import registered
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
@@ -53,7 +54,8 @@ def remedies() -> dict[str, dict]:
             "server-finetune": {"server_finetune_steps": "mean client"},
             "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"},
             "lda-init": {"classifier_init": "lda"}, "freeze-head": {"freeze_head": 1},
-            "sgd": {"client_optimizer": "sgd"}, "server-momentum": {"server_momentum": 0.9}}
+            "sgd": {"client_optimizer": "sgd"}, "server-momentum": {"server_momentum": 0.9},
+            "fednova": {"fednova": 1}}
 
 
 def remedy_settings(name: str) -> dict:

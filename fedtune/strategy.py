@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune import scaffold
+from fedtune import fednova, scaffold
 from fedtune.algorithms import Algorithm
 from fedtune.algorithms.aggregate import invalid_reason
 from fedtune.codecs import Codec
@@ -201,7 +201,11 @@ class FedTuneStrategy(FedAvg):
         uniform = self.uniform_weights or self.algorithm.settings.client_weighting == "uniform"
         weights = [1.0 if uniform else float(m["num-examples"]) for m in metrics]
         start = time.perf_counter()
-        aggregated = self.algorithm.aggregate(states, weights)
+        if self.algorithm.settings.fednova:  # x + tau_eff sum_i p_i (y_i - x) / tau_i
+            steps = [int(m[fednova.METRIC]) for m in metrics]
+            aggregated = fednova.normalized_average(self.global_state, states, weights, steps)
+        else:
+            aggregated = self.algorithm.aggregate(states, weights)
         stats.aggregate_seconds = time.perf_counter() - start
         return aggregated, metrics, weights
 
@@ -246,6 +250,8 @@ class FedTuneStrategy(FedAvg):
         except ValueError as error:
             return None, str(error)
         reason = invalid_reason(state, self.sent[partition_id])
+        if reason is None and self.algorithm.settings.fednova and not metrics.get(fednova.METRIC, 0) >= 1:
+            reason = f"fednova=1 needs the client's {fednova.METRIC} (>= 1) in its metrics"
         if reason is None and self.algorithm.settings.scaffold:
             if scaffold.RECORD not in content.array_records:
                 return None, "reply lacks the SCAFFOLD variate record"

@@ -77,6 +77,16 @@ class Algorithm:
             if needs:
                 raise ValueError(f"scaffold=1 averages one control variate per travelling tensor and sends each "
                                  f"client's own in the clear: {self.name} here needs {', '.join(needs)}")
+        if s.fednova:
+            needs = [need for need, wrong in (("the server's mean of same-shape states (not its own aggregate)",
+                                               type(self).aggregate is not Algorithm.aggregate or not self.same_shape_updates),
+                                              ("aggregation=mean", s.aggregation != "mean"),
+                                              ("dp-noise=0", s.dp_noise > 0),
+                                              ("secure-aggregation=none", s.secure_aggregation != "none"))
+                     if wrong]
+            if needs:
+                raise ValueError(f"fednova=1 rescales each client's update by its own step count before the mean: "
+                                 f"{self.name} here needs {', '.join(needs)}")
         if s.server_momentum > 0 and not self.same_shape_updates:
             raise ValueError(f"server-momentum={s.server_momentum} keeps one momentum per travelling tensor: "
                              f"{self.name}'s clients send states of different shapes; use server-momentum=0")
