@@ -62,31 +62,22 @@ class Algorithm:
     def check_settings(self) -> None:
         """Refuse settings this algorithm cannot honour, with one message naming them."""
         s = self.settings
-        if not self.same_shape_updates:
-            needs = [need for need, wrong in (("aggregation=mean", s.aggregation != "mean"), ("dp-noise=0", s.dp_noise > 0),
-                                              ("secure-aggregation=none", s.secure_aggregation != "none")) if wrong]
-            if needs:
-                raise ValueError(f"{self.name} clients send updates of different shapes (each its own LoRA rank), so it "
-                                 f"needs {', '.join(needs)}: robust rules, DP noise and SecAgg+ need same-shape updates")
-        if s.scaffold:
-            needs = [need for need, wrong in (("same-shape client states", not self.same_shape_updates),
-                                              ("aggregation=mean", s.aggregation != "mean"),
-                                              ("dp-noise=0", s.dp_noise > 0),
-                                              ("secure-aggregation=none", s.secure_aggregation != "none"))
-                     if wrong]
-            if needs:
-                raise ValueError(f"scaffold=1 averages one control variate per travelling tensor and sends each "
-                                 f"client's own in the clear: {self.name} here needs {', '.join(needs)}")
-        if s.fednova:
-            needs = [need for need, wrong in (("the server's mean of same-shape states (not its own aggregate)",
-                                               type(self).aggregate is not Algorithm.aggregate or not self.same_shape_updates),
-                                              ("aggregation=mean", s.aggregation != "mean"),
-                                              ("dp-noise=0", s.dp_noise > 0),
-                                              ("secure-aggregation=none", s.secure_aggregation != "none"))
-                     if wrong]
-            if needs:
-                raise ValueError(f"fednova=1 rescales each client's update by its own step count before the mean: "
-                                 f"{self.name} here needs {', '.join(needs)}")
+        plain = {"aggregation=mean": s.aggregation != "mean", "dp-noise=0": s.dp_noise > 0,
+                 "secure-aggregation=none": s.secure_aggregation != "none"}  # need: whether it is unmet
+
+        def unmet(extra: dict[str, bool]) -> str:
+            return ", ".join(need for need, wrong in {**extra, **plain}.items() if wrong)
+
+        if not self.same_shape_updates and (needs := unmet({})):
+            raise ValueError(f"{self.name} clients send updates of different shapes (each its own LoRA rank), so it "
+                             f"needs {needs}: robust rules, DP noise and SecAgg+ need same-shape updates")
+        if s.scaffold and (needs := unmet({"same-shape client states": not self.same_shape_updates})):
+            raise ValueError(f"scaffold=1 averages one control variate per travelling tensor and sends each "
+                             f"client's own in the clear: {self.name} here needs {needs}")
+        own_mean = type(self).aggregate is not Algorithm.aggregate or not self.same_shape_updates
+        if s.fednova and (needs := unmet({"the server's mean of same-shape states (not its own aggregate)": own_mean})):
+            raise ValueError(f"fednova=1 rescales each client's update by its own step count before the mean: "
+                             f"{self.name} here needs {needs}")
         if s.server_momentum > 0 and not self.same_shape_updates:
             raise ValueError(f"server-momentum={s.server_momentum} keeps one momentum per travelling tensor: "
                              f"{self.name}'s clients send states of different shapes; use server-momentum=0")
