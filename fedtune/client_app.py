@@ -91,7 +91,8 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         if settings.scaffold:  # SCAFFOLD: c from the server, c_i from this client's disk (zeros at first)
             c_global = msg.content[scaffold.RECORD].to_torch_state_dict()
             c_local = load_kept(kept_folder / scaffold.RECORD, partition_id, server_round) or scaffold.zeros_like(c_global)
-            correction = (c_local, c_global)
+            # mean-gradient: the hooks add up the raw gradients here
+            correction = (c_local, c_global) + (({},) if settings.scaffold_variate == "mean-gradient" else ())
         # MOON: the state this client trained last round, from its own disk (None before its first)
         contrastive = client_loss_reads_references(settings)
         previous = load_kept(kept_folder / PREVIOUS, partition_id, server_round) if contrastive else None
@@ -104,7 +105,8 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
             save_kept(kept_folder / PREVIOUS, partition_id, server_round, result.state)
         records = {}
         if correction:
-            c_new = scaffold.client_control(*correction, received, result.state, result.steps, lr)
+            c_new = (scaffold.mean_gradient(correction[2], result.steps) if len(correction) == 3 else
+                     scaffold.client_control(*correction, received, result.state, result.steps, lr))
             save_kept(kept_folder / scaffold.RECORD, partition_id, server_round, c_new)
             records[scaffold.RECORD] = ArrayRecord({k: c_new[k] - correction[0][k] for k in c_new})
         codec = Codec(settings.codec, settings.svd_energy_start, settings.svd_energy_end, settings.rounds)

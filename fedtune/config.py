@@ -121,6 +121,10 @@ class CoreSettings:
     scaffold: int = _fed(0, "1: SCAFFOLD control variates (Karimireddy et al. 2020, option II) correct each "
                          "client's drift, for an algorithm whose clients send same-shape states; both variates "
                          "travel and are counted in bytes")
+    scaffold_variate: str = _fed("option-ii", "how a SCAFFOLD client sets its c_i: option-ii (the paper's "
+                                 "c_i - c + (x - y) / (K lr)) or mean-gradient (the mean of its raw gradients over "
+                                 "its K steps: equal to option II under plain SGD, and still a gradient under AdamW, "
+                                 "whose steps make option II about 1 per weight)", ("option-ii", "mean-gradient"))
     fednova: int = _fed(0, "1: FedNova's normalized averaging (Wang et al. 2020): each client's update is divided by its "
                         "local steps, the mean rescaled by the mean step count, so clients that take more steps do "
                         "not pull the global model further; for an algorithm whose server takes the mean of "
@@ -211,6 +215,8 @@ class CoreSettings:
             problems.append(f"compile={self.compile} (must be 0 or 1)")
         if self.scaffold not in (0, 1):
             problems.append(f"scaffold={self.scaffold} (must be 0 or 1)")
+        if self.scaffold_variate != "option-ii" and not self.scaffold:
+            problems.append(f"scaffold-variate={self.scaffold_variate} sets SCAFFOLD's c_i: it needs scaffold=1")
         if self.fednova not in (0, 1):
             problems.append(f"fednova={self.fednova} (must be 0 or 1)")
         if not 0.0 <= self.server_momentum < 1.0:

@@ -38,7 +38,7 @@ def remedies() -> dict[str, dict]:
     """What `compare --remedies` can add to each federated row: name -> settings changes. Every
     registered client loss; `equal-steps`: every client the same number of local steps (the
     mean client's, so the federation trains on as many rows as without it) and uniform weights;
-    `scaffold`: SCAFFOLD's control variates; `server-finetune`: the server trains the global model
+    `scaffold`: SCAFFOLD's control variates (`scaffold-grad`: c_i the mean raw gradient); `server-finetune`: the server trains the global model
     on the public slice after every round, as many steps as the mean client (the server-data baseline);
     `ccvr`: the classifier retrained after the last round from the clients' feature statistics;
     `ccvr-lda`: set from them in closed form; `lda-init`: the classifier set that way before round 1,
@@ -50,7 +50,7 @@ def remedies() -> dict[str, dict]:
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
             "equal-steps": {"client_weighting": "uniform", "local_steps": "mean client"},
-            "scaffold": {"scaffold": 1},
+            "scaffold": {"scaffold": 1}, "scaffold-grad": {"scaffold": 1, "scaffold_variate": "mean-gradient"},
             "server-finetune": {"server_finetune_steps": "mean client"},
             "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"},
             "lda-init": {"classifier_init": "lda"}, "freeze-head": {"freeze_head": 1},

@@ -141,14 +141,15 @@ class ClientResult:
 
 def client_update(algorithm: Algorithm, partition_id: int, num_partitions: int, global_state: State,
                   server_round: int, lr: float, kept_state: State | None = None,
-                  extras: State | None = None, correction: tuple[State, State] | None = None,
+                  extras: State | None = None, correction: tuple[State, ...] | None = None,
                   previous_state: State | None = None) -> ClientResult:
     """Load the global state, train on this client's partition, return the new trainable state.
 
     `kept_state` is what this client kept from its previous round (FedKDLoRA's client teacher;
     None the first time); the result carries the updated one, which the caller stores locally
     and never sends. `extras` are the arrays the algorithm sent besides the state. `correction`
-    = (c_i, c): SCAFFOLD's control variates, applied to every gradient while it trains.
+    = (c_i, c) or (c_i, c, sums): SCAFFOLD's control variates, applied to every gradient while it
+    trains (`sums`, when given, gathers the raw gradients: `scaffold.corrected`).
     `previous_state`: the state this client trained in its last round, for a client loss that
     `reads_references` (MOON), which also sees `global_state`.
     """

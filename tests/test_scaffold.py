@@ -46,6 +46,24 @@ def test_the_correction_reaches_every_travelling_gradient_and_is_removed_after()
             pass
 
 
+def test_mean_gradient_adds_up_the_raw_gradients_by_hand():
+    """Two backward passes of sum(w . x) on x = [3, 4] then [1, -2]: raw gradients [3, 4] and [1, -2]
+    (the correction does not enter the sums); their mean over K = 2 steps is [2, 1]."""
+    model = nn.Linear(2, 1, bias=False)
+    c_local, c_global, sums = {"weight": torch.tensor([[1.0, 1.0]])}, {"weight": torch.tensor([[0.0, 3.0]])}, {}
+    with scaffold.corrected(model, c_local, c_global, sums):
+        for x in (torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, -2.0]])):
+            model.weight.grad = None
+            model(x).sum().backward()
+    assert torch.equal(model.weight.grad, torch.tensor([[1.0 - 1.0 + 0.0, -2.0 - 1.0 + 3.0]]))  # still corrected
+    assert torch.equal(scaffold.mean_gradient(sums, 2)["weight"], torch.tensor([[2.0, 1.0]]))
+
+
+def test_the_variate_setting_needs_scaffold():
+    with pytest.raises(ValueError, match="scaffold-variate=mean-gradient .* needs scaffold=1"):
+        Settings(scaffold_variate="mean-gradient").validate()
+
+
 def test_the_correction_reaches_the_student_inside_fedkds_mutual_distillation(tiny_bert):
     """With the teacher on the client, the student trains inside `MutualDistillation`: its
     gradients are still g - c_i + c, and the teacher's (which never travels) are not corrected."""
@@ -125,6 +143,27 @@ def test_two_rounds_follow_algorithm_1_and_count_the_variates(base, monkeypatch,
     variates = rounds[1]["travelling_parameters"] * 4 * 2  # fp32, 2 clients
     for direction in ("bytes_up", "bytes_down"):
         assert variates <= rounds[2][direction] - plain[2][direction] <= variates + 30_000, direction
+
+
+def test_under_sgd_mean_gradient_equals_option_ii(base, tmp_path):
+    """Under plain SGD, (x - y) / (K lr) = mean(g_k - c_i + c), so option II's c_i+ is the mean raw
+    gradient: two runs, one per variate, leave the same c_i on every client's disk, round by round,
+    and the same dev losses. (Their bytes may differ by a few arrays: Flower sends identical arrays
+    once, and a variate that is exactly 0 under one formula is 1e-9 under the other.)"""
+    runs = {}
+    for variate in ("option-ii", "mean-gradient"):
+        settings = base.replace(out_dir=str(tmp_path / variate), client_optimizer="sgd", lora_lr=0.05,
+                                scaffold_variate=variate)
+        path = run_federated(settings, quiet=True)
+        runs[variate] = (path, settings.out_dir + f"/client-state/{path.name}/scaffold")
+    for r in (1, 2):
+        for p in range(2):
+            a, b = (load_file(f"{folder}/client-{p}-round-{r}.safetensors") for _, folder in runs.values())
+            assert max(v.abs().max() for v in a.values()) > 1e-3, (r, p)  # not trivially equal
+            for k in a:
+                assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), (r, p, k)
+    a, b = (read_jsonl(path / "rounds.jsonl") for path, _ in runs.values())
+    assert [r["dev_loss"] for r in a] == pytest.approx([r["dev_loss"] for r in b], rel=1e-4)
 
 
 @pytest.mark.slow
