@@ -105,7 +105,7 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
             save_kept(kept_folder / PREVIOUS, partition_id, server_round, result.state)
         records = {}
         if correction:
-            c_new = (scaffold.mean_gradient(correction[2], result.steps) if len(correction) == 3 else
+            c_new = (scaffold.mean_gradient(correction[2], result.steps, correction[1]) if len(correction) == 3 else
                      scaffold.client_control(*correction, received, result.state, result.steps, lr))
             save_kept(kept_folder / scaffold.RECORD, partition_id, server_round, c_new)
             records[scaffold.RECORD] = ArrayRecord({k: c_new[k] - correction[0][k] for k in c_new})

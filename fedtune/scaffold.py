@@ -47,9 +47,10 @@ def client_control(c_local: State, c_global: State, sent: State, trained: State,
     return {k: c_local[k] - c_global[k] + (sent[k] - trained[k]) / (steps * lr) for k in sent}
 
 
-def mean_gradient(sums: State, steps: int) -> State:
-    """c_i+ = (1 / K) * sum over the client's K steps of its raw gradients (the `mean-gradient` variate)."""
-    return {k: (v / steps).cpu() for k, v in sums.items()}
+def mean_gradient(sums: State, steps: int, like: State) -> State:
+    """c_i+ = (1 / K) * sum over the client's K steps of its raw gradients (the `mean-gradient`
+    variate), one tensor per key of `like`: zeros where no gradient came (a frozen head)."""
+    return {k: (sums[k] / steps).cpu() if k in sums else torch.zeros_like(v) for k, v in like.items()}
 
 
 def server_control(c_global: State, deltas: list[State], num_clients: int) -> State:

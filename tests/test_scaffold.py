@@ -56,7 +56,9 @@ def test_mean_gradient_adds_up_the_raw_gradients_by_hand():
             model.weight.grad = None
             model(x).sum().backward()
     assert torch.equal(model.weight.grad, torch.tensor([[1.0 - 1.0 + 0.0, -2.0 - 1.0 + 3.0]]))  # still corrected
-    assert torch.equal(scaffold.mean_gradient(sums, 2)["weight"], torch.tensor([[2.0, 1.0]]))
+    means = scaffold.mean_gradient(sums, 2, {**c_global, "frozen": torch.ones(3)})
+    assert torch.equal(means["weight"], torch.tensor([[2.0, 1.0]]))
+    assert torch.equal(means["frozen"], torch.zeros(3))  # no gradient came: c_i = 0, as option II gives
 
 
 def test_the_variate_setting_needs_scaffold():
