@@ -128,7 +128,9 @@ def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
         load_file(str(next((together / "model").glob("*.safetensors"))))
     assert set(first) == set(second)
     for name in first:
-        torch.testing.assert_close(first[name], second[name], atol=1e-5, rtol=1e-4)
+        # Two rounds of training amplify the matmuls' rounding: batched and alone run different shapes,
+        # which some BLAS kernels sum in a different order (on an Intel Xeon: 3.8e-5 apart at most).
+        torch.testing.assert_close(first[name], second[name], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("changes, reason", [
