@@ -181,3 +181,11 @@ def test_a_resumed_scaffold_run_equals_the_uninterrupted_one(base, resumed_run, 
 def test_scaffold_is_refused_where_client_states_differ_in_shape(name):
     with pytest.raises(ValueError, match=f"scaffold=1 .*{name} here needs same-shape client states"):
         get_algorithm(name, Settings(algorithm=name, scaffold=1, client_ranks="2,4,8,8"))
+
+
+def test_scaffold_is_refused_under_fp16s_grad_scaler():
+    # The correction hook sees the scaler's scaled gradients (g * S), so c - c_i would be added in
+    # other units; bf16 and fp32 have no scaler.
+    with pytest.raises(ValueError, match=r"scaffold=1 .*fedlora here needs precision bf16, fp32 or auto \(not fp16\)"):
+        get_algorithm("fedlora", Settings(scaffold=1, precision="fp16"))
+    get_algorithm("fedlora", Settings(scaffold=1, precision="bf16"))  # accepted

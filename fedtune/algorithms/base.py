@@ -71,7 +71,10 @@ class Algorithm:
         if not self.same_shape_updates and (needs := unmet({})):
             raise ValueError(f"{self.name} clients send updates of different shapes (each its own LoRA rank), so it "
                              f"needs {needs}: robust rules, DP noise and SecAgg+ need same-shape updates")
-        if s.scaffold and (needs := unmet({"same-shape client states": not self.same_shape_updates})):
+        if s.scaffold and (needs := unmet({"same-shape client states": not self.same_shape_updates,
+                                           # fp16's grad scaler multiplies the gradients the correction hook
+                                           # sees: c - c_i would be added in other units
+                                           "precision bf16, fp32 or auto (not fp16)": s.precision == "fp16"})):
             raise ValueError(f"scaffold=1 averages one control variate per travelling tensor and sends each "
                              f"client's own in the clear: {self.name} here needs {needs}")
         own_mean = type(self).aggregate is not Algorithm.aggregate or not self.same_shape_updates
