@@ -151,7 +151,7 @@ def model_dropout_table(folder: Path = RESULTS) -> str:
 
 
 # The skew curve: SST-2 grids of the same budget at decreasing Dirichlet alpha (IID = no skew).
-SKEW_GRIDS = {"IID": ("sst2-iid-standard.json",),
+SKEW_GRIDS = {"IID": ("sst2-iid-standard.json", "sst2-iid-standard-remedies.json"),
               "Dir 0.5": ("sst2-dirichlet0.5-standard.json", "sst2-dirichlet0.5-standard-remedies.json"),
               "Dir 0.1": ("sst2-dirichlet-standard.json", "sst2-dirichlet-standard-remedies.json",
                           "sst2-dirichlet-standard-seeds.json")}

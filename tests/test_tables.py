@@ -100,6 +100,9 @@ def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp
              "sst2-dirichlet-standard-remedies.json": _grid("sst2", [
                  _row("Fed-LoRA + scaffold", "2.496", accuracy=stat(0.509), **{"balanced acc": stat(0.5)}),
                  _row("Fed-LoRA + ccvr-lda", "1.723", accuracy=stat(0.773), seeds=1)], seeds=1),
+             # a remedy run without skew (one seed, under a two-seed column) says its seeds
+             "sst2-iid-standard-remedies.json": _grid("sst2", [
+                 _row("Fed-LoRA + ccvr-lda", "1.723", accuracy=stat(0.84), **{"balanced acc": stat(0.839)})], seeds=1),
              # the same row run again with two seeds replaces the one-seed cell and says so
              "sst2-dirichlet-standard-seeds.json": _grid("sst2", [
                  _row("Fed-LoRA + ccvr-lda", "1.723", accuracy={"mean": 0.775, "std": 0.002, "values": [0.773, 0.777]},
@@ -113,7 +116,7 @@ def test_skew_curve_puts_each_federated_row_and_its_remedies_under_each_skew(tmp
     assert (tmp_path / "skew-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines[0] == "| method | IID (2 seeds) | Dir 0.5 (1 seed) | Dir 0.1 (1 seed) |"
     # Centralized rows have no skew; a remedied row follows its method's row.
-    assert lines[2:5] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + ccvr-lda | - | - | 0.775, 2 seeds |",
+    assert lines[2:5] == ["| Fed-LoRA | 0.845 | 0.811 (0.809) | - |", "| Fed-LoRA + ccvr-lda | 0.840 (0.839), 1 seed | - | 0.775, 2 seeds |",
                           "| Fed-LoRA + scaffold | - | - | 0.509 (0.500) |"]
 
 
