@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "`fedtune algorithms` lists the algorithms, each with its row labels; with --remedies, "
                              "'<row> + <remedy>' names one remedied row)")
             sub.add_argument("--remedies", default="", help="comma-separated label-skew remedies to add after each "
-                             "federated row: a client loss (fedlc, logit-adjust, feddecorr, moon), equal-steps (every client "
+                             "federated row: a client loss (fedlc, logit-adjust, fedrs, feddecorr, moon), equal-steps (every client "
                              "the mean client's local steps, uniform weights), scaffold, server-finetune (the server "
                              "trains on its public slice: the server-data baseline), ccvr (the classifier retrained after "
                              "the last round from the clients' feature statistics) or ccvr-lda (set from them in "

@@ -14,6 +14,7 @@ from torch import nn
 from fedtune.client_losses import label_counts, reference_states, registered, task_loss
 from fedtune.client_losses.feddecorr import decorrelation_loss
 from fedtune.client_losses.fedlc import calibrated_logits, fedlc_loss
+from fedtune.client_losses.fedrs import restricted_softmax_loss, restriction
 from fedtune.client_losses.logit_adjustment import adjusted_logits, logit_adjusted_loss
 from fedtune.client_losses.moon import model_contrastive_loss
 from fedtune.config import Settings
@@ -53,6 +54,34 @@ def test_logit_adjustment_adds_tau_log_prior_and_at_tau_1_is_the_balanced_softma
     assert logit_adjusted_loss(logits, labels, counts, 1.0).item() == pytest.approx(balanced_softmax.item(), abs=1e-6)
 
 
+def test_fedrs_scales_each_logit_by_alpha_plus_the_rest_times_the_class_share_of_the_largest():
+    counts = torch.tensor([8.0, 2.0, 0.0])  # scales: 1, .5 + .5 * 2/8 = .625, .5
+    assert restriction(counts, 0.5).tolist() == [1.0, 0.625, 0.5]
+    logits = torch.tensor([[2.0, 4.0, -2.0]], requires_grad=True)
+    loss = restricted_softmax_loss(logits, torch.tensor([1]), counts, 0.5)  # softmax over [2, 2.5, -1], label 1
+    z = [2.0, 2.5, -1.0]
+    assert loss.item() == pytest.approx(-2.5 + math.log(sum(math.exp(v) for v in z)))
+    loss.backward()
+    p = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    # d loss / d logit_c = scale_c * (p_c - 1[c = label]): the missing class still gets a gradient, halved
+    assert torch.allclose(logits.grad, torch.tensor([[p[0], 0.625 * (p[1] - 1), 0.5 * p[2]]]))
+
+
+def test_fedrs_at_alpha_1_is_cross_entropy_and_at_0_a_one_class_client_has_loss_0():
+    logits = torch.tensor([[0.3, 2.0], [-1.0, 0.5]], requires_grad=True)
+    labels = torch.tensor([0, 0])
+    counts = torch.tensor([5.0, 0.0])
+    assert restricted_softmax_loss(logits, labels, counts, 1.0).item() == \
+        pytest.approx(F.cross_entropy(logits, labels).item())
+    # alpha 0: the missing class's logit is 0 whatever the model says, so the loss is log(1 + e^-z_0)
+    # and stays finite, not 0 as under FedLC; alpha in (0, 1): between plain cross-entropy and that
+    expected = sum(math.log(1 + math.exp(-z)) for z in (0.3, -1.0)) / 2
+    assert restricted_softmax_loss(logits, labels, counts, 0.0).item() == pytest.approx(expected)
+    loss = restricted_softmax_loss(logits, labels, counts, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and (logits.grad[:, 1] > 0).all()  # the absent class is still pushed down
+
+
 class _Logits(nn.Module):
     def __init__(self, logits):
         super().__init__()
@@ -73,17 +102,20 @@ def test_task_loss_is_the_chosen_plug_in_on_the_clients_own_label_counts():
     expected = logit_adjusted_loss(model.logits, batch["labels"], torch.tensor([3.0, 1.0]), 2.0)
     assert task_loss(Settings(client_loss="logit-adjust", la_tau=2.0), rows, 2)(model, batch).item() == \
         pytest.approx(expected.item())
-    assert set(registered()) == {"none", "fedlc", "logit-adjust", "feddecorr", "moon"}
+    expected = restricted_softmax_loss(model.logits, batch["labels"], torch.tensor([3.0, 1.0]), 0.2)
+    assert task_loss(Settings(client_loss="fedrs", fedrs_alpha=0.2), rows, 2)(model, batch).item() == \
+        pytest.approx(expected.item())
+    assert set(registered()) == {"none", "fedlc", "logit-adjust", "fedrs", "feddecorr", "moon"}
 
 
 def test_client_losses_are_settings_with_their_own_checked_options():
-    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust, feddecorr, moon\)"):
+    with pytest.raises(ValueError, match=r"client-loss='focal' \(choose from: none, fedlc, logit-adjust, fedrs, feddecorr, moon\)"):
         Settings(client_loss="focal")
     with pytest.raises(ValueError, match=r"fedlc-tau=0.0 \(must be in \(0, inf\)\)"):
         Settings.from_dict({"fedlc-tau": 0})
     from fedtune.algorithms import get_algorithm
 
-    for loss in ("fedlc", "logit-adjust"):  # losses on logits replace the task terms of FedKD's distillation
+    for loss in ("fedlc", "logit-adjust", "fedrs"):  # losses on logits replace the task terms of FedKD's distillation
         get_algorithm("fedkdlora", Settings(algorithm="fedkdlora", kd_placement="client", client_loss=loss))
     for loss in ("feddecorr", "moon"):
         with pytest.raises(ValueError, match=f"client-loss {loss} reads each row's features: use one on logits"):

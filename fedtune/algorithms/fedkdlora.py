@@ -76,7 +76,7 @@ class FedKDLoRA(FedLoRA):
         if self.settings.kd_placement == "client" and (client_loss_reads_features(self.settings)
                                                        or client_loss_reads_references(self.settings)):
             raise ValueError(f"fedkdlora with kd-placement=client trains with FedKD's distillation loss, whose task "
-                             f"terms a client loss on logits replaces (fedlc, logit-adjust), but client-loss "
+                             f"terms a client loss on logits replaces (fedlc, logit-adjust, fedrs), but client-loss "
                              f"{self.settings.client_loss} reads each row's features: use one on logits, or "
                              f"kd-placement=server")
         if (self.settings.kd_hidden_weight > 0 and self.settings.student

@@ -3,7 +3,7 @@
 from fedtune.client_losses.base import (ClientLoss, client_loss_reads_features, client_loss_reads_references,
                                         label_counts, logit_loss, reference_states, register, registered,
                                         task_loss)
-from fedtune.client_losses import fedlc, logit_adjustment, feddecorr, moon  # noqa: F401, I001  (importing registers them)
+from fedtune.client_losses import fedlc, logit_adjustment, fedrs, feddecorr, moon  # noqa: F401, I001  (importing registers them)
 
 __all__ = ["ClientLoss", "client_loss_reads_features", "client_loss_reads_references", "label_counts",
            "logit_loss", "reference_states", "register", "registered", "task_loss"]
