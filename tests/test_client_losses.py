@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.client_losses import label_counts, reference_states, registered, task_loss
+from fedtune.client_losses import label_counts, losses_on_logits, reference_states, registered, task_loss
 from fedtune.client_losses.feddecorr import decorrelation_loss
 from fedtune.client_losses.fedlc import calibrated_logits, fedlc_loss
 from fedtune.client_losses.fedrs import restricted_softmax_loss, restriction
@@ -67,7 +67,7 @@ def test_fedrs_scales_each_logit_by_alpha_plus_the_rest_times_the_class_share_of
     assert torch.allclose(logits.grad, torch.tensor([[p[0], 0.625 * (p[1] - 1), 0.5 * p[2]]]))
 
 
-def test_fedrs_at_alpha_1_is_cross_entropy_and_at_0_a_one_class_client_has_loss_0():
+def test_fedrs_at_alpha_1_is_cross_entropy_and_at_0_holds_the_missing_logit_at_0():
     logits = torch.tensor([[0.3, 2.0], [-1.0, 0.5]], requires_grad=True)
     labels = torch.tensor([0, 0])
     counts = torch.tensor([5.0, 0.0])
@@ -106,6 +106,7 @@ def test_task_loss_is_the_chosen_plug_in_on_the_clients_own_label_counts():
     assert task_loss(Settings(client_loss="fedrs", fedrs_alpha=0.2), rows, 2)(model, batch).item() == \
         pytest.approx(expected.item())
     assert set(registered()) == {"none", "fedlc", "logit-adjust", "fedrs", "feddecorr", "moon"}
+    assert losses_on_logits() == ["fedlc", "logit-adjust", "fedrs"]  # FedDecorr and MOON read features
 
 
 def test_client_losses_are_settings_with_their_own_checked_options():

@@ -23,7 +23,8 @@ from torch import nn
 from fedtune.algorithms.aggregate import State
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedlora import FedLoRA
-from fedtune.client_losses import client_loss_reads_features, client_loss_reads_references, logit_loss
+from fedtune.client_losses import (client_loss_reads_features, client_loss_reads_references, logit_loss,
+                                   losses_on_logits)
 from fedtune.config import Settings
 from fedtune.data import cached_task_data, train_loader
 from fedtune.devices import compute, evaluation_precision
@@ -76,7 +77,7 @@ class FedKDLoRA(FedLoRA):
         if self.settings.kd_placement == "client" and (client_loss_reads_features(self.settings)
                                                        or client_loss_reads_references(self.settings)):
             raise ValueError(f"fedkdlora with kd-placement=client trains with FedKD's distillation loss, whose task "
-                             f"terms a client loss on logits replaces (fedlc, logit-adjust, fedrs), but client-loss "
+                             f"terms a client loss on logits replaces ({', '.join(losses_on_logits())}), but client-loss "
                              f"{self.settings.client_loss} reads each row's features: use one on logits, or "
                              f"kd-placement=server")
         if (self.settings.kd_hidden_weight > 0 and self.settings.student

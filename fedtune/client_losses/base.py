@@ -144,6 +144,11 @@ def task_loss(settings, rows, num_labels: int) -> LossFn:
     return on_logits
 
 
+def losses_on_logits() -> list[str]:
+    """The registered client losses that read (logits, labels) alone, in registration order."""
+    return [name for name, c in _REGISTRY.items() if not (c.reads_features or c.reads_references)]
+
+
 def logit_loss(settings, rows, num_labels: int) -> LogitLoss | None:
     """`client-loss` on (logits, labels) alone, built from `rows`' label counts, for a loss that
     combines with others' terms (FedKD's mutual distillation on a client); None for "none". A
@@ -151,7 +156,7 @@ def logit_loss(settings, rows, num_labels: int) -> LogitLoss | None:
     if settings.client_loss == "none":
         return None
     cls = _registered(settings.client_loss)
-    on_logits = [name for name, c in _REGISTRY.items() if not (c.reads_features or c.reads_references)]
+    on_logits = losses_on_logits()
     if settings.client_loss not in on_logits:
         raise ValueError(f"client-loss {settings.client_loss} reads each row's features, which algorithm "
                          f"{settings.algorithm} does not hand to it here: use a loss on logits alone "

@@ -6,7 +6,7 @@ cross-entropy ("restricted softmax"; the authors' code scales by the client's cl
 
 Unlike FedLC and logit adjustment, a class the client lacks keeps a finite logit and a gradient
 (scaled by alpha), so a one-class client still trains: alpha 1 is plain cross-entropy; at alpha 0
-the missing class's logit is held at 0, and the client's rows are pushed above 0, not above it.
+the missing class's logit is held at 0, and the client's own classes are pushed above 0.
 
 The authors' classifier loss reads the weight term w_c . h without the bias; here the head's whole
 logit (bias included) is scaled, so the loss needs nothing but the logits.
