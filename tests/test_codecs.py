@@ -7,6 +7,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.algorithms import get_algorithm
 from fedtune.codecs import Codec, svd_energy, svd_truncate
+from fedtune.comm import wire_bytes
+from fedtune.config import Settings
+from fedtune.runs import read_jsonl
+from fedtune.simulation import run_federated
 from fedtune.strategy import FedTuneStrategy
 
 
@@ -103,3 +107,60 @@ def test_strategy_decodes_updates_and_drops_undecodable_ones():
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.tensor([2.0, 2.0]), atol=0.02, rtol=0)
     stats = strategy.rounds[1]
     assert stats.accepted == 2 and "lacks 'w@scale'" in stats.dropped[0]["reason"]
+
+
+def _adapter_like_state(seed: int, tensors: int = 40) -> dict[str, torch.Tensor]:
+    """Many small tensors of mixed shapes, as a rank-2 LoRA adapter of a deep model has."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(2, 96), (96, 2), (2, 96), (32, 2)]
+    return {f"layers.{i}.{'ABCD'[i % 4]}": torch.randn(shapes[i % 4], generator=generator) for i in range(tensors)}
+
+
+def test_int8_flat_carries_the_same_numbers_as_int8_in_two_arrays():
+    sent, new = _adapter_like_state(0), _adapter_like_state(1)
+    flat, plain = Codec("int8-flat"), Codec("int8")
+    encoded = flat.encode(new, sent, 1)
+    assert sorted(encoded) == ["@int8", "@scales"]
+    assert encoded["@int8"].dtype == torch.int8 and encoded["@int8"].numel() == sum(t.numel() for t in sent.values())
+    assert encoded["@scales"].shape == (len(sent),)
+    # the values of the first tensor in name order come first, quantized by its own absmax
+    first = sorted(sent)[0]
+    update = new[first] - sent[first]
+    scale = update.abs().max() / 127
+    torch.testing.assert_close(encoded["@scales"][0], scale)
+    assert torch.equal(encoded["@int8"][:update.numel()], torch.round(update / scale).flatten().to(torch.int8))
+    decoded, reference = flat.decode(encoded, sent), plain.decode(plain.encode(new, sent, 1), sent)
+    assert list(decoded) == list(sent)
+    for name in sent:
+        assert torch.equal(decoded[name], reference[name])
+
+
+def test_int8_flat_pays_the_framing_once():
+    sent, new = _adapter_like_state(0, tensors=60), _adapter_like_state(1, tensors=60)
+    payload = sum(t.numel() for t in sent.values()) + 4 * len(sent)  # one byte a value, fp32 scales
+    flat = wire_bytes(ArrayRecord(Codec("int8-flat").encode(new, sent, 1)))
+    plain = wire_bytes(ArrayRecord(Codec("int8").encode(new, sent, 1)))
+    assert payload <= flat <= payload + 2_000
+    assert plain - flat >= 2 * len(sent) * 100  # Flower frames every array (~510 bytes each in 1.41)
+
+
+def test_broken_int8_flat_updates_say_what_they_hold():
+    sent = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    codec = Codec("int8-flat")
+    with pytest.raises(ValueError, match="holds 9 values and 2 scales; the 2 tensors sent hold 10"):
+        codec.decode({"@int8": torch.zeros(9, dtype=torch.int8), "@scales": torch.ones(2)}, sent)
+    with pytest.raises(ValueError, match="int8-flat update is the arrays"):
+        codec.decode({"a@int8": torch.zeros(6, dtype=torch.int8), "a@scale": torch.ones(1)}, sent)
+
+
+@pytest.mark.slow
+def test_a_run_with_int8_flat_trains_as_int8_does_and_sends_fewer_bytes(tiny_bert, glue_dir, tmp_path):
+    base = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
+                    eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2, engine="local",
+                    algorithm="fedlora", out_dir=str(tmp_path))
+    plain, flat = (read_jsonl(run_federated(base.replace(codec=codec), quiet=True) / "rounds.jsonl")
+                   for codec in ("int8", "int8-flat"))
+    for a, b in zip(plain, flat):
+        assert (a["dev_loss"], a["dev_accuracy"]) == (b["dev_loss"], b["dev_accuracy"])  # the same numbers decoded
+        assert a["bytes_down"] == b["bytes_down"]
+    assert 0 < flat[-1]["bytes_up"] < plain[-1]["bytes_up"]
