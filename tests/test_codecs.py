@@ -162,5 +162,5 @@ def test_a_run_with_int8_flat_trains_as_int8_does_and_sends_fewer_bytes(tiny_ber
                    for codec in ("int8", "int8-flat"))
     for a, b in zip(plain, flat):
         assert (a["dev_loss"], a["dev_accuracy"]) == (b["dev_loss"], b["dev_accuracy"])  # the same numbers decoded
-        assert a["bytes_down"] == b["bytes_down"]
+        assert a["bytes_down"] == pytest.approx(b["bytes_down"], rel=1e-3)  # fp32 both ways; Flower's metadata varies by bytes
     assert 0 < flat[-1]["bytes_up"] < plain[-1]["bytes_up"]
