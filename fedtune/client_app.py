@@ -13,7 +13,7 @@ from fedtune import calibration, fednova, scaffold
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.client_losses import client_loss_reads_references
 from fedtune.client_state import load_kept, save_kept, state_folder
-from fedtune.codecs import Codec
+from fedtune.codecs import LAYOUT, Codec, decode_broadcast
 from fedtune.config import Settings
 from fedtune.console import quiet_libraries
 from fedtune.local import cached_model, client_update, simulated_failure
@@ -80,7 +80,9 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         partition_id, num_partitions = node_partition(context)
         config = msg.content["config"]
         server_round = int(config["server-round"])
-        received = msg.content["arrays"].to_torch_state_dict()
+        # codec-down: the state arrives encoded (int8-flat with its layout); train from the decoded copy
+        layout = dict(msg.content[LAYOUT]) if LAYOUT in msg.content.config_records else None
+        received = decode_broadcast(msg.content["arrays"].to_torch_state_dict(), layout)
         extras = msg.content["extras"].to_torch_state_dict() if "extras" in msg.content.array_records else {}
         if simulated_failure(settings, server_round, partition_id):
             raise RuntimeError(f"simulated dropout of client {partition_id} in round {server_round}")

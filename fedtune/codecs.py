@@ -16,6 +16,13 @@ received), encoded; the server decodes it and adds it back before checking and a
   is sent as is when the factors would not be smaller, and so are 1-D tensors.
 
 Encoded names are `<tensor name>@<part>`, so a decoder knows what it is reading.
+
+`codec-down` encodes the other direction, the state the server broadcasts (`encode_broadcast`):
+`fp16`, `int8` or `int8-flat` of the state itself, since a client keeps nothing between rounds.
+An `int8-flat` broadcast carries its layout (names, shapes) in a `ConfigRecord`, as the client
+has nothing to cut it by. The server keeps its exact state: a client trains from the decoded
+copy, and the server adds the client's change to what it meant to send (`Broadcast.rebase`), so
+the rounding of the broadcast never enters the global model.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from fedtune.algorithms.aggregate import State
-from fedtune.config import CODECS
+from fedtune.config import CODECS, CODECS_DOWN
 
 
 def svd_energy(start: float, end: float, server_round: int, rounds: int) -> float:
@@ -76,6 +83,7 @@ def _decode_tensor(name: str, encoded: State) -> torch.Tensor:
 
 
 FLAT_PARTS = ("@int8", "@scales")
+LAYOUT = "layout"  # the ConfigRecord of an int8-flat broadcast
 
 
 def encode_flat(update: State) -> State:
@@ -98,6 +106,75 @@ def decode_flat(encoded: State, sent: State) -> State:
                          f"{len(names)} tensors sent hold {sum(sizes)} values")
     parts = torch.split(values.float(), sizes)
     return {name: part.view(sent[name].shape) * scale for name, part, scale in zip(names, parts, scales)}
+
+
+def encode_broadcast(state: State, codec: str) -> tuple[State, dict | None]:
+    """(arrays, layout): the state the server sends, encoded by `codec` (one of `CODECS_DOWN`).
+
+    `layout` ({"names": [...], "shapes": [ndim, *dims, ...]}) goes with an `int8-flat` broadcast
+    (None otherwise). A tensor that is not floating point is sent as is.
+    """
+    if codec not in CODECS_DOWN:
+        raise ValueError(f"unknown codec-down {codec!r} (known: {', '.join(CODECS_DOWN)})")
+    plain = {name: tensor for name, tensor in state.items() if codec == "none" or not tensor.is_floating_point()}
+    floating = {name: tensor.float() for name, tensor in state.items() if name not in plain}
+    if codec == "int8-flat" and floating:
+        names = sorted(floating)
+        shapes = [value for name in names for value in (floating[name].dim(), *floating[name].shape)]
+        return plain | encode_flat(floating), {"names": names, "shapes": shapes}
+    encoded = dict(plain)
+    for name, tensor in floating.items():
+        encoded.update(_encode_tensor(name, tensor, codec, 1.0))
+    return encoded, None
+
+
+def decode_broadcast(encoded: State, layout: dict | None = None) -> State:
+    """The state a client trains from, rebuilt from `encode_broadcast`'s arrays (and layout).
+
+    Raises ValueError when the arrays and the layout do not fit together.
+    """
+    state = {name: tensor for name, tensor in encoded.items() if "@" not in name}
+    if layout is not None:
+        names, dims = list(layout["names"]), list(layout["shapes"])
+        shapes, at = [], 0
+        for name in names:
+            if at >= len(dims) or at + 1 + int(dims[at]) > len(dims):
+                raise ValueError(f"broadcast layout ends before the shape of {name!r}")
+            shapes.append(torch.Size(int(d) for d in dims[at + 1:at + 1 + int(dims[at])]))
+            at += 1 + int(dims[at])
+        template = {name: torch.empty(shape) for name, shape in zip(names, shapes)}
+        flat = {part: encoded[part] for part in FLAT_PARTS if part in encoded}
+        return state | decode_flat(flat, template)
+    for name in sorted({key.split("@")[0] for key in encoded if "@" in key}):
+        try:
+            state[name] = _decode_tensor(name, encoded)
+        except KeyError as error:
+            raise ValueError(f"encoded broadcast lacks {error.args[0]!r}") from None
+    return state
+
+
+class Broadcast:
+    """What the server sends one client and what the client decodes from it (`codec-down`).
+
+    Parameters
+    ----------
+    state : State
+        The exact state the server means to send.
+    codec : str
+        One of `CODECS_DOWN`.
+    """
+
+    def __init__(self, state: State, codec: str):
+        self.exact = state
+        self.arrays, self.layout = encode_broadcast(state, codec)
+        self.received = state if codec == "none" else decode_broadcast(self.arrays, self.layout)
+
+    def rebase(self, trained: State) -> State:
+        """A client's new state (trained from `received`) moved onto the exact state: exact + (new - received)."""
+        if self.received is self.exact:
+            return trained
+        return {name: (self.exact[name].float() + (tensor.float() - self.received[name].float())).to(
+            self.exact[name].dtype) for name, tensor in trained.items()}
 
 
 class Codec:

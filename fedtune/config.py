@@ -26,6 +26,7 @@ CENTRALIZED_METHODS = ("finetune", "lora", "kd")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 CODECS = ("none", "fp16", "int8", "int8-flat", "svd")
+CODECS_DOWN = ("none", "fp16", "int8", "int8-flat")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
 BATCHINGS = ("random", "by-length")
 SECURE_AGGREGATIONS = ("none", "secagg+")
@@ -182,6 +183,8 @@ class CoreSettings:
     # --- update compression (client -> server)
     codec: str = _fed("none", "how clients encode their update: none (fp32 state), fp16, int8, int8-flat (the "
                       "same int8 in one array: less framing), or svd (FedKD)", CODECS)
+    codec_down: str = _fed("none", "how the server encodes the state it sends: none (fp32), fp16, int8 or int8-flat; "
+                           "it keeps its exact state and adds each client's change to it", CODECS_DOWN)
     svd_energy_start: float = _fed(0.95, "svd codec: energy kept in round 1")
     svd_energy_end: float = _fed(0.98, "svd codec: energy kept in the last round (linear in between)")
     resume: str = _fed("", "folder (<name>.incomplete) of an interrupted run: continue after its last checkpointed round")
@@ -251,6 +254,9 @@ class CoreSettings:
         if self.dp_noise > 0 and (self.codec != "none" or self.aggregation != "mean"):
             problems.append("dp-noise > 0 needs codec=none and aggregation=mean (clipping and noise act on plain "
                             "updates averaged with equal weights)")
+        if self.codec_down != "none" and (self.dp_noise > 0 or self.secure_aggregation != "none"):
+            problems.append("codec-down needs dp-noise=0 and secure-aggregation=none (Flower's clipping and SecAgg+ "
+                            "mods read the plain state the server sent)")
         if self.secure_aggregation != "none" and (self.codec != "none" or self.aggregation != "mean"
                                                   or self.dp_noise > 0 or self.secagg_clip <= 0
                                                   or self.client_weighting != "examples"):

@@ -341,7 +341,7 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         "dev": {k[4:]: v for k, v in final.items() if k.startswith("dev_")},
         "teacher_dev": {k[12:]: v for k, v in final.items() if k.startswith("teacher_dev_")} or None,
         "precision": compute(settings.device, settings.precision, settings.models)[1],
-        "codec": settings.codec, "aggregation": settings.aggregation,
+        "codec": settings.codec, "codec_down": settings.codec_down, "aggregation": settings.aggregation,
         "kd_placement": settings.kd_placement if algorithm.needs_teacher else None,
         "server_data": algorithm.uses_server_data, "client_loss": settings.client_loss,
         "client_weighting": settings.client_weighting,

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedtune import fednova, scaffold
 from fedtune.algorithms import Algorithm
 from fedtune.algorithms.aggregate import invalid_reason
-from fedtune.codecs import Codec
+from fedtune.codecs import LAYOUT, Broadcast, Codec
 from fedtune.comm import wire_bytes
 from fedtune.secure import SecureGrid
 
@@ -54,6 +54,8 @@ class FedTuneStrategy(FedAvg):
     - a reply with an error, NaN/Inf, missing keys or wrong shapes is dropped with a
       logged reason instead of failing the round or being averaged in;
     - a reply encoded by a codec (fp16, int8, SVD) is decoded before any check;
+    - with `codec-down` the train messages carry the state encoded; the client trains from the
+      decoded copy and the server moves its change onto the exact state (`Broadcast.rebase`);
     - replies are aggregated in partition order by `algorithm.aggregate`, then
       `algorithm.after_aggregation` runs any server-side training (FedKDLoRA's distillation,
       `server-finetune-steps`);
@@ -97,6 +99,7 @@ class FedTuneStrategy(FedAvg):
         self.uniform_weights = False  # DP: every client weighs the same (the noise is calibrated to that)
         self.rounds: dict[int, RoundStats] = {}  # per-round accounting, read by the server app
         self.sent: dict[int, dict] = {}  # partition id -> state sent this round: its reply must match it
+        self.broadcasts: dict[int, Broadcast] = {}  # partition id -> the encoded broadcast (codec-down)
         self.global_state: dict = {}  # the global state at the start of this round
         self.control: dict = {}  # SCAFFOLD's server control variate c (scaffold=1), zeros until round 1
         self.control_deltas: dict[int, dict] = {}  # partition id -> its dc_i this round
@@ -134,14 +137,21 @@ class FedTuneStrategy(FedAvg):
             self.control = scaffold.zeros_like(global_state)
         sampled = self.sample(server_round)
         self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}
+        codec_down = self.algorithm.settings.codec_down
+        broadcasts: dict[int, Broadcast] = {}  # id(state) -> its encoding, made once per distinct state
+        self.broadcasts = {p: broadcasts.setdefault(id(state), Broadcast(state, codec_down))
+                           for p, state in self.sent.items()}
         records: dict = {}  # one record per distinct state (most algorithms send one), one per client with extras
         messages = []
         for p in sampled:
             state, extras = self.sent[p], self.algorithm.downlink_extras(p, server_round)
             key = ("client", p) if extras else id(state)
             if key not in records:
-                arrays_p = arrays if state is global_state else ArrayRecord(state)
+                broadcast = self.broadcasts[p]
+                arrays_p = (arrays if state is global_state and codec_down == "none" else ArrayRecord(broadcast.arrays))
                 content = {self.arrayrecord_key: arrays_p, self.configrecord_key: config}
+                if broadcast.layout:
+                    content[LAYOUT] = ConfigRecord(broadcast.layout)
                 if scaffold_on:
                     content[scaffold.RECORD] = ArrayRecord(self.control)
                 records[key] = RecordDict(content | ({"extras": ArrayRecord(extras)} if extras else {}))
@@ -245,10 +255,14 @@ class FedTuneStrategy(FedAvg):
         partition_id = int(metrics["partition-id"])
         if partition_id not in self.sent or self.nodes[partition_id] != msg.metadata.src_node_id:
             return None, f"claims partition {partition_id}, which was not sent to node {msg.metadata.src_node_id}"
+        broadcast = self.broadcasts.get(partition_id)
+        received = broadcast.received if broadcast else self.sent[partition_id]
         try:
-            state = self.codec.decode(content["arrays"].to_torch_state_dict(), self.sent[partition_id])
+            state = self.codec.decode(content["arrays"].to_torch_state_dict(), received)
         except ValueError as error:
             return None, str(error)
+        if broadcast and invalid_reason(state, received) is None:
+            state = broadcast.rebase(state)
         reason = invalid_reason(state, self.sent[partition_id])
         if reason is None and self.algorithm.settings.fednova and not metrics.get(fednova.METRIC, 0) >= 1:
             reason = f"fednova=1 needs the client's {fednova.METRIC} (>= 1) in its metrics"

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.algorithms import get_algorithm
-from fedtune.codecs import Codec, svd_energy, svd_truncate
+from fedtune.codecs import LAYOUT, Broadcast, Codec, decode_broadcast, encode_broadcast, svd_energy, svd_truncate
 from fedtune.comm import wire_bytes
 from fedtune.config import Settings
 from fedtune.runs import read_jsonl
@@ -164,3 +164,110 @@ def test_a_run_with_int8_flat_trains_as_int8_does_and_sends_fewer_bytes(tiny_ber
         assert (a["dev_loss"], a["dev_accuracy"]) == (b["dev_loss"], b["dev_accuracy"])  # the same numbers decoded
         assert a["bytes_down"] == pytest.approx(b["bytes_down"], rel=1e-3)  # fp32 both ways; Flower's metadata varies by bytes
     assert 0 < flat[-1]["bytes_up"] < plain[-1]["bytes_up"]
+
+
+# --- codec-down: the state the server broadcasts
+
+
+@pytest.mark.parametrize("codec, tolerance", [("fp16", 1e-3), ("int8", 1 / 254), ("int8-flat", 1 / 254)])
+def test_a_broadcast_decodes_within_its_rounding(codec, tolerance):
+    state = _adapter_like_state(3) | {"steps": torch.tensor([7, 9])}  # an integer tensor travels as it is
+    arrays, layout = encode_broadcast(state, codec)
+    decoded = decode_broadcast(arrays, layout)
+    assert sorted(decoded) == sorted(state) and torch.equal(decoded["steps"], state["steps"])
+    for name, tensor in state.items():
+        if tensor.is_floating_point():  # int8: half a step of absmax / 127; fp16: its relative rounding
+            bound = tensor.abs().max() * tolerance if codec != "fp16" else tensor.abs() * tolerance + 1e-7
+            assert ((decoded[name] - tensor).abs() <= bound + 1e-7).all(), name
+            assert decoded[name].shape == tensor.shape
+
+
+def test_an_int8_flat_broadcast_is_int8_packed_with_its_layout():
+    state = {"b": torch.tensor([[1.0, -2.0, 0.5]]), "a": torch.tensor([0.25, -1.0])}
+    arrays, layout = encode_broadcast(state, "int8-flat")
+    assert layout == {"names": ["a", "b"], "shapes": [1, 2, 2, 1, 3]}  # per tensor: ndim, then its dims
+    # a's absmax 1.0 -> scale 1/127, values round(x * 127); b's 2.0 -> scale 2/127
+    assert arrays["@int8"].tolist() == [32, -127, 64, -127, 32]  # round(31.75)=32, round(63.5)=64 (half to even)
+    torch.testing.assert_close(arrays["@scales"], torch.tensor([1 / 127, 2 / 127]))
+    assert encode_broadcast(state, "none") == (state, None)
+
+
+def test_an_int8_flat_broadcast_pays_the_framing_once():
+    state = _adapter_like_state(4, tensors=60)
+    payload = sum(t.numel() for t in state.values()) + 4 * len(state)
+    arrays, layout = encode_broadcast(state, "int8-flat")
+    message = RecordDict({"arrays": ArrayRecord(arrays), LAYOUT: ConfigRecord(layout)})
+    names = sum(len(name) for name in state)
+    assert payload <= wire_bytes(message) <= payload + names + 8 * len(layout["shapes"]) + 3_000
+
+
+def test_a_broken_broadcast_layout_says_so():
+    arrays, layout = encode_broadcast({"a": torch.ones(2, 3)}, "int8-flat")
+    with pytest.raises(ValueError, match="ends before the shape of 'a'"):
+        decode_broadcast(arrays, {"names": ["a"], "shapes": [2, 2]})
+    with pytest.raises(ValueError, match="holds 6 values and 1 scales; the 1 tensors sent hold 8"):
+        decode_broadcast(arrays, {"names": ["a"], "shapes": [2, 2, 4]})
+    with pytest.raises(ValueError, match="unknown codec-down 'svd'"):
+        encode_broadcast({"a": torch.ones(2)}, "svd")
+
+
+def test_rebase_moves_a_clients_change_onto_the_exact_state():
+    exact = {"w": torch.tensor([0.30, -0.70, 0.01])}
+    broadcast = Broadcast(exact, "int8")
+    scale = 0.70 / 127
+    torch.testing.assert_close(broadcast.received["w"], torch.round(exact["w"] / scale) * scale)
+    trained = {"w": broadcast.received["w"] + torch.tensor([0.1, 0.2, -0.3])}
+    torch.testing.assert_close(broadcast.rebase(trained)["w"], torch.tensor([0.40, -0.50, -0.29]))
+    assert Broadcast(exact, "none").rebase(trained) is trained
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("uplink", ["none", "int8-flat"])
+def test_the_strategy_sends_int8_and_keeps_the_rounding_out_of_the_global_model(uplink):
+    settings = Settings(codec_down="int8-flat", codec=uplink)
+    strategy = FedTuneStrategy(get_algorithm("fedlora", settings), {0: 100, 1: 101}, 1.0, 0, lambda r: 0.1,
+                               Codec(uplink))
+    exact = {"w": torch.tensor([0.30, -0.70, 0.01]), "v": torch.tensor([[2.0, 1.0]])}
+    messages = list(strategy.configure_train(1, ArrayRecord(exact), ConfigRecord(), None))
+    content = messages[0].content
+    assert sorted(content["arrays"]) == ["@int8", "@scales"] and content[LAYOUT]["names"] == ["v", "w"]
+    received = decode_broadcast(content["arrays"].to_torch_state_dict(), dict(content[LAYOUT]))
+    assert not torch.equal(received["w"], exact["w"])  # the client trains from the rounded copy
+
+    def reply(partition_id, change):
+        TaskIdentity.node_id = 100 + partition_id
+        new = {k: received[k] + change[k] for k in received}
+        metrics = MetricRecord({"num-examples": 1, "partition-id": partition_id, "train-loss": 0.1,
+                                "examples-seen": 1})
+        arrays = Codec(uplink).encode(new, received, 1)
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), dst_node_id=0,
+                       message_type="train")
+
+    changes = [{"w": torch.tensor([0.1, 0.0, 0.0]), "v": torch.tensor([[0.0, 0.5]])},
+               {"w": torch.tensor([0.3, 0.0, 0.0]), "v": torch.tensor([[0.0, 0.5]])}]
+    arrays, _ = strategy.aggregate_train(1, [reply(0, changes[0]), reply(1, changes[1])])
+    aggregated = arrays.to_torch_state_dict()  # the exact state plus the mean change, not the rounded state's
+    tolerance = 0.5 / 127 / 2 if uplink != "none" else 1e-6  # int8-flat uplink rounds the change itself
+    torch.testing.assert_close(aggregated["w"], torch.tensor([0.50, -0.70, 0.01]), atol=tolerance, rtol=0)
+    torch.testing.assert_close(aggregated["v"], torch.tensor([[2.0, 1.5]]), atol=tolerance, rtol=0)
+
+
+def test_codec_down_is_refused_with_dp_and_secagg():
+    with pytest.raises(ValueError, match="codec-down needs dp-noise=0"):
+        Settings(codec_down="int8", dp_noise=1.0)
+    with pytest.raises(ValueError, match="codec-down needs dp-noise=0"):
+        Settings(codec_down="fp16", secure_aggregation="secagg+", secagg_clip=8.0)
+
+
+@pytest.mark.slow
+def test_a_run_with_an_int8_broadcast_sends_a_byte_a_value_and_trains_as_fp32(tiny_bert, glue_dir, tmp_path):
+    base = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
+                    eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2, engine="local",
+                    algorithm="fedlora", codec="int8-flat", out_dir=str(tmp_path))
+    exact, rounded = (read_jsonl(run_federated(base.replace(codec_down=codec), quiet=True) / "rounds.jsonl")
+                      for codec in ("none", "int8-flat"))
+    values = exact[-1]["travelling_parameters"]
+    for a, b in zip(exact[1:], rounded[1:]):  # two train messages a round: 4 bytes a value against 1 (+ framing)
+        assert a["bytes_down"] >= 2 * 4 * values and b["bytes_down"] <= 2 * (values + 4_000)
+        assert b["bytes_up"] == pytest.approx(a["bytes_up"], rel=1e-2)
+        assert b["dev_loss"] == pytest.approx(a["dev_loss"], abs=1e-2)  # trained from a copy rounded by < 0.4%
