@@ -50,6 +50,7 @@ class Checkpoint:
     records: list[dict]
     settings: dict
     server_state: State = field(default_factory=dict)
+    swa_state: State = field(default_factory=dict)  # the running mean of the last rounds (swa-rounds)
 
 
 def path_in(folder: str | Path) -> Path:
@@ -61,13 +62,14 @@ def has_checkpoint(folder: str | Path) -> bool:
 
 
 def save(folder: str | Path, global_state: State, algorithm_state: State, records: list[dict],
-         settings: dict, server_state: State | None = None) -> None:
+         settings: dict, server_state: State | None = None, swa_state: State | None = None) -> None:
     """Write the checkpoint atomically: a reader sees the previous one or the whole new one, and a
     failed write (a full disk) leaves no partial file and raises one clear RuntimeError."""
     folder = Path(folder)
     tensors = {f"global/{k}": v for k, v in global_state.items()}
     tensors |= {f"algorithm/{k}": v for k, v in algorithm_state.items()}
     tensors |= {f"server/{k}": v for k, v in (server_state or {}).items()}
+    tensors |= {f"swa/{k}": v for k, v in (swa_state or {}).items()}
     # Own contiguous CPU copies: safetensors refuses tensors that share memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "records": json.dumps(records), "settings": json.dumps(settings, sort_keys=True)}
@@ -110,10 +112,11 @@ def load(folder: str | Path) -> Checkpoint:
     global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
     algorithm_state = {k[len("algorithm/"):]: v for k, v in tensors.items() if k.startswith("algorithm/")}
     server_state = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
-    if not global_state or len(global_state) + len(algorithm_state) + len(server_state) != len(tensors):
-        raise CheckpointError(f"{bad} (no global state, or tensors outside global/, algorithm/ and server/); "
+    swa_state = {k[len("swa/"):]: v for k, v in tensors.items() if k.startswith("swa/")}
+    if not global_state or len(global_state) + len(algorithm_state) + len(server_state) + len(swa_state) != len(tensors):
+        raise CheckpointError(f"{bad} (no global state, or tensors outside global/, algorithm/, server/ and swa/); "
                               f"start the run anew")
-    return Checkpoint(global_state, algorithm_state, records, settings, server_state)
+    return Checkpoint(global_state, algorithm_state, records, settings, server_state, swa_state)
 
 
 def check_settings(checkpoint: Checkpoint, settings: dict, path: Path) -> None:

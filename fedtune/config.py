@@ -183,6 +183,8 @@ class CoreSettings:
     # --- update compression (client -> server)
     codec: str = _fed("none", "how clients encode their update: none (fp32 state), fp16, int8, int8-flat (the "
                       "same int8 in one array: less framing), or svd (FedKD)", CODECS)
+    swa_rounds: int = _fed(0, "server-side SWA (as FedSWA): the final model is the mean of the global states after "
+                           "the last N rounds (0: the last round's); rounds.jsonl keeps every round's own")
     codec_down: str = _fed("none", "how the server encodes the state it sends: none (fp32), fp16, int8 or int8-flat; "
                            "it keeps its exact state and adds each client's change to it", CODECS_DOWN)
     svd_energy_start: float = _fed(0.95, "svd codec: energy kept in round 1")
@@ -254,6 +256,8 @@ class CoreSettings:
         if self.dp_noise > 0 and (self.codec != "none" or self.aggregation != "mean"):
             problems.append("dp-noise > 0 needs codec=none and aggregation=mean (clipping and noise act on plain "
                             "updates averaged with equal weights)")
+        if not 0 <= self.swa_rounds <= self.rounds:
+            problems.append(f"swa-rounds={self.swa_rounds} (must be in [0, rounds={self.rounds}])")
         if self.codec_down != "none" and (self.dp_noise > 0 or self.secure_aggregation != "none"):
             problems.append("codec-down needs dp-noise=0 and secure-aggregation=none (Flower's clipping and SecAgg+ "
                             "mods read the plain state the server sent)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune import calibration
+from fedtune import calibration, swa
 from fedtune import checkpoint as checkpoints
 from fedtune.algorithms import Algorithm, get_algorithm
 from fedtune.codecs import Codec
@@ -105,9 +105,10 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
             state = recorder.resume(checkpoint, state)
             say(f"resuming {run.path} after round {strategy.offset}", quiet)
             if strategy.offset == settings.rounds:  # every round ran; writing the results failed last time
+                state, averaged = recorder.final_state(state)
                 state, calibrated = calibrate_classifier(grid, nodes, algorithm, state, quiet)
                 return finish_run(run, algorithm, state, recorder.records, partitions, ledger is not None, quiet,
-                                  calibrated)
+                                  calibrated, averaged)
         say(f"[bold]{settings.algorithm}[/] on {settings.task}: {settings.clients} clients, {settings.rounds} rounds, "
             f"{recorder.travelling:,} parameters travel -> {run.path}", quiet)
         with progress_bar(settings.rounds, "rounds", quiet) as update:
@@ -116,10 +117,10 @@ def run_server(grid: Grid, settings: Settings, quiet: bool = False) -> Path:
                                   num_rounds=settings.rounds - strategy.offset, timeout=settings.round_timeout,
                                   train_config=ConfigRecord({"run-name": run.final_path.name}),
                                   evaluate_fn=recorder.evaluate)
-        final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else state
+        final_state, averaged = recorder.final_state(result.arrays.to_torch_state_dict() if len(result.arrays) else state)
         final_state, calibrated = calibrate_classifier(grid, nodes, algorithm, final_state, quiet)
         return finish_run(run, algorithm, final_state, recorder.records, partitions, ledger is not None, quiet,
-                          calibrated)
+                          calibrated, averaged)
 
 
 def gather_class_statistics(grid: Grid, nodes: dict[int, int], algorithm: Algorithm, state: State,
@@ -242,6 +243,7 @@ class RoundRecorder:
         self.teacher_dev, self.travelling = teacher_dev, travelling
         self.eval_seconds = 0.0  # the last evaluation, recorded with its round
         self.records: list[dict] = []
+        self.swa: State = {}  # swa-rounds: the running mean of the global states since `swa.first_round`
         self.on_round = lambda server_round: None
         now = time.perf_counter()
         self.clock = {"last": now, "start": now}
@@ -265,6 +267,9 @@ class RoundRecorder:
             self.strategy.control = checkpoint.server_state
         if self.algorithm.settings.server_momentum > 0 and checkpoint.records[-1]["round"] > 0:
             checkpoints.check_state(self.algorithm.velocity, initial, checkpoints.path_in(self.run.path))
+        if checkpoint.records[-1]["round"] >= self.swa_first():
+            checkpoints.check_state(checkpoint.swa_state, initial, checkpoints.path_in(self.run.path))
+            self.swa = checkpoint.swa_state
         self.records = checkpoint.records
         self.run.write_jsonl("rounds.jsonl", self.records)  # drops a round that never reached its checkpoint
         self.strategy.offset = self.records[-1]["round"]
@@ -285,11 +290,24 @@ class RoundRecorder:
         record = self.record(server_round, metrics, self.strategy.rounds.get(server_round, RoundStats()))
         self.records.append(record)
         self.run.append_jsonl("rounds.jsonl", record)
+        if server_round >= self.swa_first():
+            self.swa = swa.running_mean(self.swa, state, server_round - self.swa_first() + 1)
         checkpoints.save(self.run.path, state, self.algorithm.saved_state(), self.records,
-                         self.algorithm.settings.to_dict(), self.strategy.control)
+                         self.algorithm.settings.to_dict(), self.strategy.control, self.swa)
         self.on_round(server_round)
         self.stop_if_failing()
         return MetricRecord(metrics)
+
+    def swa_first(self) -> int:
+        settings = self.algorithm.settings
+        return swa.first_round(settings.rounds, settings.swa_rounds)
+
+    def final_state(self, last: State) -> tuple[State, dict | None]:
+        """The run's final model: the last round's `last`, or with `swa-rounds` the mean of the
+        last rounds' global states; (state, what SWA did, with its dev metrics, or None)."""
+        if not self.swa:
+            return last, None
+        return self.swa, {"rounds": self.algorithm.settings.swa_rounds, "dev": evaluate_state(self.algorithm, self.swa)}
 
     def stop_if_failing(self) -> None:
         """Stop the run (its .incomplete folder and checkpoint kept) when more than `max-failed-rounds`
@@ -326,8 +344,10 @@ class RoundRecorder:
 
 
 def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[dict], partitions: list[dict],
-               private_run: bool, quiet: bool, calibrated: dict | None = None) -> Path:
+               private_run: bool, quiet: bool, calibrated: dict | None = None, averaged: dict | None = None) -> Path:
     """Save the final model, plots and summary.json; rename the run folder to its final name.
+    With `averaged` (swa-rounds), the summary's dev metrics are the averaged model's and the last
+    round's own are under `swa.dev_last_round` (the calibration, when on, acts on the averaged model).
     With `calibrated` (the classifier retrained after the last round), the summary's dev metrics
     and total bytes are the calibrated model's and include the calibration's messages; the
     last round's own metrics stay in rounds.jsonl and under `calibration.dev_before`."""
@@ -356,6 +376,9 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
         summary["classifier_init"] = read_classifier_init(run.path / CLASSIFIER_INIT)
         summary["total_bytes_up"] += summary["classifier_init"]["bytes_up"]
         summary["total_bytes_down"] += summary["classifier_init"]["bytes_down"]
+    if averaged:
+        summary["swa"] = {"rounds": averaged["rounds"], "dev_last_round": summary["dev"]}
+        summary["dev"] = averaged["dev"]
     if calibrated:
         summary["calibration"] = {**{k: v for k, v in calibrated.items() if k != "dev"}, "dev_before": summary["dev"]}
         summary["dev"] = calibrated["dev"]
@@ -378,6 +401,9 @@ def finish_run(run: RunDir, algorithm: Algorithm, state: State, records: list[di
     checkpoints.path_in(run.path).unlink()  # the final model and rounds.jsonl are saved
     path = run.finish()
     print_table(f"{settings.algorithm} on {settings.task}", [_row(r) for r in records], quiet)
+    if averaged:
+        say(f"the mean of the last {averaged['rounds']} rounds' models (swa-rounds): "
+            f"{', '.join(f'{k} {v:.3f}' for k, v in averaged['dev'].items())}", quiet)
     if calibrated:
         say(f"after {calibrated['method']}: {', '.join(f'{k} {v:.3f}' for k, v in calibrated['dev'].items())} "
             f"({(calibrated['bytes_up'] + calibrated['bytes_down']) / 1e6:.2f} MB for the statistics)", quiet)
