@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the last round from the clients' feature statistics) or ccvr-lda (set from them in "
                              "closed form), lda-init (set so before round 1), freeze-head (clients never train the "
                              "classifier: FedBABU), sgd (clients train with plain SGD), server-momentum (FedAvgM, momentum "
-                             "0.9); 'a+b' combines them "
+                             "0.9), swa (the final model the mean of the last quarter of the rounds' models); 'a+b' "
+                             "combines them "
                              "(e.g. feddecorr+ccvr-lda); results go to <grid>-remedies/")
         sub.add_argument("--config", metavar="FILE", help="TOML file of settings (flags given here win)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")

@@ -45,7 +45,9 @@ def remedies() -> dict[str, dict]:
     from the initial model's features; `freeze-head`: clients never train the classifier (FedBABU);
     `sgd`: clients train with plain SGD instead of AdamW; `server-momentum`: FedAvgM with momentum 0.9
     (Hsu et al. 2019's best at strong skew; the client learning rate is tuned as for every row);
-    `fednova`: FedNova's normalized averaging (each update divided by its client's local steps)."""
+    `fednova`: FedNova's normalized averaging (each update divided by its client's local steps);
+    `swa`: the final model the mean of the last quarter of the rounds' global models (rounds // 4, at
+    least 1: FedSWA averages from 75% of training on)."""
     from fedtune.client_losses import registered
 
     return {**{name: {"client_loss": name} for name in registered() if name != "none"},
@@ -55,7 +57,7 @@ def remedies() -> dict[str, dict]:
             "ccvr": {"classifier_calibration": "ccvr"}, "ccvr-lda": {"classifier_calibration": "ccvr-lda"},
             "lda-init": {"classifier_init": "lda"}, "freeze-head": {"freeze_head": 1},
             "sgd": {"client_optimizer": "sgd"}, "server-momentum": {"server_momentum": 0.9},
-            "fednova": {"fednova": 1}}
+            "fednova": {"fednova": 1}, "swa": {"swa_rounds": "last quarter"}}
 
 
 def remedy_settings(name: str) -> dict:
@@ -74,7 +76,8 @@ def remedy_settings(name: str) -> dict:
 
 def remedy_changes(name: str, settings: Settings) -> dict:
     """The settings changes of remedy `name` for a row with `settings`."""
-    return {k: mean_client_steps(settings) if v == "mean client" else v for k, v in remedy_settings(name).items()}
+    special = {"mean client": lambda: mean_client_steps(settings), "last quarter": lambda: max(1, settings.rounds // 4)}
+    return {k: special[v]() if v in special else v for k, v in remedy_settings(name).items()}
 
 
 def mean_client_steps(settings: Settings) -> int:

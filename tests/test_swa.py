@@ -71,3 +71,12 @@ def test_a_resumed_swa_run_equals_the_uninterrupted_one(base, resumed_run, tmp_p
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((resumed / "summary.json").read_text())["dev"] == json.loads(
         (reference / "summary.json").read_text())["dev"]
+
+
+def test_the_swa_remedy_averages_the_last_quarter_of_the_rounds():
+    from fedtune.grid import remedy_changes
+
+    assert remedy_changes("swa", Settings(rounds=10)) == {"swa_rounds": 2}
+    assert remedy_changes("swa", Settings(rounds=33)) == {"swa_rounds": 8}
+    assert remedy_changes("swa", Settings(rounds=3)) == {"swa_rounds": 1}
+    assert remedy_changes("swa+ccvr-lda", Settings(rounds=33)) == {"swa_rounds": 8, "classifier_calibration": "ccvr-lda"}
