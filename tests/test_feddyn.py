@@ -52,10 +52,10 @@ def test_two_rounds_follow_algorithm_1(base, monkeypatch, tmp_path):
     saved = {}
     real_save = checkpoints.save
 
-    def keep(folder, state, algorithm_state, records, settings, server_state=None):
+    def keep(folder, state, algorithm_state, records, settings, server_state=None, *rest):
         saved[records[-1]["round"]] = ({k: v.clone() for k, v in state.items()},
                                        {k: v.clone() for k, v in algorithm_state.items()})
-        real_save(folder, state, algorithm_state, records, settings, server_state)
+        real_save(folder, state, algorithm_state, records, settings, server_state, *rest)
 
     monkeypatch.setattr(checkpoints, "save", keep)
     path = run_federated(base, quiet=True)

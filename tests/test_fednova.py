@@ -75,9 +75,9 @@ def test_a_run_with_unequal_steps_follows_the_formula(tiny_bert, glue_dir, tmp_p
         sent[partition_id] = result
         return result
 
-    def keep(folder, state, algorithm_state, records, settings, server_state=None):
+    def keep(folder, state, algorithm_state, records, settings, server_state=None, *rest):
         saved[records[-1]["round"]] = {k: v.clone() for k, v in state.items()}
-        real_save(folder, state, algorithm_state, records, settings, server_state)
+        real_save(folder, state, algorithm_state, records, settings, server_state, *rest)
 
     monkeypatch.setattr(client_app, "client_update", update)
     monkeypatch.setattr(checkpoints, "save", keep)
