@@ -139,8 +139,10 @@ class FedTuneStrategy(FedAvg):
         self.sent = {p: self.algorithm.client_state(global_state, p) for p in sampled}
         codec_down = self.algorithm.settings.codec_down
         broadcasts: dict[int, Broadcast] = {}  # id(state) -> its encoding, made once per distinct state
-        self.broadcasts = {p: broadcasts.setdefault(id(state), Broadcast(state, codec_down))
-                           for p, state in self.sent.items()}
+        for state in self.sent.values():
+            if id(state) not in broadcasts:
+                broadcasts[id(state)] = Broadcast(state, codec_down)
+        self.broadcasts = {p: broadcasts[id(state)] for p, state in self.sent.items()}
         records: dict = {}  # one record per distinct state (most algorithms send one), one per client with extras
         messages = []
         for p in sampled:
