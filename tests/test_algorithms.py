@@ -103,16 +103,17 @@ def _adam_reference(x, deltas, eta, b1, b2, tau):
     return x
 
 
-def test_fedadam_takes_flowers_adam_step_on_the_averaged_update_and_resumes():
-    settings = Settings(algorithm="fedadam", server_lr=0.1, server_beta1=0.9, server_beta2=0.99, server_tau=1e-3)
-    algorithm = get_algorithm("fedadam", settings)
+@pytest.mark.parametrize("name", ["fedadam", "fedadam-full"])  # LoRA state, FedAvg's whole model
+def test_fedadam_takes_flowers_adam_step_on_the_averaged_update_and_resumes(name):
+    settings = Settings(algorithm=name, server_lr=0.1, server_beta1=0.9, server_beta2=0.99, server_tau=1e-3)
+    algorithm = get_algorithm(name, settings)
     x0 = torch.tensor([1.0, -2.0, 0.5])
     deltas = [torch.tensor([0.1, 0.0, -0.3]), torch.tensor([-0.2, 0.05, 0.1])]
     x1, metrics = algorithm.server_update(None, {"w": x0 + deltas[0]}, 1, {"w": x0})  # no model: FedAdam only steps
     assert metrics == {}
     torch.testing.assert_close(x1["w"], _adam_reference(x0, deltas[:1], 0.1, 0.9, 0.99, 1e-3))
     # A resumed server (fresh instance, moments restored) takes the same second step.
-    resumed = get_algorithm("fedadam", settings)
+    resumed = get_algorithm(name, settings)
     resumed.restore(algorithm.checkpoint_state(), None)
     x2 = resumed.server_update(None, {"w": x1["w"] + deltas[1]}, 2, x1)[0]
     torch.testing.assert_close(x2["w"], _adam_reference(x0, deltas, 0.1, 0.9, 0.99, 1e-3))

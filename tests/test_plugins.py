@@ -74,7 +74,7 @@ def test_grid_rows_come_from_the_registry_and_remedies_add_rows(glue_dir):
 
     labels = [label for label, _ in grid_rows()]
     assert labels[:5] == ["Finetune", "KD", "LoRA", "Fed-finetune (FedAvg)", "Fed-LoRA"]
-    assert labels[-3:] == ["FedProx", "FedAdam", "FedDyn"] and len(labels) == 15
+    assert labels[-4:] == ["FedProx", "FedAdam", "Fed-finetune (FedAdam)", "FedDyn"] and len(labels) == 16
     base = Settings(task="sst2", glue_dir=str(glue_dir), clients=4, local_epochs=0.06)
     cells = make_grid(base, seeds=1, methods=["LoRA", "Fed-LoRA"], remedy_names=["fedlc", "equal-steps"])
     assert [c.label for c in cells] == ["LoRA", "Fed-LoRA", "Fed-LoRA + fedlc", "Fed-LoRA + equal-steps"]

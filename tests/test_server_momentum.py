@@ -115,6 +115,8 @@ def test_refused_where_client_states_differ_in_shape(name):
 def test_refused_with_fedadam_and_outside_zero_one():
     with pytest.raises(ValueError, match="fedadam is its own server optimizer"):
         get_algorithm("fedadam", Settings(algorithm="fedadam", server_momentum=0.9))
+    with pytest.raises(ValueError, match="fedadam-full is its own server optimizer"):
+        get_algorithm("fedadam-full", Settings(algorithm="fedadam-full", server_momentum=0.9))
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match=rf"server-momentum={bad} \(must be in \[0, 1\)\)"):
             Settings(server_momentum=bad)

@@ -1,6 +1,6 @@
 """FedAdam (Reddi et al., ICLR 2021, "Adaptive Federated Optimization"): FedLoRA's clients; the
 server treats the averaged update as a pseudo-gradient and takes an Adam step on the global
-LoRA state with its own learning rate (`server-lr`, decayed over rounds by `server-lr-schedule`,
+LoRA state (`ServerAdam`, which `fedadam-full` puts on FedAvg's whole model) with its own learning rate (`server-lr`, decayed over rounds by `server-lr-schedule`,
 `server-beta1`, `server-beta2`, `server-tau`). The step is `aggregate.fedadam_step` with Flower's
 bias correction (exponent t + 1), so the results equal Flower's `FedAdam` strategy (tested against
 it)."""
@@ -19,11 +19,10 @@ from fedtune.plugins import Option
 from fedtune.train import schedule_factor
 
 
-@register
-class FedAdam(FedLoRA):
-    name = "fedadam"
-    summary = "FedLoRA + Adam on the server over the averaged update (server-lr; Flower's FedAdam maths)"
-    tunables = {"server_lr": (3e-3, 1e-2, 3e-2)}
+class ServerAdam:
+    """Adam on the server over the averaged update, for an algorithm whose clients send one shape:
+    put it before the algorithm it extends (`class FedAdam(ServerAdam, FedLoRA)`)."""
+
     options = {"server_lr": Option(0.01, "server learning rate (eta) of Adam on the aggregated update",
                                    interval="(0, inf)"),
                "server_lr_schedule": Option("constant", "decay of server-lr over rounds (as lr-schedule does the "
@@ -33,10 +32,6 @@ class FedAdam(FedLoRA):
                "server_beta2": Option(0.99, "second-moment decay (beta_2)", interval="[0, 1)"),
                "server_tau": Option(1e-3, "adaptivity tau (added to the root of the second moment)",
                                     interval="(0, inf)")}
-    rows = (("FedAdam", {}),)
-    card = {"what trains": "LoRA A, B + head; server takes an Adam step on the mean update",
-            "up (client -> server)": "as fedlora", "down (server -> client)": "as fedlora",
-            "aggregation exact": "no", "own rank per client": "no", "paper": "Reddi et al. 2021"}
     bias_correction = "flower"  # see aggregate.fedadam_step
 
     def __init__(self, settings: Settings):
@@ -47,9 +42,9 @@ class FedAdam(FedLoRA):
     def check_settings(self) -> None:
         super().check_settings()
         if self.settings.server_momentum > 0:
-            raise ValueError(f"fedadam is its own server optimizer (Adam on the mean update): server-momentum="
-                             f"{self.settings.server_momentum} would step twice; use server-momentum=0 (or fedlora "
-                             f"with server-momentum for FedAvgM)")
+            raise ValueError(f"{self.name} is its own server optimizer (Adam on the mean update): server-momentum="
+                             f"{self.settings.server_momentum} would step twice; use server-momentum=0 (or the "
+                             f"algorithm without server Adam, with server-momentum, for FedAvgM)")
 
     def server_update(self, model: nn.Module, state: State, server_round: int,
                       previous: State) -> tuple[State, dict[str, float]]:
@@ -67,3 +62,14 @@ class FedAdam(FedLoRA):
     def restore(self, state: State, model: nn.Module) -> None:
         self.m = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("m.")}
         self.v = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("v.")}
+
+
+@register
+class FedAdam(ServerAdam, FedLoRA):
+    name = "fedadam"
+    summary = "FedLoRA + Adam on the server over the averaged update (server-lr; Flower's FedAdam maths)"
+    tunables = {"server_lr": (3e-3, 1e-2, 3e-2)}
+    rows = (("FedAdam", {}),)
+    card = {"what trains": "LoRA A, B + head; server takes an Adam step on the mean update",
+            "up (client -> server)": "as fedlora", "down (server -> client)": "as fedlora",
+            "aggregation exact": "no", "own rank per client": "no", "paper": "Reddi et al. 2021"}
