@@ -226,10 +226,38 @@ def calibrate(model: nn.Module, state: State, stats: list[State], settings: Sett
     return trainable_state(model), {"ccvr_loss": loss, "ccvr_classes": int((pooled["counts"] > 0).sum())}
 
 
+# ---- on the wire -----------------------------------------------------------------------------
+TRIANGLE = "covs_triangle"  # `ccvr-covariance triangle`: each class's upper triangle, row by row
+
+
+def pack_statistics(stats: State, covariance: str) -> State:
+    """What a client sends: `stats` as they are (`covariance` "full"), or with each class's
+    covariance as its upper triangle with the diagonal ("triangle": (C, D(D+1)/2), half the bytes;
+    a covariance is symmetric, so nothing is lost)."""
+    if covariance == "full":
+        return stats
+    rows, cols = torch.triu_indices(*stats["covs"].shape[1:])
+    return {"counts": stats["counts"], "means": stats["means"], TRIANGLE: stats["covs"][:, rows, cols]}
+
+
+def unpack_statistics(sent: State, dim: int) -> State:
+    """The statistics `pack_statistics` sent, with full (C, D, D) covariances (a triangle mirrored)."""
+    if TRIANGLE not in sent:
+        return sent
+    triangle = sent[TRIANGLE]
+    rows, cols = torch.triu_indices(dim, dim)
+    covs = triangle.new_zeros(triangle.shape[0], dim, dim)
+    covs[:, rows, cols] = triangle
+    covs[:, cols, rows] = triangle
+    return {"counts": sent["counts"], "means": sent["means"], "covs": covs}
+
+
 def check_statistics(stats: State, num_labels: int, dim: int) -> str | None:
-    """Why a client's statistics cannot be pooled (wrong keys, shapes, non-finite values, negative
-    counts), or None."""
+    """Why a client's statistics, as sent (`pack_statistics`), cannot be pooled (wrong keys, shapes,
+    non-finite values, negative counts), or None."""
     shapes = {"counts": (num_labels,), "means": (num_labels, dim), "covs": (num_labels, dim, dim)}
+    if TRIANGLE in stats:
+        shapes = {"counts": (num_labels,), "means": (num_labels, dim), TRIANGLE: (num_labels, dim * (dim + 1) // 2)}
     if set(stats) != set(shapes):
         return f"class statistics with keys {sorted(stats)}, expected {sorted(shapes)}"
     for key, shape in shapes.items():

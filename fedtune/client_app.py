@@ -70,6 +70,7 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         stats = calibration.client_statistics(cached_model(algorithm, algorithm.server_settings()),
                                               msg.content["arrays"].to_torch_state_dict(), settings, partition_id,
                                               num_partitions, task_spec(settings.task).num_labels)
+        stats = calibration.pack_statistics(stats, settings.ccvr_covariance)
         return Message(RecordDict({"stats": ArrayRecord(stats),
                                    "metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
 

@@ -150,6 +150,10 @@ class CoreSettings:
                             "it starts with (its seeded initialisation, or classifier-init's) and only the body "
                             "learns; the head still travels, unchanged; the server may still set it (server-finetune, "
                             "classifier-calibration)")
+    ccvr_covariance: str = _fed("full", "how each client sends its per-class feature covariances (ccvr, ccvr-lda, "
+                                "classifier-init lda): full (D x D) or triangle (the upper triangle with the "
+                                "diagonal, D(D+1)/2 values, mirrored by the server: the same symmetric matrix in "
+                                "about half the bytes)", ("full", "triangle"))
     ccvr_samples: int = _fed(2000, "ccvr: virtual features drawn per class")
     ccvr_lr: float = _fed(0.01, "ccvr: AdamW learning rate of the classifier's retraining (5 epochs over the "
                           "virtual features)")

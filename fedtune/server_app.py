@@ -144,7 +144,7 @@ def gather_class_statistics(grid: Grid, nodes: dict[int, int], algorithm: Algori
         if reason := calibration.check_statistics(received, num_labels, head.in_features):
             dropped.append(reason)
         else:
-            stats.append(received)
+            stats.append(calibration.unpack_statistics(received, head.in_features))
     if not stats:
         raise RuntimeError(f"{what}: no client sent usable class statistics ({'; '.join(dropped) or 'no reply'}); "
                            f"the run is kept, resume it to retry")

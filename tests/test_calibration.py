@@ -50,6 +50,25 @@ def test_pooled_statistics_equal_those_of_all_rows_together():
         assert torch.allclose(pooled["covs"][c], torch.cov(rows.T), atol=1e-10)
 
 
+def test_a_covariance_sent_as_its_triangle_is_the_same_matrix_in_about_half_the_values():
+    torch.manual_seed(0)
+    features, labels = torch.randn(40, 6), torch.randint(0, 2, (40,))
+    stats = {k: v.float() for k, v in calibration.class_statistics(features, labels, 3).items()}  # class 2 absent
+    assert calibration.pack_statistics(stats, "full") is stats
+    sent = calibration.pack_statistics(stats, "triangle")
+    assert sorted(sent) == ["counts", "covs_triangle", "means"] and sent["covs_triangle"].shape == (3, 21)  # 6*7/2
+    # row by row: (0,0), (0,1), ..., (0,5), (1,1), ...
+    assert sent["covs_triangle"][0, :7].tolist() == [*stats["covs"][0, 0].tolist(), stats["covs"][0, 1, 1].item()]
+    assert calibration.check_statistics(sent, 3, 6) is None
+    back = calibration.unpack_statistics(sent, 6)
+    upper = torch.triu(stats["covs"])
+    assert torch.equal(back["covs"], upper + upper.transpose(1, 2) - torch.diag_embed(stats["covs"].diagonal(0, 1, 2)))
+    assert torch.allclose(back["covs"], stats["covs"], atol=1e-6)  # torch.cov's two triangles agree to rounding
+    assert torch.equal(back["means"], stats["means"]) and torch.equal(back["counts"], stats["counts"])
+    short = {**sent, "covs_triangle": sent["covs_triangle"][:, :-1]}
+    assert calibration.check_statistics(short, 3, 6) == "class statistics covs_triangle of shape (3, 20), expected (3, 21)"
+
+
 def test_virtual_features_follow_the_pooled_gaussians_and_skip_absent_classes():
     mean = torch.tensor([[2.0, -1.0], [0.0, 0.0], [-3.0, 4.0]], dtype=torch.float64)
     cov = torch.stack([torch.tensor([[1.0, 0.6], [0.6, 2.0]]), torch.eye(2),
@@ -246,6 +265,18 @@ def test_ccvr_lda_sets_the_classifier_to_the_discriminant_of_the_clients_statist
     with pytest.raises(ValueError, match="ccvr-lda needs a classifier with a bias"):
         run_federated(settings.replace(model=tiny_llama, out_dir=str(out)), quiet=True)
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_triangle_covariances_calibrate_the_same_head_for_fewer_bytes(base):
+    full, half = (json.loads((run_federated(base.replace(classifier_calibration="ccvr-lda", ccvr_covariance=how),
+                                            quiet=True) / "summary.json").read_text()) for how in ("full", "triangle"))
+    for name, value in full["dev"].items():  # the calibrated model's
+        assert half["dev"][name] == pytest.approx(value, abs=1e-6), name
+    # 3 clients x 2 classes x (32 x 32 - 32 x 33 / 2) float32 values fewer, up to the arrays' names and shapes
+    saved = full["calibration"]["bytes_up"] - half["calibration"]["bytes_up"]
+    assert saved == pytest.approx(3 * 2 * (32 * 32 - 32 * 33 // 2) * 4, abs=100)
+    assert half["calibration"]["bytes_down"] == full["calibration"]["bytes_down"]
 
 
 def test_calibration_is_refused_where_it_would_break_a_privacy_promise(base):
