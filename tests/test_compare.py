@@ -45,7 +45,7 @@ def test_small_preset_gives_cola_a_larger_budget_than_sst2(tmp_path):
 
 def test_grid_gives_centralized_methods_the_federated_budget(base):
     cells = make_grid(base.replace(local_epochs=0.5, rounds=4), seeds=2)
-    assert len(cells) == 15 * 2  # 3 centralized + 12 federated rows, 2 seeds
+    assert len(cells) == 16 * 2  # 3 centralized + 13 federated rows, 2 seeds
     lora = [c for c in cells if c.label == "LoRA"]
     assert [c.settings.seed for c in lora] == [base.seed, base.seed + 1] and lora[0].settings.epochs == 2.0
     # Centralized cells ignore federated settings, so IID and Dirichlet grids share them.
