@@ -255,9 +255,9 @@ def unpack_statistics(sent: State, dim: int) -> State:
 def check_statistics(stats: State, num_labels: int, dim: int) -> str | None:
     """Why a client's statistics, as sent (`pack_statistics`), cannot be pooled (wrong keys, shapes,
     non-finite values, negative counts), or None."""
-    shapes = {"counts": (num_labels,), "means": (num_labels, dim), "covs": (num_labels, dim, dim)}
-    if TRIANGLE in stats:
-        shapes = {"counts": (num_labels,), "means": (num_labels, dim), TRIANGLE: (num_labels, dim * (dim + 1) // 2)}
+    covariances = ({TRIANGLE: (num_labels, dim * (dim + 1) // 2)} if TRIANGLE in stats
+                   else {"covs": (num_labels, dim, dim)})
+    shapes = {"counts": (num_labels,), "means": (num_labels, dim), **covariances}
     if set(stats) != set(shapes):
         return f"class statistics with keys {sorted(stats)}, expected {sorted(shapes)}"
     for key, shape in shapes.items():

@@ -1,7 +1,8 @@
 """FedAdam (Reddi et al., ICLR 2021, "Adaptive Federated Optimization"): FedLoRA's clients; the
 server treats the averaged update as a pseudo-gradient and takes an Adam step on the global
-LoRA state (`ServerAdam`, which `fedadam-full` puts on FedAvg's whole model) with its own learning rate (`server-lr`, decayed over rounds by `server-lr-schedule`,
-`server-beta1`, `server-beta2`, `server-tau`). The step is `aggregate.fedadam_step` with Flower's
+LoRA state (`ServerAdam`, which `fedadam-full` puts on FedAvg's whole model) with its own
+learning rate (`server-lr`, decayed over rounds by `server-lr-schedule`, `server-beta1`,
+`server-beta2`, `server-tau`). The step is `aggregate.fedadam_step` with Flower's
 bias correction (exponent t + 1), so the results equal Flower's `FedAdam` strategy (tested against
 it)."""
 

@@ -15,7 +15,8 @@ from fedtune.algorithms.fedavg import FedAvg
 @register
 class FedAdamFull(ServerAdam, FedAvg):
     name = "fedadam-full"
-    summary = "FedAvg's full fine-tuning + Adam on the server over the averaged update (as fedadam)"
+    summary = ("FedAvg's full fine-tuning + Adam on the server over the averaged update (as fedadam; give "
+               "server-lr ~1e-4: the default 1e-2 is LoRA's and diverges here)")
     # Adam's step is about its learning rate per weight: full fine-tuning's rates (as full-lr's
     # grid), not LoRA's.
     tunables = {"server_lr": (3e-5, 1e-4, 3e-4)}
