@@ -2,7 +2,8 @@
 private train rows, never on GLUE dev (dev is the test set every table reports).
 
 For every row of the grid, one trial per value of the method's learning-rate grid (then of its
-algorithm's own `tunables`, at the chosen learning rate) runs at a reduced budget
+algorithm's own `tunables`, at the chosen learning rate; the learning-rate trials run with those at
+the middle of their grids, `search_start`) runs at a reduced budget
 (`TUNE_ROUND_SHARE` of the rounds, and the same share of the centralized epochs, or the share
 `--tune-share` gives; a best value at an edge of the grid gets one more trial a step past it),
 trained without the held-out rows (`holdout-fraction`, per task) and scored on them: best primary
@@ -67,6 +68,15 @@ def search_space(settings: Settings, centralized: bool) -> dict[str, tuple[float
     return {name: grid[name], **_row_algorithm(settings).tunables}
 
 
+def search_start(settings: Settings, centralized: bool) -> Settings:
+    """The row where its coordinate search starts: every setting tuned after the first at the middle
+    of its grid. An algorithm's default can belong to another regime (`fedadam-full` shares
+    `server-lr` 1e-2 with LoRA's `fedadam`; on the whole model it diverges, and every learning-rate
+    trial would diverge with it); the middle of the grid is the value the algorithm declares typical."""
+    later = list(search_space(settings, centralized).items())[1:]
+    return settings.replace(**{name: grid[len(grid) // 2] for name, grid in later})
+
+
 def trial_settings(settings: Settings, centralized: bool, name: str, value: float,
                    share: float = TUNE_ROUND_SHARE) -> Settings:
     """A tuning trial of the row `settings`: `name`=`value`, `share` of its budget, scored on the holdout."""
@@ -127,9 +137,11 @@ def tune_setting(label: str, settings: Settings, centralized: bool, name: str, g
 
 def tune_row(label: str, settings: Settings, centralized: bool, cells_dir, quiet: bool = False,
              share: float = TUNE_ROUND_SHARE) -> list[dict]:
-    """Tune the row's settings one after another (coordinate search): the learning rate first,
-    then each of its algorithm's own settings at the chosen learning rate. One record each."""
+    """Tune the row's settings one after another (coordinate search from `search_start`): the
+    learning rate first, then each of its algorithm's own settings at the chosen learning rate.
+    One record each."""
     records = []
+    settings = search_start(settings, centralized)
     for name, grid in search_space(settings, centralized).items():
         records.append(tune_setting(label, settings, centralized, name, grid, cells_dir, quiet, share))
         settings = settings.replace(**{name: records[-1]["chosen"]})
@@ -142,9 +154,10 @@ def first_trials(base: Settings, methods: list[str] | None, remedy_names: list[s
     whole grid), so that they can run side by side (`grid.run_cells`) before the search reads them."""
     trials = []
     for cell in make_grid(base, seeds=1, methods=methods, remedy_names=remedy_names, only=only):
-        name, grid = next(iter(search_space(cell.settings, cell.centralized).items()))
+        start = search_start(cell.settings, cell.centralized)
+        name, grid = next(iter(search_space(start, cell.centralized).items()))
         trials += [Cell(f"{cell.label} [tune {key_of(name)}={value:g}]",
-                        trial_settings(cell.settings, cell.centralized, name, value, share), cell.centralized)
+                        trial_settings(start, cell.centralized, name, value, share), cell.centralized)
                    for value in grid]
     return trials
 

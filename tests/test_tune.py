@@ -191,3 +191,40 @@ def test_a_bad_tune_share_is_one_clear_error_before_anything_runs(argv, says, tm
     assert main(["compare", "--task", "cola", "--out-dir", str(tmp_path / "out"), *argv]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_search_starts_at_the_middle_of_each_later_grid(monkeypatch, tmp_path):
+    # fedadam-full's server-lr default (1e-2, shared with LoRA's fedadam) diverges on the whole model:
+    # its learning-rate trials run at the middle of its server-lr grid (1e-4) instead, and the
+    # server-lr trials then at the chosen learning rate.
+    from fedtune.tune import first_trials, search_start
+
+    base = preset_settings("standard").replace(client_optimizer="sgd")
+    [row] = make_grid(base, seeds=1, methods=["Fed-finetune (FedAdam)"])
+    assert row.settings.server_lr == 1e-2
+    assert search_start(row.settings, False).server_lr == 1e-4
+    first = first_trials(base, ["Fed-finetune (FedAdam)"])
+    assert [(c.settings.full_lr, c.settings.server_lr) for c in first] == [(1e-3, 1e-4), (3e-3, 1e-4), (1e-2, 1e-4)]
+
+    seen = []
+
+    def fake_run_cell(cell, cells_dir, quiet):
+        s = cell.settings
+        seen.append((s.full_lr, s.server_lr))
+        accuracy = 0.9 if s.full_lr == 3e-3 else 0.5  # 3e-3 wins the first stage, then ties break by AUC
+        auc = {3e-5: 0.7, 1e-4: 0.8, 3e-4: 0.6}.get(s.server_lr, 0.5)
+        return {"key": cell.key, "summary": {"dev": {"accuracy": accuracy, "loss": 0.5, "auc": auc}}}
+
+    monkeypatch.setattr(fedtune.tune, "run_cell", fake_run_cell)
+    records = tune_row(row.label, row.settings, False, tmp_path, quiet=True)
+    assert [(r["setting"], r["chosen"]) for r in records] == [("full-lr", 3e-3), ("server-lr", 1e-4)]
+    assert seen == [(1e-3, 1e-4), (3e-3, 1e-4), (1e-2, 1e-4), (3e-3, 3e-5), (3e-3, 1e-4), (3e-3, 3e-4)]
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "fedadam", "feddyn"])
+def test_where_the_default_is_the_middle_of_the_grid_the_start_changes_nothing(algorithm):
+    # So the trials these rows stored before `search_start` keep their cache keys.
+    from fedtune.tune import search_start
+
+    settings = Settings(algorithm=algorithm)
+    assert Cell("x", search_start(settings, False), False).key == Cell("x", settings, False).key
