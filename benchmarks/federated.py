@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import statistics
 import sys
 import tempfile
 import threading
@@ -56,28 +57,31 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
             "ratio_without_eval": (rounds[2]["seconds"] - eval_seconds) / raw_seconds}
 
 
-def clients_per_round(sizes: tuple[int, ...] = (1, 4, 16, 64), local_steps: int = 3,
+def clients_per_round(sizes: tuple[int, ...] = (1, 4, 16, 64), local_steps: int = 5, timed_rounds: int = 3,
                       settings: Settings | None = None, batching: str = "by-length") -> dict:
-    """Samples/s of one FedLoRA round at `sizes` clients per round, one client at a time vs batched
+    """Samples/s of a FedLoRA round at `sizes` clients per round, one client at a time vs batched
     (`batched-clients`, the clients training in lockstep over the shared base), on the local engine
-    with model-dropout 0 (batching is exact only without dropout). Round 2 is timed (round 1 loads
-    the model and tokenizes each client's rows); the server's evaluation is taken out."""
+    with model-dropout 0 (batching is exact only without dropout): the median of `timed_rounds`
+    rounds after the first (which loads the model and tokenizes each client's rows), the server's
+    evaluation taken out."""
     settings = (settings or Settings(task="sst2")).replace(
-        algorithm="fedlora", rounds=2, local_steps=local_steps, eval_limit=32, model_dropout=0.0, engine="local",
-        batching=batching, out_dir=tempfile.mkdtemp(prefix="fedtune-bench-"))
+        algorithm="fedlora", rounds=1 + timed_rounds, local_steps=local_steps, eval_limit=32, model_dropout=0.0,
+        engine="local", batching=batching, out_dir=tempfile.mkdtemp(prefix="fedtune-bench-"))
     rows = []
     for clients in sizes:
         row = {"clients": clients}
         for mode in ("off", "on"):
             run = settings.replace(clients=clients, train_limit=clients * local_steps * settings.batch_size * 2,
                                    batched_clients=mode)
-            second = read_jsonl(run_federated(run, quiet=True) / "rounds.jsonl")[2]
-            row[f"{mode}_samples_per_s"] = second["examples_seen"] / (second["seconds"] - second["eval_seconds"])
+            timed = read_jsonl(run_federated(run, quiet=True) / "rounds.jsonl")[2:]
+            row[f"{mode}_samples_per_s"] = statistics.median(
+                r["examples_seen"] / (r["seconds"] - r["eval_seconds"]) for r in timed)
         row["speedup"] = row["on_samples_per_s"] / row["off_samples_per_s"]
         rows.append(row)
         print(row, flush=True)
-    return {"local_steps": local_steps, "batch_size": settings.batch_size, "batching": batching,
-            "precision": compute(settings.device, settings.precision, settings.models)[1], "rows": rows}
+    return {"local_steps": local_steps, "timed_rounds": timed_rounds, "batch_size": settings.batch_size,
+            "batching": batching, "precision": compute(settings.device, settings.precision, settings.models)[1],
+            "rows": rows}
 
 
 class MemoryWatch:

@@ -171,7 +171,8 @@ def render(results: dict) -> str:
     if c := results.get("clients"):
         out += ["", f"**Clients per round, one at a time vs batched** (`clients`, {on(c)}; FedLoRA on the local engine, "
                 f"each client {c['local_steps']} steps of {c['batch_size']} SST-2 rows, {c.get('batching', 'by-length')} batches, "
-                f"model-dropout 0, {c['precision']}; round 2 timed, evaluation excluded; `batched-clients on` "
+                f"model-dropout 0, {c['precision']}; " + (f"the median of rounds 2-{c['timed_rounds'] + 1}"
+                if c.get("timed_rounds") else "round 2") + " timed, evaluation excluded; `batched-clients on` "
                 f"trains the round's clients in lockstep over the shared frozen base):", "",
                 table(["clients per round", "samples/s one at a time", "samples/s batched", "speed-up"],
                       [[r["clients"], r["off_samples_per_s"], r["on_samples_per_s"], f"{r['speedup']:.2f}x"]

@@ -21,10 +21,29 @@ def _batch(tokenizer, sentences, labels):
             "labels": torch.tensor(labels)}
 
 
+def test_length_chunks_sorts_rows_by_length_and_cuts_at_the_token_budget():
+    def batch(*ends, width=6):  # right-padded rows attending to their first `end` positions
+        mask = torch.tensor([[1] * end + [0] * (width - end) for end in ends])
+        return {"attention_mask": mask, "labels": torch.zeros(len(ends))}
+
+    batches = [batch(2, 5, 2), batch(3, 6), batch(1)]
+    # sorted by (length, client, row): (1: 2,0) (2: 0,0) (2: 0,2) (3: 1,0) (5: 0,1) (6: 1,1)
+    assert lockstep.length_chunks(batches, 0) == [([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)], 6)]
+    # 8 tokens: 4 rows x 2 fit (rows of length 1 and 2), a fourth at length 3 would be 12; then
+    # (1,0) and (0,1) at 2 x 5 = 10 > 8: each alone, as is the longest row.
+    assert lockstep.length_chunks(batches, 8) == [([(0, 0), (0, 2), (2, 0)], 2), ([(1, 0)], 3), ([(0, 1)], 5),
+                                                  ([(1, 1)], 6)]
+    left = {"attention_mask": torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), "labels": torch.zeros(2)}
+    assert lockstep.length_chunks([left], 100) == [([(0, 0), (0, 1)], 4)]  # left padding: nothing cut
+
+
+@pytest.mark.parametrize("tokens", [0, 12], ids=["one-pass", "passes"])
 @pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_llama"])
-def test_a_combined_step_gives_each_client_the_gradients_of_its_own_loss(request, model_fixture):
+def test_a_combined_step_gives_each_client_the_gradients_of_its_own_loss(request, monkeypatch, model_fixture, tokens):
     """Two clients with different LoRA weights and batches of different lengths (the decoder pools
-    at the last non-pad token, so the extra padding of the combined batch must not move it)."""
+    at the last non-pad token, so the extra padding of the combined batch must not move it), in one
+    pass or in passes by length that mix the clients' rows."""
+    monkeypatch.setattr(lockstep, "CHUNK_TOKENS", tokens)
     path = request.getfixturevalue(model_fixture)
     tokenizer = load_tokenizer(path)
     model = add_lora(load_classifier(path, 2, seed=0, dropout=0.0), r=2, alpha=4.0)
@@ -105,18 +124,24 @@ def _run(settings, monkeypatch):
 
 @pytest.mark.parametrize("changes", [
     {"algorithm": "fedlora"},
+    {"algorithm": "fedlora", "chunk_tokens": 64},  # the combined steps in several passes
     pytest.param({"algorithm": "fedlora", "client_loss": "fedlc"}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "ffa-lora"}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "fedkdlora", "teacher_epochs": 0.05}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "fedprox", "prox_mu": 1.0}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "flexlora", "client_ranks": "2,4,2"}, marks=pytest.mark.slow),  # a room per rank
     pytest.param({"algorithm": "fedlora", "dropout": 0.4}, marks=pytest.mark.slow),  # clients fail before training
-], ids=["fedlora", "fedlc", "ffa-lora", "fedkdlora-server", "fedprox", "flexlora-mixed-ranks", "failing-clients"])
+], ids=["fedlora", "fedlora-passes", "fedlc", "ffa-lora", "fedkdlora-server", "fedprox", "flexlora-mixed-ranks", "failing-clients"])
 def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
+    changes = dict(changes)
+    monkeypatch.setattr(lockstep, "CHUNK_TOKENS", changes.pop("chunk_tokens", lockstep.CHUNK_TOKENS))
+    passes, chunks = [], lockstep.length_chunks
+    monkeypatch.setattr(lockstep, "length_chunks", lambda *a: passes.append(len(chunks(*a))) or chunks(*a))
     settings = skewed.replace(**changes)
     alone, none = _run(settings.replace(batched_clients="off"), monkeypatch)
     together, combined = _run(settings.replace(batched_clients="on"), monkeypatch)
     assert none == [] and max(combined) > 1 and 1 in combined  # batched, and clients left at different steps
+    assert lockstep.CHUNK_TOKENS != 64 or max(passes) > 1  # the budget did cut steps into passes
     a, b = read_jsonl(alone / "rounds.jsonl"), read_jsonl(together / "rounds.jsonl")
     assert [r.get("clients") for r in a] == [r.get("clients") for r in b]
     for x, y in zip(a, b):
