@@ -238,8 +238,8 @@ class Room:
                         if x.shape[0] != sum(sizes):
                             raise ValueError(f"batched clients: a trainable module saw {x.shape[0]} rows, "
                                              f"not the batch's {sum(sizes)}")
-                        return torch.cat([_apply(module, part, mine) for part, mine, n in zip(x.split(sizes), own, sizes)
-                                          if n])
+                        return torch.cat([_apply(module, part, mine)
+                                          for part, mine, n in zip(x.split(sizes), own, sizes) if n])
 
                     module.forward = forward
                 return self

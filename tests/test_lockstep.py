@@ -131,7 +131,8 @@ def _run(settings, monkeypatch):
     pytest.param({"algorithm": "fedprox", "prox_mu": 1.0}, marks=pytest.mark.slow),
     pytest.param({"algorithm": "flexlora", "client_ranks": "2,4,2"}, marks=pytest.mark.slow),  # a room per rank
     pytest.param({"algorithm": "fedlora", "dropout": 0.4}, marks=pytest.mark.slow),  # clients fail before training
-], ids=["fedlora", "fedlora-passes", "fedlc", "ffa-lora", "fedkdlora-server", "fedprox", "flexlora-mixed-ranks", "failing-clients"])
+], ids=["fedlora", "fedlora-passes", "fedlc", "ffa-lora", "fedkdlora-server", "fedprox", "flexlora-mixed-ranks",
+        "failing-clients"])
 def test_batched_clients_equal_one_at_a_time(skewed, monkeypatch, changes):
     changes = dict(changes)
     monkeypatch.setattr(lockstep, "CHUNK_TOKENS", changes.pop("chunk_tokens", lockstep.CHUNK_TOKENS))
