@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import statistics
 import sys
@@ -149,14 +150,23 @@ def many_clients(clients: int = 1000, fraction: float = 0.05, rounds: int = 3, l
             "mb_up_per_round": sum(r["bytes_up"] for r in records[1:]) / rounds / 1e6}
 
 
-def compare_grid(task: str = "sst2", seeds: int = 1) -> dict:
-    """`fedtune compare --preset small` from an empty cache, timed end to end."""
+def compare_grid(task: str = "sst2", seeds: int = 1, options: tuple[str, ...] = ()) -> dict:
+    """`fedtune compare` (the small preset unless `options` name another) from an empty cache, timed
+    end to end, with each cell's own wall time."""
     out = tempfile.mkdtemp(prefix="fedtune-bench-")
-    command = [sys.executable, "-m", "fedtune.cli", "compare", "--quiet", "--task", task, "--partition", "iid",
-               "--seeds", str(seeds), "--out-dir", out]
+    command = [sys.executable, "-m", "fedtune.cli", "compare", "--quiet", *options, "--task", task,
+               "--partition", "iid", "--seeds", str(seeds), "--out-dir", out]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
     results = json.loads(next(Path(out).glob("compare/*/results.json")).read_text())
-    return {"task": task, "seeds": seeds, "cells": len(results["cells"]),
-            "seconds": seconds, "command": " ".join(["fedtune", *command[3:]])}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"task": task, "seeds": seeds, "cells": len(results["cells"]), "seconds": seconds,
+            "cell_seconds": {c["label"]: c["wall_seconds"] for c in results["cells"]},
+            "command": " ".join(["fedtune", "compare", *command[5:-2]])}
+
+
+def standard_grid() -> dict:
+    """The `standard` SST-2 IID grid, one seed, every row, as a user of a 2-core machine runs it
+    (local engine, two cells at a time), timed from an empty cache (issue #26: <= 40 min)."""
+    return compare_grid(options=("--preset", "standard", "--engine", "local", "--jobs", "2"))
