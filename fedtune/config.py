@@ -25,8 +25,8 @@ CLIENT_WEIGHTINGS = ("examples", "uniform")
 CENTRALIZED_METHODS = ("finetune", "lora", "kd")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-CODECS = ("none", "fp16", "int8", "int8-flat", "svd")
-CODECS_DOWN = ("none", "fp16", "int8", "int8-flat")
+CODECS = ("none", "fp16", "int8", "int8-flat", "int8-rows", "svd")
+CODECS_DOWN = ("none", "fp16", "int8", "int8-flat", "int8-rows")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
 BATCHINGS = ("random", "by-length")
 SECURE_AGGREGATIONS = ("none", "secagg+")
@@ -186,10 +186,12 @@ class CoreSettings:
     dropout: float = _fed(0.0, "simulated fault: probability that a sampled client fails in a round")
     # --- update compression (client -> server)
     codec: str = _fed("none", "how clients encode their update: none (fp32 state), fp16, int8, int8-flat (the "
-                      "same int8 in one array: less framing), or svd (FedKD)", CODECS)
+                      "same int8 in one array: less framing), int8-rows (as int8-flat, one scale per row of a matrix), "
+                      "or svd (FedKD)", CODECS)
     swa_rounds: int = _fed(0, "server-side SWA (as FedSWA): the final model is the mean of the global states after "
                            "the last N rounds (0: the last round's); rounds.jsonl keeps every round's own")
-    codec_down: str = _fed("none", "how the server encodes the state it sends: none (fp32), fp16, int8 or int8-flat; "
+    codec_down: str = _fed("none", "how the server encodes the state it sends: none (fp32), fp16, int8, int8-flat or "
+                           "int8-rows; "
                            "it keeps its exact state and adds each client's change to it", CODECS_DOWN)
     svd_energy_start: float = _fed(0.95, "svd codec: energy kept in round 1")
     svd_energy_end: float = _fed(0.98, "svd codec: energy kept in the last round (linear in between)")

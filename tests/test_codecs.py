@@ -153,6 +153,52 @@ def test_broken_int8_flat_updates_say_what_they_hold():
         codec.decode({"a@int8": torch.zeros(6, dtype=torch.int8), "a@scale": torch.ones(1)}, sent)
 
 
+def test_int8_rows_scales_each_row_by_its_own_absmax():
+    filler = torch.zeros(2, 29)  # rows of 32 values: b is scaled row by row
+    sent = {"b": torch.zeros(2, 32), "a": torch.zeros(2)}
+    new = {"b": torch.cat([torch.tensor([[1.0, -2.0, 0.5], [0.01, 0.03, -0.04]]), filler], 1),
+           "a": torch.tensor([0.25, -1.0])}
+    encoded = Codec("int8-rows").encode(new, sent, 1)
+    assert sorted(encoded) == ["@int8", "@row-scales"]
+    # a (a vector: one row) absmax 1 -> round(x * 127); b's rows: absmax 2 and 0.04
+    values = encoded["@int8"].tolist()
+    assert values[:2] == [32, -127] and values[2:5] == [64, -127, 32] and values[34:37] == [32, 95, -127]
+    assert encoded["@int8"].numel() == 66 and not any(values[5:34] + values[37:])  # 31.75, 63.5 (half to even), 95.25
+    torch.testing.assert_close(encoded["@row-scales"], torch.tensor([1 / 127, 2 / 127, 0.04 / 127]))
+    decoded = Codec("int8-rows").decode(encoded, sent)
+    # the small row keeps its digits; with one scale per tensor (2/127) it is [1, 2, -3] steps, off by up to 57%
+    torch.testing.assert_close(decoded["b"][1, :3], torch.tensor([32.0, 95.0, -127.0]) * 0.04 / 127)
+    assert (decoded["b"][1] - new["b"][1]).abs().max() <= 0.04 / 254 + 1e-8
+    per_tensor = Codec("int8-flat").decode(Codec("int8-flat").encode(new, sent, 1), sent)["b"][1, :3]
+    torch.testing.assert_close(per_tensor, torch.tensor([1.0, 2.0, -3.0]) * 2 / 127)
+
+
+def test_int8_rows_of_higher_dims_and_scalars_round_trip_within_half_a_step():
+    generator = torch.Generator().manual_seed(5)
+    state = {"conv": torch.randn(3, 4, 8, generator=generator) * torch.tensor([1.0, 1e-3, 10.0])[:, None, None],
+             "scalar": torch.tensor(0.7), "head": torch.randn(5, 40, generator=generator),
+             "lora_B": torch.randn(64, 2, generator=generator)}  # rows of 2 values: one scale for the tensor
+    sent = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+    codec = Codec("int8-rows")
+    encoded = codec.encode(state, sent, 1)
+    assert encoded["@row-scales"].numel() == 3 + 5 + 1 + 1  # conv's 3 rows (dims past the first flattened), head's 5
+    decoded = codec.decode(encoded, sent)
+    for name, tensor in state.items():
+        rows = tensor.reshape(tensor.shape[0], -1) if name in ("conv", "head") else tensor.reshape(1, -1)
+        bound = rows.abs().amax(1, keepdim=True) / 254 + 1e-9
+        assert decoded[name].shape == tensor.shape
+        assert ((decoded[name] - tensor).reshape(rows.shape).abs() <= bound).all(), name
+
+
+def test_broken_int8_rows_updates_say_what_they_hold():
+    sent = {"a": torch.zeros(2, 32), "b": torch.zeros(4)}
+    codec = Codec("int8-rows")
+    with pytest.raises(ValueError, match="holds 68 values and 2 scales; the 2 tensors sent hold 68 values in 3 rows"):
+        codec.decode({"@int8": torch.zeros(68, dtype=torch.int8), "@row-scales": torch.ones(2)}, sent)
+    with pytest.raises(ValueError, match="an int8-rows update is the arrays"):
+        codec.decode({"@int8": torch.zeros(68, dtype=torch.int8), "@scales": torch.ones(2)}, sent)
+
+
 @pytest.mark.slow
 def test_a_run_with_int8_flat_trains_as_int8_does_and_sends_fewer_bytes(tiny_bert, glue_dir, tmp_path):
     base = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
@@ -169,7 +215,8 @@ def test_a_run_with_int8_flat_trains_as_int8_does_and_sends_fewer_bytes(tiny_ber
 # --- codec-down: the state the server broadcasts
 
 
-@pytest.mark.parametrize("codec, tolerance", [("fp16", 1e-3), ("int8", 1 / 254), ("int8-flat", 1 / 254)])
+@pytest.mark.parametrize("codec, tolerance", [("fp16", 1e-3), ("int8", 1 / 254), ("int8-flat", 1 / 254),
+                                                    ("int8-rows", 1 / 254)])
 def test_a_broadcast_decodes_within_its_rounding(codec, tolerance):
     state = _adapter_like_state(3) | {"steps": torch.tensor([7, 9])}  # an integer tensor travels as it is
     arrays, layout = encode_broadcast(state, codec)
@@ -222,15 +269,17 @@ def test_rebase_moves_a_clients_change_onto_the_exact_state():
 
 
 @pytest.mark.usefixtures("task_identity")
-@pytest.mark.parametrize("uplink", ["none", "int8-flat"])
-def test_the_strategy_sends_int8_and_keeps_the_rounding_out_of_the_global_model(uplink):
-    settings = Settings(codec_down="int8-flat", codec=uplink)
+@pytest.mark.parametrize("uplink, downlink", [("none", "int8-flat"), ("int8-flat", "int8-flat"),
+                                              ("int8-rows", "int8-rows")])
+def test_the_strategy_sends_int8_and_keeps_the_rounding_out_of_the_global_model(uplink, downlink):
+    settings = Settings(codec_down=downlink, codec=uplink)
     strategy = FedTuneStrategy(get_algorithm("fedlora", settings), {0: 100, 1: 101}, 1.0, 0, lambda r: 0.1,
                                Codec(uplink))
     exact = {"w": torch.tensor([0.30, -0.70, 0.01]), "v": torch.tensor([[2.0, 1.0]])}
     messages = list(strategy.configure_train(1, ArrayRecord(exact), ConfigRecord(), None))
     content = messages[0].content
-    assert sorted(content["arrays"]) == ["@int8", "@scales"] and content[LAYOUT]["names"] == ["v", "w"]
+    parts = ["@int8", "@scales"] if downlink == "int8-flat" else ["@int8", "@row-scales"]
+    assert sorted(content["arrays"]) == parts and content[LAYOUT]["names"] == ["v", "w"]
     received = decode_broadcast(content["arrays"].to_torch_state_dict(), dict(content[LAYOUT]))
     assert not torch.equal(received["w"], exact["w"])  # the client trains from the rounded copy
 
@@ -260,12 +309,13 @@ def test_codec_down_is_refused_with_dp_and_secagg():
 
 
 @pytest.mark.slow
-def test_a_run_with_an_int8_broadcast_sends_a_byte_a_value_and_trains_as_fp32(tiny_bert, glue_dir, tmp_path):
+@pytest.mark.parametrize("packed", ["int8-flat", "int8-rows"])
+def test_a_run_with_an_int8_broadcast_sends_a_byte_a_value_and_trains_as_fp32(tiny_bert, glue_dir, tmp_path, packed):
     base = Settings(task="sst2", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=2, train_limit=40,
                     eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2, engine="local",
-                    algorithm="fedlora", codec="int8-flat", out_dir=str(tmp_path))
+                    algorithm="fedlora", codec=packed, out_dir=str(tmp_path))
     exact, rounded = (read_jsonl(run_federated(base.replace(codec_down=codec), quiet=True) / "rounds.jsonl")
-                      for codec in ("none", "int8-flat"))
+                      for codec in ("none", packed))
     values = exact[-1]["travelling_parameters"]
     for a, b in zip(exact[1:], rounded[1:]):  # two train messages a round: 4 bytes a value against 1 (+ framing)
         assert a["bytes_down"] >= 2 * 4 * values and b["bytes_down"] <= 2 * (values + 4_000)
