@@ -144,13 +144,15 @@ def test_int8_flat_pays_the_framing_once():
     assert plain - flat >= 2 * len(sent) * 100  # Flower frames every array (~510 bytes each in 1.41)
 
 
-def test_broken_int8_flat_updates_say_what_they_hold():
-    sent = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
-    codec = Codec("int8-flat")
-    with pytest.raises(ValueError, match="holds 9 values and 2 scales; the 2 tensors sent hold 10"):
-        codec.decode({"@int8": torch.zeros(9, dtype=torch.int8), "@scales": torch.ones(2)}, sent)
-    with pytest.raises(ValueError, match="int8-flat update is the arrays"):
-        codec.decode({"a@int8": torch.zeros(6, dtype=torch.int8), "a@scale": torch.ones(1)}, sent)
+@pytest.mark.parametrize("codec, scales, values, says", [
+    ("int8-flat", "@scales", 9, "holds 9 values and 2 scales; the 2 tensors sent hold 10 values in 2 tensors"),
+    ("int8-rows", "@row-scales", 68, "holds 68 values and 2 scales; the 2 tensors sent hold 68 values in 3 rows")])
+def test_broken_packed_updates_say_what_they_hold(codec, scales, values, says):
+    sent = {"a": torch.zeros(2, 3 if codec == "int8-flat" else 32), "b": torch.zeros(4)}
+    with pytest.raises(ValueError, match=says):
+        Codec(codec).decode({"@int8": torch.zeros(values, dtype=torch.int8), scales: torch.ones(2)}, sent)
+    with pytest.raises(ValueError, match=f"an {codec} update is the arrays"):  # the other form's parts
+        Codec(codec).decode({"@int8": torch.zeros(values, dtype=torch.int8), "@other-scales": torch.ones(2)}, sent)
 
 
 def test_int8_rows_scales_each_row_by_its_own_absmax():
@@ -188,15 +190,6 @@ def test_int8_rows_of_higher_dims_and_scalars_round_trip_within_half_a_step():
         bound = rows.abs().amax(1, keepdim=True) / 254 + 1e-9
         assert decoded[name].shape == tensor.shape
         assert ((decoded[name] - tensor).reshape(rows.shape).abs() <= bound).all(), name
-
-
-def test_broken_int8_rows_updates_say_what_they_hold():
-    sent = {"a": torch.zeros(2, 32), "b": torch.zeros(4)}
-    codec = Codec("int8-rows")
-    with pytest.raises(ValueError, match="holds 68 values and 2 scales; the 2 tensors sent hold 68 values in 3 rows"):
-        codec.decode({"@int8": torch.zeros(68, dtype=torch.int8), "@row-scales": torch.ones(2)}, sent)
-    with pytest.raises(ValueError, match="an int8-rows update is the arrays"):
-        codec.decode({"@int8": torch.zeros(68, dtype=torch.int8), "@scales": torch.ones(2)}, sent)
 
 
 @pytest.mark.slow
