@@ -12,8 +12,8 @@ received), encoded; the server decodes it and adds it back before checking and a
   The server knows the names and shapes: it sent them.
 - `int8-rows`: as `int8-flat`, with one absmax scale per row of every matrix (per output unit of a
   `Linear`, per token of an embedding; rows of 32 values or more, else one per tensor, as for a
-  vector or a LoRA B of rank r < 32) instead of one per tensor: a tensor's
-  largest value no longer sets the rounding step for all of it. all-MiniLM-L6-v2's weights, sent
+  vector or a LoRA B of rank r < 32) instead of one per tensor: a tensor's largest value no longer
+  sets the rounding step for all of it. all-MiniLM-L6-v2's weights, sent
   whole (`codec-down`), come back 8.0% off in norm with one scale per tensor (its position
   embeddings 17%) and 0.9% with one per row; one SST-2 batch's gradient (an update of one SGD step)
   10-11% and 3%, with 32-41% of its nonzero entries rounded to 0 against 6-9%. The scales cost
@@ -119,14 +119,11 @@ LAYOUT = "layout"  # the ConfigRecord of a packed (int8-flat, int8-rows) broadca
 def encode_flat(update: State, rows: bool = False) -> State:
     """`int8-flat`: every tensor of `update` quantized as `int8` does, packed in name order;
     `rows`: `int8-rows`, one scale per row (`int8_quantize_rows`), the scales in the same order."""
-    names = sorted(update)
-    if rows:
-        quantized = [int8_quantize_rows(update[name]) for name in names]
-        return {"@int8": torch.cat([values.flatten() for values, _ in quantized]),
-                "@row-scales": torch.cat([scales for _, scales in quantized])}
-    quantized = [int8_quantize(update[name].float()) for name in names]
-    return {"@int8": torch.cat([values.flatten() for values, _ in quantized]),
-            "@scales": torch.stack([scale for _, scale in quantized])}
+    quantize = int8_quantize_rows if rows else lambda tensor: int8_quantize(tensor.float())
+    quantized = [quantize(update[name]) for name in sorted(update)]
+    values, scales = ROW_PARTS if rows else FLAT_PARTS
+    return {values: torch.cat([v.flatten() for v, _ in quantized]),
+            scales: torch.cat([s.reshape(-1) for _, s in quantized])}
 
 
 def decode_flat(encoded: State, sent: State) -> State:
