@@ -86,9 +86,9 @@ def run_centralized(settings: Settings, quiet: bool = False) -> Path:
     def on_step(step: int, mean_loss: float, examples: int) -> None:
         update(step)
         if step in checkpoints:
+            dev = evaluate(model, dev_loader, settings.task, evaluation_precision(device, precision, step == steps))
             record = {"epoch": round(step / len(batches), 3), "step": step, "train_loss": mean_loss,
-                      **{f"dev_{k}": v for k, v in evaluate(model, dev_loader, settings.task,
-                                                                       evaluation_precision(device, precision)).items()},
+                      **{f"dev_{k}": v for k, v in dev.items()},
                       "samples": examples, "seconds": time.perf_counter() - start}
             history.append(record)
             run.append_jsonl("epochs.jsonl", record)

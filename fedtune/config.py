@@ -91,7 +91,8 @@ class CoreSettings:
                        "mps; what travels and what is saved stays on the CPU")
     precision: str = _opt("auto", "training precision: auto (bf16 autocast on a CPU whose bf16 matmuls measured >= "
                           "1.5x fp32's, e.g. AMX or AVX512-BF16; fp32 elsewhere and on GPUs), fp32, bf16 (autocast) "
-                          "or fp16 (autocast and a grad scaler; CUDA only); weights and evaluation stay fp32",
+                          "or fp16 (autocast and a grad scaler; CUDA only); weights stay fp32, and so does a CPU run's final "
+                          "evaluation (its rounds' are in this precision)",
                           ("auto", "fp32", "bf16", "fp16"))
     compile: int = _opt(0, "1: compile the model for training with torch.compile (`nn.Module.compile`: inductor, "
                         "dynamic shapes, parameter names kept); each process pays the compilation once (~40 s "

@@ -273,7 +273,8 @@ def run_cells(cells: list[Cell], cells_dir: Path, quiet: bool, jobs: int = 1) ->
             try:
                 with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), context, initializer=_worker,
                                                             initargs=(threads,)) as pool:
-                    for done in [pool.submit(run_cell, cell, cells_dir, True) for cell in pending.values()]:
+                    longest_first = sorted(pending.values(), key=relative_cost, reverse=True)  # a stable sort
+                    for done in [pool.submit(run_cell, cell, cells_dir, True) for cell in longest_first]:
                         done.result()  # the first error ends the grid, with its message
             except KeyboardInterrupt:
                 from fedtune.runs import ELSEWHERE
@@ -297,6 +298,19 @@ def _worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     quiet_libraries()
+
+
+def relative_cost(cell: Cell) -> int:
+    """About how long the cell takes, in units of a LoRA cell of its grid: 2 where every weight
+    trains (FedAvg-like rows, centralized fine-tuning) or every client trains a teacher of its own,
+    1 otherwise (the standard SST-2 grid: 7.5-11.3 min against 3.1-5.5: docs/benchmarks.md). Side
+    by side cells start longest first, so that a long one does not start last and run alone."""
+    if cell.centralized:
+        return 2 if cell.settings.method == "finetune" else 1
+    from fedtune.algorithms import get_algorithm
+
+    algorithm = get_algorithm(cell.settings.algorithm, cell.settings)
+    return 2 if algorithm.lr_setting == "full_lr" or algorithm.teacher_on_client else 1
 
 
 def needs_teacher(cell: Cell) -> bool:

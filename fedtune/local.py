@@ -191,10 +191,11 @@ def frozen_head(model: nn.Module, settings: Settings) -> list[nn.Parameter]:
     return list(found[1].parameters())
 
 
-def evaluate_state(algorithm: Algorithm, state: State) -> dict[str, float]:
-    """Evaluation-set loss and metrics of the server's model holding `state`."""
+def evaluate_state(algorithm: Algorithm, state: State, final: bool = True) -> dict[str, float]:
+    """Evaluation-set loss and metrics of the server's model holding `state`; `final` for the
+    evaluation the run reports (fp32 on a CPU: `evaluation_precision`), not for a round along the way."""
     model = cached_model(algorithm, algorithm.server_settings())
     load_trainable_state(model, state)
     settings = algorithm.settings
     device, precision = compute(settings.device, settings.precision, settings.models)
-    return evaluate(model, dev_loader(settings), settings.task, evaluation_precision(device, precision))
+    return evaluate(model, dev_loader(settings), settings.task, evaluation_precision(device, precision, final))

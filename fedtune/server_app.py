@@ -285,7 +285,7 @@ class RoundRecorder:
         server_round = flower_round + self.strategy.offset
         state = arrays.to_torch_state_dict()
         start = time.perf_counter()
-        metrics = evaluate_state(self.algorithm, state)
+        metrics = evaluate_state(self.algorithm, state, final=server_round >= self.algorithm.settings.rounds)
         self.eval_seconds = time.perf_counter() - start
         record = self.record(server_round, metrics, self.strategy.rounds.get(server_round, RoundStats()))
         self.records.append(record)

@@ -373,3 +373,20 @@ def test_cached_only_tables_the_finished_rows_names_the_rest_and_trains_nothing(
     assert [(r["method"], r["lr"]) for r in results["table"]] == [("Fed-LoRA", f"{rates[1]:g}")]
     assert [t["chosen"] for t in results["tuning"]] == [rates[1]]
     assert "left out (--cached-only): FlexLoRA: FlexLoRA [tune lora-lr=" in capsys.readouterr().err  # as written
+
+
+def test_side_by_side_cells_start_with_those_that_train_every_weight_or_client_teachers():
+    """Whole-model rows and client teachers took about twice a LoRA cell's minutes in the standard
+    grid; `run_cells` starts the pending cells in the order of `relative_cost`, longest first."""
+    from fedtune.config import Settings
+    from fedtune.grid import Cell, relative_cost
+
+    cells = [Cell("Finetune", Settings(method="finetune"), True), Cell("LoRA", Settings(method="lora"), True),
+             Cell("Fed-finetune (FedAvg)", Settings(algorithm="fedavg"), False),
+             Cell("Fed-LoRA", Settings(algorithm="fedlora"), False),
+             Cell("Fed-LoRA-KD (server teacher)", Settings(algorithm="fedkdlora", kd_placement="server"), False),
+             Cell("Fed-LoRA-KD (client teachers)", Settings(algorithm="fedkdlora", kd_placement="client"), False),
+             Cell("Fed-finetune (FedAdam)", Settings(algorithm="fedadam-full"), False)]
+    assert [c.label for c in sorted(cells, key=relative_cost, reverse=True)] == [
+        "Finetune", "Fed-finetune (FedAvg)", "Fed-LoRA-KD (client teachers)", "Fed-finetune (FedAdam)", "LoRA",
+        "Fed-LoRA", "Fed-LoRA-KD (server teacher)"]

@@ -147,8 +147,10 @@ def test_client_training_and_server_evaluation_compute_in_the_precision_asked(ti
     state = initial_state(algorithm)
     model = cached_model(algorithm, settings)
     assert _linear_output_dtypes(model, lambda: client_update(algorithm, 0, 2, state, 1, 1e-3)) == {dtype}
-    # Evaluation on CPU is fp32 whatever the training precision (an export evaluated elsewhere agrees)
+    # A run's final evaluation on CPU is fp32 whatever the training precision (an export evaluated
+    # elsewhere agrees); the rounds' along the way are in the training precision
     assert _linear_output_dtypes(model, lambda: evaluate_state(algorithm, state)) == {torch.float32}
+    assert _linear_output_dtypes(model, lambda: evaluate_state(algorithm, state, final=False)) == {dtype}
     result = client_update(algorithm, 0, 2, state, 1, 1e-3)
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in result.state.values())  # what travels
 
@@ -170,3 +172,35 @@ def test_autocast_is_off_for_fp32():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(torch.device("cpu"), "bf16"):
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_a_bf16_run_evaluates_its_rounds_in_bf16_and_reports_an_fp32_final_evaluation(tiny_bert, glue_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Rounds 0 .. R-1 and each centralized epoch before the last are evaluated in the training
+    precision; the last one, which the run reports and its export must reproduce, in fp32."""
+    from fedtune import centralized, local
+    from fedtune.centralized import run_centralized
+    from fedtune.simulation import run_federated
+
+    seen = []
+
+    def recording(model, loader, task, precision="fp32"):
+        seen.append(precision)
+        return evaluate(model, loader, task, precision)
+
+    evaluate = local.evaluate
+    monkeypatch.setattr(local, "evaluate", recording)
+    monkeypatch.setattr(centralized, "evaluate", recording)
+    settings = Settings(task="cola", glue_dir=str(glue_dir), model=tiny_bert, clients=2, rounds=3, train_limit=40,
+                        eval_limit=16, batch_size=8, max_length=32, local_steps=1, lora_r=2, device="cpu",
+                        precision="bf16", engine="local", out_dir=str(tmp_path))
+    run = run_federated(settings, quiet=True)
+    assert seen == ["bf16", "bf16", "bf16", "fp32"]  # rounds 0, 1, 2; the last round, 3
+    final = [r for r in map(json.loads, (run / "rounds.jsonl").read_text().splitlines())][-1]
+    assert json.loads((run / "summary.json").read_text())["dev"]["accuracy"] == final["dev_accuracy"]
+    seen.clear()
+    run_centralized(settings.replace(method="lora", epochs=2), quiet=True)
+    assert seen == ["bf16", "fp32"]  # epoch 1; epoch 2, the end
+    seen.clear()
+    run_federated(settings.replace(precision="fp32", rounds=1, out_dir=str(tmp_path / "fp32")), quiet=True)
+    assert seen == ["fp32", "fp32"]

@@ -179,5 +179,5 @@ def distil(algorithm: FedKDLoRA, student: nn.Module, rows, teacher_state: State 
     if distiller.frozen_teacher:
         return result, distiller.kept_state(), teacher_metrics(require_teacher(settings))
     metrics = evaluate(distiller.teacher, dev_loader(settings, settings.model), settings.task,
-                       evaluation_precision(device, precision))
+                       evaluation_precision(device, precision, final=False))  # a teacher is never exported
     return result, distiller.kept_state(), metrics
