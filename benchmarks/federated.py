@@ -163,6 +163,9 @@ def compare_grid(task: str = "sst2", seeds: int = 1, options: tuple[str, ...] = 
     shutil.rmtree(out, ignore_errors=True)
     return {"task": task, "seeds": seeds, "cells": len(results["cells"]), "seconds": seconds,
             "cell_seconds": {c["label"]: c["wall_seconds"] for c in results["cells"]},
+            # what each cell reached (a speed-up must not change it beyond the seeds' spread)
+            "cell_metric": {c["label"]: c["summary"]["dev"].get("mcc", c["summary"]["dev"]["accuracy"])
+                            for c in results["cells"]},
             "command": " ".join(["fedtune", "compare", *command[5:-2]])}
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.run                      # everything (about 30 min on 2 cores)
     python -m benchmarks.run --only throughput aggregation
     python -m benchmarks.run --skip compare       # the compare grid alone takes ~15 min
-    python -m benchmarks.run --only standard-grid # the standard SST-2 grid, one seed (~40-75 min; not by default)
+    python -m benchmarks.run --only standard-grid # the standard SST-2 grid, one seed (~35 min; not by default)
     python -m benchmarks.run --render-only        # docs/benchmarks.md from benchmarks/results.json
 
 Results go to `benchmarks/results.json` (merged: a partial run keeps the other parts) and the
@@ -31,7 +31,7 @@ GPU_RESULTS = Path(__file__).resolve().parent / "gpu.json"
 RESULTS = ROOT / "benchmarks" / "results.json"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 PARTS = ("throughput", "round", "clients", "aggregation", "scale", "compare", "standard-grid")
-DEFAULT_PARTS = PARTS[:-1]  # the standard grid (~40-75 min of both cores) runs when asked for by name
+DEFAULT_PARTS = PARTS[:-1]  # the standard grid (~35 min of both cores) runs when asked for by name
 
 
 def machine() -> str:
@@ -214,9 +214,12 @@ def render(results: dict) -> str:
                 f"so the 60-minute target for one task's grid allows {int(60 // (c['seconds'] / 60 / c['seeds']))} "
                 f"seeds at this rate."]
     if g := results.get("standard-grid"):
-        cells = ", ".join(f"{label} {seconds / 60:.1f}" for label, seconds in g["cell_seconds"].items())
+        metric = g.get("cell_metric", {})  # recorded since 2026-12-03's second run
+        cells = ", ".join(f"{label} {seconds / 60:.1f}" + (f" ({metric[label]:.3f})" if label in metric else "")
+                          for label, seconds in g["cell_seconds"].items())
         out += ["", f"**Standard grid** (`standard-grid`, {on(g)}; `{g['command']}` into an empty folder, precision "
-                f"auto): {g['cells']} cells in {g['seconds'] / 60:.1f} min; each cell's minutes (two run at a time): "
+                f"auto): {g['cells']} cells in {g['seconds'] / 60:.1f} min; each cell's minutes (two run at a "
+                f"time; its dev accuracy or MCC where recorded): "
                 f"{cells}."]
     return "\n".join(out)
 

@@ -346,7 +346,7 @@ def test_classifier_init_sets_the_discriminant_of_the_initial_models_statistics_
     [b_key] = [k for k in expected if name.split("base_model.model.")[-1] in k and k.endswith("bias")]
     expected[w_key], expected[b_key] = weight.float(), bias.float()
     assert sorted(k for k in start if not torch.equal(start[k], expected[k])) == sorted([w_key, b_key])
-    dev = evaluate_state(algorithm, expected)
+    dev = evaluate_state(algorithm, expected, final=False)  # round 0: an evaluation along the way
     assert rounds[0]["round"] == 0 and rounds[0]["dev_loss"] == pytest.approx(dev["loss"], rel=1e-5)
     assert rounds[0]["dev_loss"] != pytest.approx(plain[0]["dev_loss"], rel=1e-3)  # the init changed something
     init = summary["classifier_init"]
