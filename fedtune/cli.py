@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
             sub.add_argument("--jobs", type=int, default=1, metavar="N",
                              help="run N cells (and first tuning trials) at a time, each in its own process with "
-                             "1/N of the CPU threads (--engine local); the results are the same to float error (default: 1)")
+                             "1/N of the CPU threads (fewer cells to run than N: an equal share each; --engine local), "
+                             "longest first; the results are the same to float error (default: 1)")
             sub.add_argument("--rank-sweep", action="store_true", help="add Fed-LoRA and Fed-LoRA-KD at r=4,8,16,32")
             sub.add_argument("--cached-only", action="store_true",
                              help="train nothing: write the table of the rows whose cells (and tuning trials) are all "

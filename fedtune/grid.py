@@ -267,11 +267,12 @@ def run_cells(cells: list[Cell], cells_dir: Path, quiet: bool, jobs: int = 1) ->
 
                 pretrain_teacher(cell.settings.replace(out_dir=str(cells_dir)), quiet)
         if pending:
+            jobs = min(jobs, len(pending))  # one pending cell gets every thread, not a job's share
             threads = max(1, torch.get_num_threads() // jobs)
             say(f"running {len(pending)} cells, {jobs} at a time ({threads} CPU threads each)", quiet)
             context = multiprocessing.get_context("spawn")
             try:
-                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), context, initializer=_worker,
+                with concurrent.futures.ProcessPoolExecutor(jobs, context, initializer=_worker,
                                                             initargs=(threads,)) as pool:
                     longest_first = sorted(pending.values(), key=relative_cost, reverse=True)  # a stable sort
                     for done in [pool.submit(run_cell, cell, cells_dir, True) for cell in longest_first]:

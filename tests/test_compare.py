@@ -390,3 +390,40 @@ def test_side_by_side_cells_start_with_those_that_train_every_weight_or_client_t
     assert [c.label for c in sorted(cells, key=relative_cost, reverse=True)] == [
         "Finetune", "Fed-finetune (FedAvg)", "Fed-LoRA-KD (client teachers)", "Fed-finetune (FedAdam)", "LoRA",
         "Fed-LoRA", "Fed-LoRA-KD (server teacher)"]
+
+
+def test_side_by_side_cells_share_the_threads_among_the_cells_that_run(monkeypatch, tmp_path):
+    """`jobs` processes split this process's threads; with fewer pending cells than jobs (the last
+    row of a grid, a tuned row's final cell) each gets a larger share, not an idle core."""
+    import concurrent.futures
+
+    import torch
+
+    from fedtune import grid
+    from fedtune.config import Settings
+
+    pools = []
+
+    class InlinePool:  # records how the pool was asked for, runs nothing
+        def __init__(self, workers, context, initializer, initargs):
+            pools.append((workers, initargs[0]))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, cell, *args):
+            done = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(grid, "run_cell", lambda cell, cells_dir, quiet: {"label": cell.label})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    cells = [grid.Cell(f"Fed-LoRA {lr}", Settings(algorithm="fedlora", lora_lr=lr), False) for lr in (1e-3, 3e-3, 1e-2)]
+    grid.run_cells(cells, tmp_path, quiet=True, jobs=2)
+    grid.run_cells(cells[:1], tmp_path, quiet=True, jobs=2)
+    grid.run_cells(cells, tmp_path, quiet=True, jobs=4)
+    assert pools == [(2, 2), (1, 4), (3, 1)]
