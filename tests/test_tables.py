@@ -146,3 +146,26 @@ def test_skew_summary_gives_each_method_its_best_remedy_without_new_server_data(
     # a best remedy that is still below the row without one says so
     assert lines[3] == "| FlexLoRA | 0.850 | - | - | 0.509 | fedlc: 0.491 ↓ |"
     assert len(lines) == 6 and "Best remedy" in lines[-1] and "↓ even it is below" in lines[-1]
+
+
+def test_skew_summary_ranks_remedies_measured_on_more_seeds_above_one_lucky_seed(tmp_path):
+    from fedtune.tables import skew_summary
+
+    stat = lambda *v: {"mean": sum(v) / len(v), "std": 0.0, "values": list(v)}  # noqa: E731
+    files = {"sst2-dirichlet-standard.json": _grid("sst2", [_row("Fed-LoRA", "1.249", accuracy=stat(0.509)),
+                                                            _row("FlexLoRA", "1.1", accuracy=stat(0.509))], seeds=1),
+             "sst2-dirichlet-standard-remedies.json": _grid("sst2", [
+                 _row("Fed-LoRA + swa+ccvr-lda", "1.7", accuracy=stat(0.790)),   # one seed, the highest run
+                 _row("Fed-LoRA + fedlc", "1.249", accuracy=stat(0.491)),
+                 _row("FlexLoRA + fedlc", "1.1", accuracy=stat(0.600)),           # one seed only: still named
+                 _row("FlexLoRA + ccvr-lda", "1.7", accuracy=stat(0.500))], seeds=1),
+             "sst2-dirichlet-standard-seeds.json": _grid("sst2", [
+                 _row("Fed-LoRA + ccvr-lda", "1.7", accuracy=stat(0.780, 0.770), seeds=2),
+                 _row("Fed-LoRA + feddecorr+ccvr-lda", "1.7", accuracy=stat(0.760, 0.750), seeds=2)], seeds=2)}
+    for name, grid in files.items():
+        (tmp_path / name).write_text(json.dumps(grid))
+    lines = skew_summary(tmp_path).splitlines()
+    # ccvr-lda's two seeds (.775) outrank feddecorr's (.755) and swa's single .790, which is named after it
+    assert lines[2] == ("| Fed-LoRA | - | - | - | 0.509 | ccvr-lda: 0.775, 2 seeds; on 1 seed: swa+ccvr-lda 0.790 |")
+    # with one-seed rows only, the most accurate of them
+    assert lines[3] == "| FlexLoRA | - | - | - | 0.509 | fedlc: 0.600 |"
