@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -204,11 +206,12 @@ def interrupted_run(settings: Settings) -> Path | None:
     """The newest interrupted run of exactly these settings under `out-dir` that has a checkpoint
     (Ctrl-C or a crash inside a cell): the grid resumes it instead of starting the cell again.
     Interrupted runs of these settings without a checkpoint (stopped before round 0 finished) are
-    removed."""
+    removed. A run another process is still writing (`runs.in_use`: a grid killed while its cells'
+    processes ran on) is neither resumed nor removed."""
     import shutil
 
     from fedtune.checkpoint import has_checkpoint
-    from fedtune.runs import INCOMPLETE, read_config
+    from fedtune.runs import INCOMPLETE, in_use, read_config
 
     wanted = {k: v for k, v in settings.to_dict().items() if k != "resume"}
     found = []
@@ -218,6 +221,10 @@ def interrupted_run(settings: Settings) -> Path | None:
         except (ValueError, FileNotFoundError):
             continue  # not a run of ours: left alone
         if {k: v for k, v in config.items() if k != "resume"} != wanted:
+            continue
+        if in_use(folder):
+            warn(f"{folder} runs these settings in another process that is still writing it: left to it, "
+                 f"and this cell starts anew")
             continue
         if has_checkpoint(folder):
             found.append(folder)
@@ -292,13 +299,28 @@ RESUMED = "the cells that had checkpointed a round (*.incomplete in {}) continue
 
 
 def _worker(threads: int) -> None:
-    """A `run_cells` process: its share of the threads; what it writes is the cell's file."""
+    """A `run_cells` process: its share of the threads; what it writes is the cell's file. It
+    ends when the process that started it is gone (`_end_with_parent`)."""
     import torch
 
     from fedtune.console import quiet_libraries
 
     torch.set_num_threads(threads)
     quiet_libraries()
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True, name="end-with-parent").start()
+
+
+def _end_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this process once `parent` is no longer its parent (killed without Ctrl-C: the pool's
+    workers would otherwise run their cells on, unseen, and a rerun of the grid would find their
+    folders). What the cell has checkpointed stays for the rerun; a run without a checkpoint is removed."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    from fedtune.runs import ACTIVE, discard_unstarted
+
+    for run in list(ACTIVE):
+        discard_unstarted(run)
+    os._exit(1)
 
 
 def relative_cost(cell: Cell) -> int:

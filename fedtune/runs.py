@@ -6,13 +6,20 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedtune.config import Settings
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
+
 INCOMPLETE = ".incomplete"
+LOCK = ".lock"  # in an unfinished run's folder: locked by the process writing it (`lock`)
 ACTIVE: list[RunDir] = []  # run folders this process is writing (what Ctrl-C reports)
 ELSEWHERE: list[str] = []  # what Ctrl-C reports for runs other processes were writing (`compare --jobs`)
 
@@ -41,6 +48,7 @@ class RunDir:
         self.final_path = base
         self.path = base.with_name(base.name + INCOMPLETE)
         self.path.mkdir(parents=True)
+        lock(self.path)
         write_json(self.path / "config.json", settings.to_dict())
         ACTIVE.append(self)
 
@@ -53,10 +61,17 @@ class RunDir:
                              f"finished runs cannot be resumed")
         if not folder.is_dir():
             raise FileNotFoundError(f"run folder {folder} does not exist")
+        lock(folder)
         run = cls.__new__(cls)
         run.path, run.final_path = folder, folder.with_name(folder.name[: -len(INCOMPLETE)])
         ACTIVE.append(run)
         return run
+
+    def release(self) -> None:
+        """This process no longer writes the run: out of `ACTIVE`, its folder's lock let go."""
+        if self in ACTIVE:
+            ACTIVE.remove(self)
+        unlock(self.path)
 
     def write_jsonl(self, filename: str, records: list[dict]) -> None:
         """Replace a JSON-lines file atomically."""
@@ -75,6 +90,8 @@ class RunDir:
 
     def finish(self) -> Path:
         os.replace(self.path, self.final_path)
+        (self.final_path / LOCK).unlink(missing_ok=True)  # renamed first: no one resumes a finished run
+        unlock(self.path)
         self.path = self.final_path
         if self in ACTIVE:
             ACTIVE.remove(self)
@@ -100,6 +117,7 @@ def discard_unstarted(run: RunDir) -> bool:
 
     if not run.path.name.endswith(INCOMPLETE) or has_checkpoint(run.path):
         return False
+    unlock(run.path)
     shutil.rmtree(run.path, ignore_errors=True)
     if run in ACTIVE:
         ACTIVE.remove(run)
@@ -109,13 +127,78 @@ def discard_unstarted(run: RunDir) -> bool:
 @contextlib.contextmanager
 def discarded_on_error(run: RunDir):
     """A run that fails before its first checkpoint leaves no folder behind (`discard_unstarted`);
-    one with a checkpoint keeps it, no longer active (Ctrl-C, a KeyboardInterrupt, is not caught)."""
+    one with a checkpoint keeps it, no longer active. Ctrl-C (a KeyboardInterrupt) is left to
+    `interrupted_message`, which reports the run. Either way the folder's lock is let go: nothing
+    writes it any more, so `resume` may continue it, from this process (a notebook) or another."""
     try:
         yield run
-    except Exception:
-        if not discard_unstarted(run) and run in ACTIVE:
+    except BaseException as err:
+        if isinstance(err, Exception) and not discard_unstarted(run) and run in ACTIVE:
             ACTIVE.remove(run)
+        unlock(run.path)
         raise
+
+
+class RunInUse(RuntimeError):
+    """An unfinished run folder that another live process is writing."""
+
+
+_HELD: dict[Path, IO] = {}  # {unfinished run folder: its open, locked lock file} for this process's runs
+
+
+def lock(folder: Path, wait: float = 1.0) -> None:
+    """Lock `folder` (an unfinished run's) for this process while it writes there, so that another
+    process that finds the folder (`resume`, a grid looking for its interrupted cell) knows that
+    it is in use and neither continues it nor deletes it. An flock on `<folder>/.lock`: the kernel
+    lets go when the process ends, however it ends, so a crash or a kill never leaves a stale lock.
+    A folder this process holds already stays held; `wait` covers another process's brief probe."""
+    folder = Path(folder).resolve()
+    if fcntl is None or folder in _HELD:
+        return
+    file = open(folder / LOCK, "a+")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            file.seek(0)
+            owner = file.read().strip() or "a process"
+            file.close()
+            raise RunInUse(f"{folder} is being written right now by {owner}; wait for that run to end (or stop "
+                           f"it), then resume") from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    _HELD[folder] = file
+
+
+def unlock(folder: Path) -> None:
+    """Let go of `folder`'s lock, if this process holds it."""
+    file = _HELD.pop(Path(folder).resolve(), None)
+    if file is not None:
+        file.close()
+
+
+def in_use(folder: Path) -> bool:
+    """Whether another process holds `folder`'s lock: it is writing that run now."""
+    folder = Path(folder).resolve()
+    if fcntl is None or folder in _HELD:
+        return False
+    try:
+        file = open(folder / LOCK)
+    except OSError:  # no lock file: never locked (written before locks, or not by fedtune)
+        return False
+    with file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+    return False
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

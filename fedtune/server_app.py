@@ -61,13 +61,17 @@ def resumable_run(settings: Settings) -> tuple[RunDir, checkpoints.Checkpoint]:
     """The interrupted run `settings.resume` names and its last checkpoint, checked: the checkpoint
     reads as data and was written under the same settings. Writes nothing."""
     run = RunDir.reopen(settings.resume)
-    checkpoint = checkpoints.load(run.path)
-    saved = read_config(run.path / "config.json")
-    differ = [k for k, v in settings.to_dict().items() if k != "resume" and saved.get(k) != v]
-    if differ:
-        raise ValueError(f"settings differ from the run being resumed in {', '.join(differ)}; "
-                         f"resume with `fedtune resume {run.path}`, which reads its config.json")
-    checkpoints.check_settings(checkpoint, settings.to_dict(), checkpoints.path_in(run.path))
+    try:
+        checkpoint = checkpoints.load(run.path)
+        saved = read_config(run.path / "config.json")
+        differ = [k for k, v in settings.to_dict().items() if k != "resume" and saved.get(k) != v]
+        if differ:
+            raise ValueError(f"settings differ from the run being resumed in {', '.join(differ)}; "
+                             f"resume with `fedtune resume {run.path}`, which reads its config.json")
+        checkpoints.check_settings(checkpoint, settings.to_dict(), checkpoints.path_in(run.path))
+    except BaseException:
+        run.release()  # refused: the folder is as it was, free for another try
+        raise
     return run, checkpoint
 
 
