@@ -154,7 +154,7 @@ def model_dropout_table(folder: Path = RESULTS) -> str:
 SKEW_GRIDS = {"IID": ("sst2-iid-standard.json", "sst2-iid-standard-remedies.json"),
               "Dir 0.5": ("sst2-dirichlet0.5-standard.json", "sst2-dirichlet0.5-standard-remedies.json"),
               "Dir 0.1": ("sst2-dirichlet-standard.json", "sst2-dirichlet-standard-remedies.json",
-                          "sst2-dirichlet-standard-seeds.json")}
+                          "sst2-dirichlet-standard-seeds.json", "sst2-dirichlet-standard-seeds3.json")}
 # A later file of a column replaces the rows it shares with an earlier one (rows re-run with more
 # seeds); the column's header names the seeds of its first grid, and a row with other seeds says so.
 
