@@ -189,8 +189,12 @@ def with_earlier_rows(path: Path, header: dict, results: list[dict], tuning: lis
         except (KeyError, TypeError, ValueError):
             return False
 
-    kept = [c for c in earlier.get("cells", []) if isinstance(c, dict) and c.get("label") not in labels and current(c)]
+    others = [c for c in earlier.get("cells", []) if isinstance(c, dict) and c.get("label") not in labels]
+    kept = [c for c in others if current(c)]
     kept_labels = {c["label"] for c in kept}
+    if stale := sorted({str(c.get("label")) for c in others} - kept_labels):
+        warn(f"{path}: {len(stale)} earlier row(s) left out, their cells made under settings or maths that "
+             f"have changed since (run them again to have them back): {', '.join(stale)}")
     order = [label for label, _ in grid_rows()]
 
     def position(cell: dict) -> tuple[int, bool]:

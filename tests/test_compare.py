@@ -264,7 +264,7 @@ def test_every_row_has_the_skew_columns_when_any_cell_recorded_them():
 
 
 @pytest.mark.slow
-def test_rows_run_one_invocation_at_a_time_add_up_to_one_table(base, tmp_path):
+def test_rows_run_one_invocation_at_a_time_add_up_to_one_table(base, tmp_path, capsys):
     """A grid run row by row (as long grids are) ends with one table of every row, in the grid's
     order; a row run again replaces its old cells; rows of other base settings, and cells whose key
     their settings no longer give, do not join."""
@@ -280,7 +280,10 @@ def test_rows_run_one_invocation_at_a_time_add_up_to_one_table(base, tmp_path):
 
     results["cells"][1]["key"] = "0" * 16  # as if Fed-LoRA's maths had changed since
     (folder / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
     run_compare(base, "small", seeds=1, methods=["LoRA"], quiet=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 earlier row(s) left out" in err and err.rstrip().endswith("run them again to have them back): Fed-LoRA")
     methods = lambda: [r["method"] for r in json.loads((folder / "results.json").read_text())["table"]]  # noqa: E731
     assert methods() == ["LoRA"]
 
