@@ -183,8 +183,11 @@ def with_earlier_rows(path: Path, header: dict, results: list[dict], tuning: lis
     labels = {r["label"] for r in results}
 
     def current(cell) -> bool:
+        # In the grid's precision: a cell reused from the cache keeps the settings of the run that made
+        # it, whose `auto` may have meant fp32 then (the host's `auto` is bf16 now) though it was the
+        # fp32 cell this grid asked for.
         try:
-            settings = Settings.from_dict(cell["settings"])
+            settings = Settings.from_dict({**cell["settings"], "precision": header["settings"]["precision"]})
             return Cell(cell["label"], settings, not cell["rounds"]).key == cell["key"]
         except (KeyError, TypeError, ValueError):
             return False

@@ -263,6 +263,31 @@ def test_every_row_has_the_skew_columns_when_any_cell_recorded_them():
     assert rows[1]["worst-class recall"] == {"mean": 0.0, "std": 0.0, "values": [0.0]}
 
 
+def test_an_earlier_row_reused_from_a_cell_stored_with_auto_stays_in_an_fp32_grid(tmp_path, monkeypatch, capsys):
+    """A cell made when `auto` meant fp32 keeps `precision: auto` in its stored settings; an fp32 grid
+    that reused it from the cache (its key is the fp32 key) keeps its row when gathered again on a
+    host whose `auto` is bf16 now. A bf16 cell in the same file is not this grid's and is left out."""
+    import fedtune.devices
+    from fedtune.compare import with_earlier_rows
+    from fedtune.config import Settings
+    from fedtune.grid import Cell
+
+    monkeypatch.setattr(fedtune.devices, "cpu_bf16_pays", lambda: True)
+    grid = Settings(algorithm="fedlora", device="cpu", precision="fp32")
+    fp32_key = Cell("Fed-LoRA", grid, False).key
+    old = grid.replace(precision="auto")
+    assert Cell("Fed-LoRA", old, False).key != fp32_key  # `auto` is bf16 here now
+    bf16 = grid.replace(precision="bf16")
+    cells = [{"label": "Fed-LoRA", "key": fp32_key, "settings": old.to_dict(), "rounds": [{"round": 0}]},
+             {"label": "FedProx", "key": Cell("FedProx", bf16, False).key, "settings": bf16.to_dict(),
+              "rounds": [{"round": 0}]}]
+    header = {"task": "sst2", "settings": grid.to_dict()}
+    (tmp_path / "results.json").write_text(json.dumps({**header, "cells": cells, "tuning": []}))
+    kept, _ = with_earlier_rows(tmp_path / "results.json", header, [], [])
+    assert [c["label"] for c in kept] == ["Fed-LoRA"]
+    assert "1 earlier row(s) left out" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_rows_run_one_invocation_at_a_time_add_up_to_one_table(base, tmp_path, capsys):
     """A grid run row by row (as long grids are) ends with one table of every row, in the grid's
