@@ -14,17 +14,18 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.throughput import build, raw_loop
+from benchmarks.throughput import build, combined_passes, raw_loop
 from fedtune.config import Settings
-from fedtune.data import cached_task_data, make_loader, tokenize
+from fedtune.data import cached_task_data, make_loader, tokenize, train_loader
 from fedtune.devices import compute
 from fedtune.algorithms import get_algorithm
+from fedtune.lockstep import ROOM_ROWS
 from fedtune.local import evaluate_state, initial_state, round_seed
 from fedtune.models import load_tokenizer
 from fedtune.partition import client_partitions
 from fedtune.runs import read_jsonl
 from fedtune.simulation import run_federated
-from fedtune.train import supervised_loss
+from fedtune.train import cycle, local_steps as steps_of, supervised_loss
 
 
 def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings | None = None) -> dict:
@@ -59,30 +60,77 @@ def round_overhead(clients: int = 4, local_steps: int = 10, settings: Settings |
 
 
 def clients_per_round(sizes: tuple[int, ...] = (1, 4, 16, 64), local_steps: int = 5, timed_rounds: int = 3,
-                      settings: Settings | None = None, batching: str = "by-length") -> dict:
+                      settings: Settings | None = None, batching: str = "by-length", pairs: int = 3) -> dict:
     """Samples/s of a FedLoRA round at `sizes` clients per round, one client at a time vs batched
     (`batched-clients`, the clients training in lockstep over the shared base), on the local engine
     with model-dropout 0 (batching is exact only without dropout): the median of `timed_rounds`
     rounds after the first (which loads the model and tokenizes each client's rows), the server's
-    evaluation taken out."""
+    evaluation taken out. Runs one at a time and batched alternate, `pairs` pairs (one pair past 16
+    clients), so that a host whose speed drifts does not favour either; the speed-up is the median
+    of the pairs'. Also the raw loops of `batch_ceiling` on the same clients' batches."""
     settings = (settings or Settings(task="sst2")).replace(
         algorithm="fedlora", rounds=1 + timed_rounds, local_steps=local_steps, eval_limit=32, model_dropout=0.0,
         engine="local", batching=batching, out_dir=tempfile.mkdtemp(prefix="fedtune-bench-"))
     rows = []
     for clients in sizes:
-        row = {"clients": clients}
-        for mode in ("off", "on"):
-            run = settings.replace(clients=clients, train_limit=clients * local_steps * settings.batch_size * 2,
-                                   batched_clients=mode)
-            timed = read_jsonl(run_federated(run, quiet=True) / "rounds.jsonl")[2:]
-            row[f"{mode}_samples_per_s"] = statistics.median(
-                r["examples_seen"] / (r["seconds"] - r["eval_seconds"]) for r in timed)
-        row["speedup"] = row["on_samples_per_s"] / row["off_samples_per_s"]
+        run = settings.replace(clients=clients, train_limit=clients * local_steps * settings.batch_size * 2)
+        speeds = {"off": [], "on": []}
+        for _ in range(pairs if clients <= 16 else 1):
+            for mode in speeds:
+                timed = read_jsonl(run_federated(run.replace(batched_clients=mode), quiet=True) / "rounds.jsonl")[2:]
+                speeds[mode].append(statistics.median(r["examples_seen"] / (r["seconds"] - r["eval_seconds"])
+                                                      for r in timed))
+        row = {"clients": clients, "off_samples_per_s": statistics.median(speeds["off"]),
+               "on_samples_per_s": statistics.median(speeds["on"]),
+               "speedup": statistics.median(on / off for off, on in zip(speeds["off"], speeds["on"])),
+               "speedups": [on / off for off, on in zip(speeds["off"], speeds["on"])]}
+        row.update(batch_ceiling(run, min(clients, ROOM_ROWS // settings.batch_size)))
         rows.append(row)
         print(row, flush=True)
     return {"local_steps": local_steps, "timed_rounds": timed_rounds, "batch_size": settings.batch_size,
             "batching": batching, "precision": compute(settings.device, settings.precision, settings.models)[1],
-            "rows": rows}
+            "pairs": pairs, "rows": rows}
+
+
+def client_batches(settings: Settings, server_round: int) -> list[list[dict]]:
+    """Each client's batches of `server_round` (a full-participation run of `settings`), as its
+    local training draws them (`data.train_loader`, the round's seed)."""
+    tokenizer = load_tokenizer(settings.input_model)
+    private = cached_task_data(settings).private
+    out = []
+    for p, rows in enumerate(client_partitions(settings, settings.clients)):
+        loader = train_loader(private.select(rows), tokenizer, settings, round_seed(settings.seed, server_round, p))
+        out.append([batch for batch, _ in zip(cycle(loader), range(steps_of(settings, len(rows))))])
+    return out
+
+
+def batch_ceiling(settings: Settings, room: int, repeats: int = 3) -> dict:
+    """What the combined steps of batched clients buy in the model's own work: one model's raw loop
+    over round 2's client batches one client after another, against the same loop over the same
+    rows cut into the passes combined steps of `room` clients run (`throughput.combined_passes`:
+    each step's rows sorted by length, in passes of at most `lockstep.CHUNK_TOKENS` tokens: larger
+    matmuls, and less padding than each client's own batches); the median of `repeats` alternations.
+    Returns both loops' samples/s and their ratio (`ceiling`). Batched clients add each client's
+    adapters, loss and optimizer apart; one at a time adds each client's set-up, which batching overlaps."""
+    precision = compute(settings.device, settings.precision, settings.models)[1]
+    per_client = client_batches(settings, 2)
+    own = [batch for batches in per_client for batch in batches]
+    steps = max(len(b) for b in per_client)
+    grouped = []
+    for start in range(0, len(per_client), room):
+        members = per_client[start:start + room]
+        for step in range(steps):  # a client that has taken its steps leaves the room
+            grouped += combined_passes([b[step] for b in members if step < len(b)], room)
+    samples = sum(len(b["labels"]) for b in own)
+    speeds = []
+    for _ in range(repeats):
+        for each in (own, grouped):
+            model, _ = build("lora", settings)
+            raw_loop(model, supervised_loss, own[:2], settings.lora_lr, precision)  # warm-up
+            speeds.append(samples / raw_loop(model, supervised_loss, each, settings.lora_lr, precision))
+    return {"raw_samples_per_s": statistics.median(speeds[0::2]),
+            "raw_grouped_samples_per_s": statistics.median(speeds[1::2]),
+            "ceiling": statistics.median(b / a for a, b in zip(speeds[0::2], speeds[1::2]))}
 
 
 class MemoryWatch:
