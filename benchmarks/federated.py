@@ -110,8 +110,8 @@ def batch_ceiling(settings: Settings, room: int, repeats: int = 3) -> dict:
     rows cut into the passes combined steps of `room` clients run (`throughput.combined_passes`:
     each step's rows sorted by length, in passes of at most `lockstep.CHUNK_TOKENS` tokens: larger
     matmuls, and less padding than each client's own batches); the median of `repeats` alternations.
-    Returns both loops' samples/s and their ratio (`ceiling`). Batched clients add each client's
-    adapters, loss and optimizer apart; one at a time adds each client's set-up, which batching overlaps."""
+    Returns both loops' samples/s and their ratio (`ceiling`); batched clients add to the second
+    loop's work each client's own adapters, loss and optimizer step."""
     precision = compute(settings.device, settings.precision, settings.models)[1]
     per_client = client_batches(settings, 2)
     own = [batch for batches in per_client for batch in batches]
@@ -120,7 +120,7 @@ def batch_ceiling(settings: Settings, room: int, repeats: int = 3) -> dict:
     for start in range(0, len(per_client), room):
         members = per_client[start:start + room]
         for step in range(steps):  # a client that has taken its steps leaves the room
-            grouped += combined_passes([b[step] for b in members if step < len(b)], room)
+            grouped += combined_passes([b[step] for b in members if step < len(b)])
     samples = sum(len(b["labels"]) for b in own)
     speeds = []
     for _ in range(repeats):

@@ -193,7 +193,8 @@ def render(results: dict) -> str:
                 table(["clients per round", "samples/s one at a time", "samples/s batched", "speed-up",
                        "raw loop, own batches", "raw loop, combined passes", "raw ratio"],
                       [[r["clients"], r["off_samples_per_s"], r["on_samples_per_s"], f"{r['speedup']:.2f}x"
-                        + (f" ({', '.join(f'{x:.2f}' for x in r['speedups'])})" if len(r.get("speedups", [])) > 1 else "")]
+                        + (f" ({', '.join(f'{x:.2f}' for x in r['speedups'])})"
+                           if len(r.get("speedups", [])) > 1 else "")]
                        + ([r["raw_samples_per_s"], r["raw_grouped_samples_per_s"], f"{r['ceiling']:.2f}x"]
                           if "raw_samples_per_s" in r else ["-"] * 3) for r in c["rows"]])]
     if a := results.get("aggregation"):

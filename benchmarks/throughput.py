@@ -56,20 +56,16 @@ def sst2_batches(settings: Settings, count: int, by_length: bool = False) -> lis
     raise ValueError(f"only {len(batches)} batches in the data; lower the step count")
 
 
-def combined_passes(batches: list[dict[str, torch.Tensor]], clients: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded `batches` taken `clients` at a time (one step of each client) and cut into the
-    forward passes a batched-clients step runs on this device type (`lockstep.length_chunks`):
-    the same rows and padding as the combined step, for one model's raw loop."""
+def combined_passes(step: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The forward passes one batched-clients step runs on a CPU over `step`, one right-padded batch
+    per client (`lockstep.length_chunks`): the same rows and padding as the combined step, as
+    batches for one model's raw loop (padded with id 0, masked)."""
     from fedtune.lockstep import CHUNK_TOKENS, _width, length_chunks
 
-    out = []
-    for start in range(0, len(batches), clients):
-        step = batches[start:start + clients]
-        for chunk, width in length_chunks(step, CHUNK_TOKENS):
-            out.append({name: torch.cat([_width(step[k][name][i:i + 1], width, 0) for k, i in chunk])
-                        for name in ("input_ids", "attention_mask")}
-                       | {"labels": torch.stack([step[k]["labels"][i] for k, i in chunk])})
-    return out
+    return [{name: torch.cat([_width(step[k][name][i:i + 1], width, 0) for k, i in chunk])
+             for name in ("input_ids", "attention_mask")}
+            | {"labels": torch.stack([step[k]["labels"][i] for k, i in chunk])}
+            for chunk, width in length_chunks(step, CHUNK_TOKENS)]
 
 
 def build(method: str, settings: Settings):
